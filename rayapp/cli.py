@@ -1,0 +1,192 @@
+"""`rayapp`: one command line over every pipeline stage (SPEC §8).
+
+    rayapp tasks [--show TASK --tokenizer DIR]     built-in and YAML tasks
+    rayapp fewshot show|make ...                   LM-BFF few-shot splits
+    rayapp finetune --config FILE key=value ...    prompt FT / classifier FT on Ray Train
+    rayapp evaluate --config FILE key=value ...    zero-shot prompt evaluation
+    rayapp intermediate pairs|sentiment ...        SMASH intermediate examples (Ray Data)
+    rayapp teacher-cache ...                       teacher top-k cache (Ray Data batch inference)
+    rayapp distill --config FILE key=value ...     SMASH distillation (Ray Train, DeepSpeed/DDP)
+
+User mistakes print one line `error: ...` and exit 2; they are never tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rayapp.errors import RayappError
+
+
+def _user_error(exc: BaseException) -> RayappError | None:
+    """The RayappError behind `exc`, also when Ray wrapped it (worker -> driver)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, RayappError):
+            return exc
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "cause", None)
+    return None
+
+
+def _print(record: dict, keys: tuple[str, ...]) -> None:
+    print(json.dumps({k: record[k] for k in keys if k in record}, indent=1))
+
+
+# --- subcommands ------------------------------------------------------------------------
+
+def cmd_tasks(args) -> None:
+    from rayapp.prompts import BUILTIN_TASKS, PromptEncoder, get_task, load_tasks
+
+    tasks = dict(BUILTIN_TASKS)
+    if args.tasks_file:
+        tasks.update(load_tasks(args.tasks_file))
+    if args.show:
+        from rayapp.models import load_tokenizer
+
+        task = tasks.get(args.show) or get_task(args.show)
+        enc = PromptEncoder(load_tokenizer(args.tokenizer), task, args.max_length)
+        b = "The second sentence." if task.num_inputs == 2 else None
+        print(enc.render(args.example, b))
+        for label, ids in zip(task.labels, enc.label_word_ids):
+            print(f"  {label} -> {enc.tokenizer.convert_ids_to_tokens(ids)}")
+        return
+    for name, t in tasks.items():
+        print(f"{name:8s} {t.metric:8s} {t.template!r:40s} {t.verbalizer}")
+
+
+def cmd_fewshot(args) -> None:
+    from rayapp import fewshot
+
+    if args.action == "show":
+        split = fewshot.load_lmbff(args.data_dir, args.task, k=args.k, seed=args.seed)
+        print(json.dumps({"task": split.task, "k": split.k, "seed": split.seed, "train": len(split.train),
+                          "dev": len(split.dev), "test": len(split.test), "source": split.source}, indent=1))
+        return
+    columns = fewshot.Columns(**dict(kv.split("=", 1) for kv in args.columns)) if args.columns else None
+    pool = fewshot.read_table(args.train, columns, args.task)
+    test = fewshot.read_table(args.test, columns, args.task)
+    splits = fewshot.make_splits(pool, test, args.task, k=args.k, seeds=tuple(args.seeds), out_dir=args.out)
+    for s in splits:
+        print(f"{s.task} K={s.k} seed={s.seed}: train {len(s.train)} dev {len(s.dev)} test {len(s.test)}")
+    print(f"splits written under {args.out}")
+
+
+def cmd_finetune(args, method: str | None = None) -> None:
+    from rayapp.config import load_config
+    from rayapp.finetune import FinetuneConfig, run
+
+    overrides = list(args.overrides) + ([f"method={method}"] if method else [])
+    record = run(load_config(FinetuneConfig, args.config, overrides))
+    _print(record, ("name", "task", "method", "metric", "best_step", "best_dev", "test", "checkpoint"))
+    print(f"best checkpoint: {record['checkpoint']}\nresults appended to {record['results']}")
+
+
+def cmd_intermediate(args) -> None:
+    from rayapp import intermediate
+
+    if args.kind == "pairs":
+        stats = intermediate.build_pairs(args.corpus, args.out, num_examples=args.num_examples, seed=args.seed)
+    else:
+        stats = intermediate.build_sentiment(args.corpus, args.teacher, args.out, num_examples=args.num_examples,
+                                             threshold=args.threshold, seed=args.seed)
+    print(json.dumps(stats, indent=1, default=str))
+    print(f"examples written to {args.out}")
+
+
+def cmd_teacher_cache(args) -> None:
+    from rayapp.teacher_cache import build_cache
+
+    stats = build_cache(args.examples, args.teacher, args.out, task=args.task, top_k=args.top_k,
+                        batch_size=args.batch_size)
+    print(json.dumps(stats, indent=1, default=str))
+    print(f"teacher cache written to {args.out}")
+
+
+def cmd_distill(args) -> None:
+    from rayapp.config import load_config
+    from rayapp.distill import DistillConfig, run
+
+    record = run(load_config(DistillConfig, args.config, args.overrides))
+    _print(record, ("name", "setting", "objective", "steps", "first_loss", "last_loss", "restarts"))
+    print(f"distilled student (HF dir): {record['model']}\nresults appended to {record['results']}")
+
+
+# --- parser -----------------------------------------------------------------------------
+
+def _recipe(sub, name: str, help: str, func):
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--config", help="YAML config file (see jobs/configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=2e-5 engine.num_workers=2")
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayapp", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tasks", help="list tasks (templates, verbalizers, metrics) or render one")
+    p.add_argument("--tasks-file", help="YAML file with extra tasks")
+    p.add_argument("--show", metavar="TASK", help="render TASK's prompt with --tokenizer")
+    p.add_argument("--tokenizer", default="roberta-large", help="HF id or local dir (for --show)")
+    p.add_argument("--example", default="A gripping, beautifully made film.", help="sentence to render")
+    p.add_argument("--max-length", type=int, default=128)
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("fewshot", help="show or generate LM-BFF few-shot splits")
+    p.add_argument("action", choices=["show", "make"])
+    p.add_argument("--task", required=True)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--seed", type=int, default=13, help="(show) split seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[13, 21, 42, 87, 100], help="(make) split seeds")
+    p.add_argument("--data-dir", help="(show) LM-BFF k-shot root; default: local assets")
+    p.add_argument("--train", help="(make) labelled table to sample train/dev from (tsv/csv/jsonl/json/parquet/hf://)")
+    p.add_argument("--test", help="(make) labelled test table")
+    p.add_argument("--columns", nargs="*", metavar="field=column", help="(make) e.g. text_a=sentence label=label")
+    p.add_argument("--out", help="(make) output root (TASK/K-SEED/{train,dev,test}.jsonl)")
+    p.set_defaults(func=cmd_fewshot)
+
+    _recipe(sub, "finetune", "few-shot fine-tuning (prompt or classifier) on Ray Train", cmd_finetune)
+    _recipe(sub, "evaluate", "zero-shot prompt evaluation of a model or checkpoint (dev + test)",
+            lambda a: cmd_finetune(a, method="zero-shot"))
+
+    p = sub.add_parser("intermediate", help="build SMASH intermediate examples from a corpus (Ray Data)")
+    p.add_argument("kind", choices=["pairs", "sentiment"])
+    p.add_argument("--corpus", required=True, help="text/WikiExtractor/JSONL/parquet files, s3:// prefix or hf://")
+    p.add_argument("--out", required=True, help="output dir or s3:// prefix (parquet shards)")
+    p.add_argument("--num-examples", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", help="(sentiment) teacher MLM that scores sentences")
+    p.add_argument("--threshold", type=float, default=0.5, help="(sentiment) keep sentences whose top class prob >= this")
+    p.set_defaults(func=cmd_intermediate)
+
+    p = sub.add_parser("teacher-cache", help="cache the teacher's top-k logits at the mask (Ray Data)")
+    p.add_argument("--examples", required=True, help="intermediate examples (parquet dir or s3:// prefix)")
+    p.add_argument("--teacher", required=True, help="teacher MLM: HF id or local dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--task", default="smash-pairs", help="smash-pairs or smash-sentiment")
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_teacher_cache)
+
+    _recipe(sub, "distill", "SMASH distillation of a student from a teacher cache or online teacher", cmd_distill)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except Exception as exc:  # noqa: BLE001 - only user errors are caught below
+        err = _user_error(exc)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

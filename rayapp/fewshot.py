@@ -1,0 +1,493 @@
+"""Few-shot splits, the LM-BFF protocol (Gao et al. 2021; SPEC §2).
+
+A split is K examples per label for train and K per label for dev, both drawn from the
+original train set, with the original dev set as test; five seeds (13 21 42 87 100) give
+five splits, and results are reported as mean (std) over them.
+
+Two ways to get splits:
+- `load_lmbff(root, task, k, seed)` reads LM-BFF's published layout
+  `ROOT/TASK/K-SEED/{train,dev,test}.{tsv,csv}`. The file formats differ per task (GLUE TSVs
+  with headers, headerless `label,sentence` CSVs, ...); `LMBFF_FORMATS` holds that knowledge.
+- `make_splits(pool, test, task, k, seeds)` samples them from any labelled table and can write
+  them as `OUT/TASK/K-SEED/{train,dev,test}.jsonl` (one `{"text_a","text_b","label"}` object a
+  line); `load_lmbff` reads that layout back, preferring it when both exist.
+
+Every table goes through one path: `read_table` turns TSV/CSV/JSONL/JSON/parquet/`hf://` into
+header names + positional rows, `Columns` picks text_a/text_b/label by header name or by
+position (negative positions count from the row's end: SNLI rows carry more annotator labels
+than the header names, the gold label is always last), and labels are checked against the task.
+
+Decisions worth knowing:
+- Rows with empty text are kept by `read_table` (LM-BFF's CR splits contain such rows and a
+  test set must keep its published size), but `sample_fewshot` never picks them: a fresh split
+  should not spend one of its K slots on an empty input. `make_splits` records how many it
+  passed over in `source["empty_text_skipped"]`.
+- Regression (STS-B) has no labels to balance; like LM-BFF we bin scores at the midpoint of
+  the task's range (2.5 for STS-B's 0..5) and draw K per bin, so K=16 gives 32 train and 32 dev.
+- Where LM-BFF's test file is absent (MNLI, MNLI-mm, SNLI, QQP in the local assets), the test
+  set falls back to the labelled pool `POOL/TASK/dev.json` with a warning, minus any example
+  that is also in the split's train/dev; `source["test_fallback"]` says so, so results.jsonl
+  records that those numbers are not on the official test set.
+- Sampling uses `random.Random(seed)` over the pool in file order, so a split depends on the
+  seed and the data only (not on PYTHONHASHSEED or dict order).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rayapp.assets import asset
+from rayapp.errors import DataError
+from rayapp.prompts import Task, get_task
+
+log = logging.getLogger(__name__)
+
+SEEDS = (13, 21, 42, 87, 100)
+SPLITS = ("train", "dev", "test")
+FORMATS = ("tsv", "csv", "jsonl", "json", "parquet", "hf")
+
+ColumnRef = str | int  # a header name, or a 0-based position (negative: from the row's end)
+
+
+@dataclass(frozen=True)
+class Example:
+    text_a: str
+    text_b: str | None
+    label: str | float  # class label string as in the data ("1", "entailment"); float for regression
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of a table hold the inputs and the label."""
+
+    text_a: ColumnRef = "sentence"
+    text_b: ColumnRef | None = None
+    label: ColumnRef = "label"
+
+
+@dataclass
+class FewShotSplit:
+    task: str
+    k: int
+    seed: int
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+    source: dict = field(default_factory=dict)  # where each split came from; goes to results.jsonl
+
+
+def example_columns(task: Task | str) -> Columns:
+    """Columns of rayapp's own JSONL splits and of the pool JSON (`text_a`, `text_b`, `label`)."""
+    return Columns("text_a", "text_b" if _task(task).num_inputs == 2 else None, "label")
+
+
+# ---------------------------------------------------------------------------------------------
+# LM-BFF's on-disk layout
+
+
+@dataclass(frozen=True)
+class LmbffFormat:
+    """How LM-BFF stores one task: file type, header, columns and split file names."""
+
+    columns: Columns
+    ext: str  # "tsv" (GLUE style: tab-split, no quoting) or "csv" (quoted)
+    header: bool
+    folder: str | None = None  # folder under the root, when it is not the task's name
+    dev: str = "dev"
+    test: str = "test"
+
+
+_SENTENCE_CSV = LmbffFormat(Columns(text_a=1, label=0), "csv", header=False)
+_NLI = Columns("sentence1", "sentence2", label=-1)  # gold_label is the last field
+
+LMBFF_FORMATS: dict[str, LmbffFormat] = {
+    "SST-2": LmbffFormat(Columns("sentence", None, "label"), "tsv", header=True),
+    **{name: _SENTENCE_CSV for name in ("sst-5", "mr", "cr", "mpqa", "subj", "trec")},
+    "CoLA": LmbffFormat(Columns(text_a=3, label=1), "tsv", header=False),  # source, label, mark, sentence
+    # LM-BFF's few-shot dev comes from train, so matched and mismatched runs share dev_matched
+    "MNLI": LmbffFormat(_NLI, "tsv", True, dev="dev_matched", test="test_matched"),
+    "MNLI-mm": LmbffFormat(_NLI, "tsv", True, folder="MNLI", dev="dev_matched", test="test_mismatched"),
+    "SNLI": LmbffFormat(_NLI, "tsv", header=True),
+    "QNLI": LmbffFormat(Columns("question", "sentence", "label"), "tsv", header=True),
+    "RTE": LmbffFormat(Columns("sentence1", "sentence2", "label"), "tsv", header=True),
+    "MRPC": LmbffFormat(Columns("#1 String", "#2 String", "Quality"), "tsv", header=True),
+    "QQP": LmbffFormat(Columns("question1", "question2", "is_duplicate"), "tsv", header=True),
+    "STS-B": LmbffFormat(Columns("sentence1", "sentence2", "score"), "tsv", header=True),
+}
+
+
+def lmbff_format(task: Task | str) -> LmbffFormat:
+    name = _task(task).name
+    if name not in LMBFF_FORMATS:
+        raise DataError(
+            f"task {name!r} has no LM-BFF file format (known: {', '.join(LMBFF_FORMATS)}); "
+            "generate its splits with make_splits(..., out_dir=...) and load those instead"
+        )
+    return LMBFF_FORMATS[name]
+
+
+def load_lmbff(
+    root: str | Path | None,
+    task: Task | str,
+    k: int = 16,
+    seed: int = 13,
+    *,
+    pool_root: str | Path | None = None,
+) -> FewShotSplit:
+    """One split from `root/TASK/K-SEED/` (root None: the local LM-BFF assets).
+
+    Reads rayapp's JSONL layout when `train.jsonl` is there, else LM-BFF's per-task files.
+    A missing LM-BFF test file falls back to `pool_root/TASK/dev.json` (default: the `pool`
+    folder beside root), see the module docstring.
+    """
+    task = _task(task)
+    root = Path(root) if root is not None else asset("fewshot", "k-shot")
+    seed_dir = root / task.name / f"{k}-{seed}"
+    if (seed_dir / "train.jsonl").is_file():
+        files = {split: seed_dir / f"{split}.jsonl" for split in SPLITS}
+        columns, header = example_columns(task), True
+    else:
+        fmt = lmbff_format(task)
+        seed_dir = root / (fmt.folder or task.name) / f"{k}-{seed}"
+        stems = {"train": "train", "dev": fmt.dev, "test": fmt.test}
+        files = {split: seed_dir / f"{stem}.{fmt.ext}" for split, stem in stems.items()}
+        columns, header = fmt.columns, fmt.header
+    hint = f"expected LM-BFF's {k}-shot layout ROOT/TASK/{k}-SEED/ or rayapp's from make_splits"
+    for split in ("train", "dev"):
+        if not files[split].is_file():
+            raise _missing(files[split], hint)
+    train, dev = (read_table(files[s], columns, task, header=header) for s in ("train", "dev"))
+    source = {"root": str(root), **{s: str(files[s]) for s in SPLITS}, "test_fallback": None}
+    if files["test"].is_file():
+        test = read_table(files["test"], columns, task, header=header)
+    else:
+        pool_dir = Path(pool_root) if pool_root is not None else root.parent / "pool"
+        pool_file = pool_dir / seed_dir.parent.name / "dev.json"
+        test, source["test_fallback"] = _fallback_test(files["test"], pool_file, task, train + dev)
+        source["test"] = str(pool_file)
+    return FewShotSplit(task.name, k, seed, train, dev, test, source)
+
+
+def _fallback_test(missing: Path, pool_file: Path, task: Task, seen: list[Example]) -> tuple[list[Example], str]:
+    """Test set from the labelled pool's dev split when LM-BFF's test file is absent."""
+    if not pool_file.is_file():
+        raise _missing(missing, f"put the task's labelled test file there (or a pool at {pool_file})")
+    # the pool is drawn from the original train set, so drop what the split trains/selects on
+    seen_texts = {(ex.text_a, ex.text_b) for ex in seen}
+    pool = read_table(pool_file, example_columns(task), task)
+    test = [ex for ex in pool if (ex.text_a, ex.text_b) not in seen_texts]
+    note = (
+        f"{missing.name} is missing; test = labelled pool {pool_file} ({len(test)} examples, "
+        f"{len(pool) - len(test)} also in train/dev removed), not the official test set"
+    )
+    log.warning("%s: %s", task.name, note)
+    return test, note
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading any labelled table
+
+
+def read_table(
+    uri: str | Path,
+    columns: Columns | None,
+    task: Task | str,
+    *,
+    fmt: str | None = None,
+    header: bool = True,
+) -> list[Example]:
+    """Examples from a table: a local .tsv/.csv/.jsonl/.json/.parquet file or `hf://` dataset.
+
+    `columns` None means rayapp's own names (text_a, text_b, label), as in the pool JSON.
+    `header` applies to TSV/CSV only; without one, name columns by position.
+    `hf://NAME:SPLIT` or `hf://NAME:CONFIG:SPLIT` goes through `datasets.load_dataset`
+    (colons, because dataset ids contain slashes: `hf://nyu-mll/glue:sst2:train`).
+    """
+    task = _task(task)
+    uri = str(uri)
+    fmt = fmt or _detect_format(uri)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown table format {fmt!r} for {uri}; use one of {', '.join(FORMATS)}")
+    if fmt != "hf" and not Path(uri).is_file():
+        raise _missing(Path(uri), "check the path")
+    names, rows = _READERS[fmt](uri, header)
+    if not rows:
+        raise DataError(f"{uri} has no data rows; give a table with at least one labelled example")
+    return _examples(names, rows, columns or example_columns(task), task, uri)
+
+
+def _detect_format(uri: str) -> str:
+    if uri.startswith("hf://"):
+        return "hf"
+    suffix = Path(uri).suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise DataError(
+            f"cannot tell the format of {uri} from its extension {suffix!r}; "
+            f"supported: .tsv .csv .jsonl .json .parquet and hf://NAME[:CONFIG]:SPLIT, or pass fmt="
+        )
+    return suffix
+
+
+Rows = list[list]
+
+
+def _read_delimited(path: str, header: bool, delimiter: str, quoting: int) -> tuple[list[str] | None, Rows]:
+    # utf-8-sig: LM-BFF's MRPC files start with a BOM, which would otherwise glue onto "Quality"
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+    if header and rows:
+        return rows[0], rows[1:]
+    return None, rows
+
+
+def _read_tsv(path: str, header: bool):
+    # GLUE TSVs hold bare quote characters; LM-BFF splits lines on tabs, so no quoting here
+    return _read_delimited(path, header, "\t", csv.QUOTE_NONE)
+
+
+def _read_csv(path: str, header: bool):
+    return _read_delimited(path, header, ",", csv.QUOTE_MINIMAL)
+
+
+def _read_jsonl(path: str, header: bool):
+    records = []
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {n} is not valid JSON ({e}); JSONL needs one object a line") from None
+    return _from_records(records, path)
+
+
+def _read_json(path: str, header: bool):
+    """A JSON array of records, or the pool format `{"0": {record}, "1": ...}`."""
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON ({e})") from None
+    return _from_records(list(data.values()) if isinstance(data, dict) else data, path)
+
+
+def _read_parquet(path: str, header: bool):
+    import pyarrow.parquet as pq
+
+    return _from_records(pq.read_table(path).to_pylist(), path)
+
+
+def _read_hf(uri: str, header: bool):
+    import datasets
+
+    parts = uri.removeprefix("hf://").split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise DataError(f"{uri} is not hf://NAME:SPLIT or hf://NAME:CONFIG:SPLIT (e.g. hf://nyu-mll/glue:sst2:train)")
+    name, config, split = parts if len(parts) == 3 else (parts[0], None, parts[1])
+    return _hf_table(datasets.load_dataset(name, config, split=split), uri)
+
+
+def _hf_table(dataset, uri: str) -> tuple[list[str], Rows]:
+    """Header names + rows of a `datasets.Dataset`; ClassLabel ints become their names
+    (e.g. GLUE MNLI's 0 -> "entailment") so they match the task's label strings."""
+    import datasets
+
+    records = dataset.to_list()
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            for record in records:
+                if record[name] is not None and record[name] >= 0:  # -1: GLUE's unlabelled test rows
+                    record[name] = feature.int2str(record[name])
+    return _from_records(records, uri)
+
+
+def _from_records(records: list, uri: str) -> tuple[list[str], Rows]:
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{uri} must hold records (objects with column names as keys)")
+    names = list(dict.fromkeys(name for record in records for name in record))  # first-seen order
+    return names, [[record.get(name) for name in names] for record in records]
+
+
+_READERS = {
+    "tsv": _read_tsv,
+    "csv": _read_csv,
+    "jsonl": _read_jsonl,
+    "json": _read_json,
+    "parquet": _read_parquet,
+    "hf": _read_hf,
+}
+
+
+def _examples(names: list[str] | None, rows: Rows, columns: Columns, task: Task, uri: str) -> list[Example]:
+    if (columns.text_b is not None) != (task.num_inputs == 2):
+        need = "two inputs: set Columns.text_b" if task.num_inputs == 2 else "one input: leave Columns.text_b None"
+        raise DataError(f"task {task.name} takes {need} (reading {uri} with {columns})")
+    refs = {"text_a": columns.text_a, "text_b": columns.text_b, "label": columns.label}
+    index = {role: _resolve(ref, names, uri) for role, ref in refs.items() if ref is not None}
+    examples = []
+    for n, row in enumerate(rows, start=1):
+        value = {role: _field(row, i, n, refs[role], uri) for role, i in index.items()}
+        examples.append(
+            Example(
+                text_a=_text(value["text_a"]),
+                text_b=_text(value["text_b"]) if "text_b" in value else None,
+                label=_label(value["label"], task, f"{uri} row {n} column {columns.label!r}"),
+            )
+        )
+    return examples
+
+
+def _resolve(ref: ColumnRef, names: list[str] | None, uri: str) -> int:
+    if isinstance(ref, int):
+        return ref
+    if names is None:
+        raise DataError(
+            f"{uri} is read without a header, so column {ref!r} cannot be found by name; "
+            "give 0-based positions (e.g. Columns(text_a=1, label=0)) or read it with header=True"
+        )
+    if ref not in names:
+        raise DataError(f"{uri} has no column {ref!r}; its columns are {names}; fix the Columns mapping")
+    return names.index(ref)
+
+
+def _field(row: list, i: int, n: int, ref: ColumnRef, uri: str):
+    try:
+        return row[i]
+    except IndexError:
+        raise DataError(f"{uri} row {n} has {len(row)} fields, too few for column {ref!r} (position {i})") from None
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
+def _label(value, task: Task, where: str) -> str | float:
+    if task.is_regression:
+        try:
+            score = float(value)
+        except (TypeError, ValueError):
+            score = float("nan")
+        low, high = task.bounds
+        if not low <= score <= high:  # also catches NaN
+            raise DataError(
+                f"{where}: label {value!r} is not a number in task {task.name}'s range [{low}, {high}]; "
+                "check the label column mapping or the data"
+            )
+        return score
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # integer labels become floats in columns that also hold nulls
+    label = "" if value is None else str(value).strip()
+    if label not in task.labels:
+        raise DataError(
+            f"{where}: label {label!r} is not one of task {task.name}'s labels {task.labels}; "
+            "check the label column mapping or the data"
+        )
+    return label
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling new splits
+
+
+def sample_fewshot(pool: list[Example], task: Task | str, k: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, dev), K per label each, disjoint, drawn from `pool` (LM-BFF: shuffle, then the
+    first K of each label go to train and the next K to dev). Output is grouped by label."""
+    task = _task(task)
+    if k < 1:
+        raise DataError(f"k must be at least 1, got {k}")
+    shuffled = [ex for ex in pool if _has_text(ex)]
+    random.Random(seed).shuffle(shuffled)
+    groups: dict[str, list[Example]] = {group: [] for group in _groups(task)}
+    for ex in shuffled:
+        groups[_group(ex, task)].append(ex)
+    for group, members in groups.items():
+        if len(members) < 2 * k:
+            raise DataError(
+                f"task {task.name}: {group} has {len(members)} usable examples (non-empty text) in the "
+                f"pool, but a {k}-shot split needs {2 * k} ({k} train + {k} dev); use a bigger pool or smaller k"
+            )
+    return (
+        [ex for members in groups.values() for ex in members[:k]],
+        [ex for members in groups.values() for ex in members[k : 2 * k]],
+    )
+
+
+def _has_text(ex: Example) -> bool:
+    return bool(ex.text_a.strip()) and (ex.text_b is None or bool(ex.text_b.strip()))
+
+
+def _midpoint(task: Task) -> float:
+    low, high = task.bounds
+    return (low + high) / 2
+
+
+def _groups(task: Task) -> list[str]:
+    if task.is_regression:
+        return [f"scores < {_midpoint(task)}", f"scores >= {_midpoint(task)}"]
+    return [f"label {label!r}" for label in task.labels]
+
+
+def _group(ex: Example, task: Task) -> str:
+    if task.is_regression:
+        return _groups(task)[ex.label >= _midpoint(task)]
+    if ex.label not in task.labels:
+        raise DataError(f"pool example {ex} has label {ex.label!r}, not one of task {task.name}'s labels {task.labels}")
+    return f"label {ex.label!r}"
+
+
+def make_splits(
+    pool: list[Example],
+    test: list[Example],
+    task: Task | str,
+    k: int = 16,
+    seeds: tuple[int, ...] = SEEDS,
+    out_dir: str | Path | None = None,
+) -> list[FewShotSplit]:
+    """One split per seed from a labelled pool (the original train set) and a test set.
+
+    With `out_dir`, each split is also written to `out_dir/TASK/K-SEED/{train,dev,test}.jsonl`,
+    which `load_lmbff(out_dir, task, k, seed)` reads back.
+    """
+    task = _task(task)
+    if not test:
+        raise DataError(f"task {task.name}: the test set is empty; give the labelled original dev split as test")
+    source = {"pool_size": len(pool), "empty_text_skipped": sum(not _has_text(ex) for ex in pool)}
+    splits = []
+    for seed in seeds:
+        train, dev = sample_fewshot(pool, task, k, seed)
+        split = FewShotSplit(task.name, k, seed, train, dev, list(test), dict(source))
+        if out_dir is not None:
+            split.source["dir"] = str(_write_split(Path(out_dir), split))
+        splits.append(split)
+    return splits
+
+
+def _write_split(out_dir: Path, split: FewShotSplit) -> Path:
+    seed_dir = out_dir / split.task / f"{split.k}-{split.seed}"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        with open(seed_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for ex in getattr(split, name):
+                record = {"text_a": ex.text_a, "text_b": ex.text_b, "label": ex.label}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return seed_dir
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _task(task: Task | str) -> Task:
+    return get_task(task) if isinstance(task, str) else task
+
+
+def _missing(path: Path, hint: str) -> DataError:
+    """A 'not found' error that lists what the nearest existing folder does hold."""
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    held = sorted(p.name for p in parent.iterdir()) if parent.is_dir() else []
+    return DataError(f"{path} does not exist ({parent} holds: {', '.join(held) or 'nothing'}); {hint}")

@@ -1,0 +1,333 @@
+"""Distillation and prompt losses of SMASH and Prompt-Distiller (PD).
+
+Every function is pure: tensors in, a scalar tensor out (float32, on the inputs' device).
+Inputs may be half precision; everything is upcast to float32 first because soft targets
+over a 50k vocabulary underflow in fp16/bf16. Equation numbers refer to
+`shared/papers/smash.txt` and `shared/papers/prompt-distiller.txt`.
+
+Shape conventions: B batch, T sequence length, V vocabulary, H hidden size (or heads for
+attention), C classes, M number of transformer layers.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rayapp.errors import ConfigError, DataError, PromptError
+
+IGNORE_INDEX = -100  # HF convention for "not a masked token" in MLM labels
+
+
+def _check_vocab(student_size: int, teacher_size: int, what: str) -> None:
+    if student_size != teacher_size:
+        raise ConfigError(
+            f"{what}: the student scores {student_size} tokens but the teacher {teacher_size}; "
+            "token-level distillation needs the same vocabulary, so pick a teacher that shares "
+            "the student's tokenizer (e.g. roberta-large for distilroberta-base)"
+        )
+
+
+def _tempered_ce_rows(student_logits: torch.Tensor, teacher_scores: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Per-row -sum_i t_i log s_i with both distributions softened by T, times T^2.
+
+    `teacher_scores` may be logits or log-probabilities: softmax is shift-invariant.
+    The T^2 factor (Hinton et al.) keeps gradient magnitudes independent of T; at T=1 this
+    is exactly SMASH eq. 1.
+    """
+    t = torch.softmax(teacher_scores.float() / temperature, dim=-1)
+    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    return -(t * log_s).sum(-1) * temperature**2
+
+
+def soft_ce(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """SMASH eq. 1: L_ce = -sum_{i in V} t_i log s_i, averaged over the batch.
+
+    student_logits [..., V], teacher_probs [..., V] (rows sum to 1). With `temperature`
+    T != 1 both distributions are softened (t ∝ t^(1/T), s = softmax(z/T)) and the loss is
+    scaled by T^2 (Hinton et al.) so gradients keep their size; T = 1 (default, SMASH) is
+    eq. 1 unchanged.
+    """
+    _check_vocab(student_logits.shape[-1], teacher_probs.shape[-1], "soft_ce")
+    # log(0) = -inf is fine here: softmax maps it back to a probability of exactly 0.
+    return _tempered_ce_rows(student_logits, teacher_probs.float().log(), temperature).mean()
+
+
+def soft_ce_topk(student_logits: torch.Tensor, topk_values: torch.Tensor,
+                 topk_indices: torch.Tensor, teacher_lse: torch.Tensor,
+                 renormalize: bool = True) -> torch.Tensor:
+    """SMASH eq. 1 against a teacher distribution rebuilt from a top-k logit cache.
+
+    student_logits [B, V]; topk_values [B, k] teacher logits (fp16 is fine);
+    topk_indices [B, k] their vocabulary ids; teacher_lse [B] log-sum-exp of the teacher's
+    FULL logits. Kept entries have exact probabilities t_i = exp(v_i - lse); the missing
+    mass 1 - sum_kept t_i is unknown and gets no target:
+      renormalize=True  -> t_i = exp(v_i - lse) / covered mass = softmax(v)_i over the kept
+                           entries (the stored lse cancels), a proper distribution;
+      renormalize=False -> exact t_i; the missing entries' (non-negative) terms are
+                           dropped, so this is a lower bound on eq. 1.
+    With k = V both equal eq. 1 exactly (the covered mass is 1).
+    """
+    _check_vocab_ids(topk_indices, student_logits.shape[-1])
+    if renormalize:
+        t = torch.softmax(topk_values.float(), dim=-1)
+    else:
+        t = torch.exp(topk_values.float() - teacher_lse.float().unsqueeze(-1))
+    log_s = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, topk_indices.long())
+    return -(t * log_s).sum(-1).mean()
+
+
+def _check_vocab_ids(indices: torch.Tensor, vocab_size: int) -> None:
+    # One device sync; without it an out-of-range id is a CUDA device-side assert.
+    if indices.numel() and int(indices.max()) >= vocab_size:
+        raise ConfigError(
+            f"soft_ce_topk: the teacher cache holds token id {int(indices.max())} but the "
+            f"student vocabulary has {vocab_size} tokens; the cache was built with a teacher "
+            "whose tokenizer differs from the student's: rebuild it with a matching teacher"
+        )
+
+
+def layer_map(m_stu: int, m_tea: int) -> list[int]:
+    """Uniform layer map g(m) = m * M_tea / M_stu (SMASH eq. 2-3, TinyBERT), m = 0..M_stu.
+
+    Index 0 maps embeddings to embeddings; entry m is the teacher layer student layer m
+    learns from.
+    """
+    if m_stu < 1 or m_tea % m_stu:
+        raise ConfigError(
+            f"the uniform layer map g(m) = m*M_tea/M_stu needs the teacher's layer count to be "
+            f"a multiple of the student's, got M_stu={m_stu}, M_tea={m_tea}; pick a teacher "
+            "with a multiple of the student's layers or use soft_ce (eq. 1) alone"
+        )
+    return [m * m_tea // m_stu for m in range(m_stu + 1)]
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (a-b)^2 over elements whose `weight` (broadcast to a's leading dims) is 1."""
+    sq = (a.float() - b.float()).pow(2)
+    if weight is None:
+        return sq.mean()
+    w = weight.float().reshape(weight.shape + (1,) * (sq.dim() - weight.dim()))
+    # Count every element a weighted position contributes (e.g. all H features).
+    return (sq * w).sum() / (w.expand_as(sq).sum()).clamp(min=1.0)
+
+
+def _check_layers(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                  dim: int, feature: str, what: str, unit: str) -> None:
+    """Per-layer tensors of student and teacher must agree in every dim but the layer count."""
+    if not student or not teacher:
+        raise ConfigError(f"{what}: got no student or teacher {unit}; run both models with "
+                          f"output_{unit}=True")
+    s, t = student[0].shape, teacher[0].shape
+    if s[dim] != t[dim]:
+        raise ConfigError(
+            f"{what} needs the same {feature} in student and teacher, got student {s[dim]} "
+            f"vs teacher {t[dim]}; use a teacher of the student's family (e.g. roberta-base "
+            "for distilroberta-base) or soft_ce (eq. 1) alone"
+        )
+    if s != t:
+        raise ConfigError(
+            f"{what}: student {unit} shape {tuple(s)} and teacher {tuple(t)} differ in batch "
+            "or sequence length; tokenize the batch once and feed the same input_ids to both"
+        )
+
+
+def hidden_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SMASH eq. 2: L_hidn = sum_{m=0..M_stu} MSE(H^stu_m, H^tea_g(m)).
+
+    student_hidden: M_stu+1 tensors [B, T, H] (index 0 = embedding output, as HF's
+    `hidden_states`), teacher_hidden: M_tea+1 tensors [B, T, H]. attention_mask [B, T]:
+    padding positions are left out of each MSE's mean (they carry no text).
+    Raises ConfigError if hidden sizes or sequence shapes differ or M_tea % M_stu != 0.
+    """
+    _check_layers(student_hidden, teacher_hidden, -1, "hidden size",
+                  "hidden-state distillation (eq. 2)", "hidden_states")
+    g = layer_map(len(student_hidden) - 1, len(teacher_hidden) - 1)
+    return sum(_masked_mse(student_hidden[m], teacher_hidden[g[m]], attention_mask)
+               for m in range(len(student_hidden)))
+
+
+def attention_mse(student_attn: Sequence[torch.Tensor], teacher_attn: Sequence[torch.Tensor],
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SMASH eq. 3: L_attn = sum_{m=1..M_stu} sum_{h=1..H} MSE(A^stu_mh, A^tea_g(m)h).
+
+    student_attn: M_stu tensors [B, heads, T, T] (layer m at index m-1, as HF's
+    `attentions`), teacher_attn: M_tea tensors. With attention_mask [B, T] only
+    (query, key) pairs of two real tokens count: padded query rows hold arbitrary
+    attention in HF models. Raises ConfigError if head counts or shapes differ.
+    """
+    _check_layers(student_attn, teacher_attn, 1, "number of attention heads",
+                  "attention distillation (eq. 3)", "attentions")
+    g = layer_map(len(student_attn), len(teacher_attn))
+    pairs = None
+    if attention_mask is not None:
+        real = attention_mask.float()
+        pairs = (real[:, :, None] * real[:, None, :])[:, None]  # [B, 1, T, T], for every head
+    heads = student_attn[0].shape[1]
+    # A sum over heads of per-head means = heads x the mean over all heads' elements.
+    return heads * sum(_masked_mse(student_attn[m - 1], teacher_attn[g[m] - 1], pairs)
+                       for m in range(1, len(student_attn) + 1))
+
+
+def distilbert_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    mlm_labels: torch.Tensor, student_last_hidden: torch.Tensor,
+                    teacher_last_hidden: torch.Tensor, attention_mask: torch.Tensor,
+                    temperature: float = 2.0, weights: tuple[float, float, float] = (5.0, 2.0, 1.0),
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DistilBERT objective, SMASH §4.4 setting (5): w_ce L_ce + w_mlm L_mlm + w_cos L_cos.
+
+    student/teacher_logits [B, T, V], mlm_labels [B, T] (-100 = not masked),
+    *_last_hidden [B, T, H], attention_mask [B, T].
+      L_ce  = eq. 1 with temperature T on the masked positions, times T^2 (Sanh et al. use
+              KL, which differs from CE by the teacher's entropy: same gradient);
+      L_mlm = hard CE of the student on the masked tokens (no temperature);
+      L_cos = mean over non-pad positions of 1 - cos(h_stu, h_tea).
+    A batch without masked tokens contributes 0 for L_ce and L_mlm instead of NaN.
+    Returns (total, {"ce", "mlm", "cos"}) with the parts detached for logging.
+    """
+    _check_vocab(student_logits.shape[-1], teacher_logits.shape[-1], "distilbert_loss")
+    if student_last_hidden.shape[-1] != teacher_last_hidden.shape[-1]:
+        raise ConfigError(
+            f"distilbert_loss: the cosine term needs the same hidden size, got student "
+            f"{student_last_hidden.shape[-1]} vs teacher {teacher_last_hidden.shape[-1]}; "
+            "use a teacher of the student's family (e.g. roberta-base for distilroberta-base)"
+        )
+    masked = mlm_labels != IGNORE_INDEX
+    n_masked = max(int(masked.sum()), 1)
+    s_masked = student_logits[masked]
+    ce = _tempered_ce_rows(s_masked, teacher_logits[masked], temperature).sum() / n_masked
+    mlm = F.cross_entropy(s_masked.float(), mlm_labels[masked], reduction="sum") / n_masked
+    real = attention_mask.bool()
+    cos = (1 - F.cosine_similarity(student_last_hidden[real].float(),
+                                   teacher_last_hidden[real].float(), dim=-1)).mean()
+    w_ce, w_mlm, w_cos = weights
+    total = w_ce * ce + w_mlm * mlm + w_cos * cos
+    return total, {"ce": ce.detach(), "mlm": mlm.detach(), "cos": cos.detach()}
+
+
+def verbalizer_logits(mask_logits: torch.Tensor,
+                      label_word_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Class scores from MLM logits at the mask (PD eq. 1, LM-BFF): [B, V] -> [B, C].
+
+    The score of class c is the MLM logit of its label word; when a class has several
+    label words their logits are averaged.
+    """
+    vocab = mask_logits.shape[-1]
+    for c, ids in enumerate(label_word_ids):
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            raise PromptError(
+                f"verbalizer class {c} has label word ids {list(ids)}, which are not ids of a "
+                f"vocabulary of {vocab} tokens; build the verbalizer with the model's tokenizer"
+            )
+    return torch.stack([mask_logits[:, list(ids)].float().mean(-1) for ids in label_word_ids], -1)
+
+
+def verbalizer_ce(mask_logits: torch.Tensor, label_word_ids: Sequence[Sequence[int]],
+                  labels: torch.Tensor) -> torch.Tensor:
+    """Hard-label prompt CE (PD eq. 2 over PD eq. 1 scores; SMASH §4.4 settings (6)/(7)).
+
+    mask_logits [B, V] MLM logits at the mask, label_word_ids[c] the vocabulary ids of
+    class c's label word(s), labels [B] class indices in 0..C-1. Mean over the batch.
+    """
+    scores = verbalizer_logits(mask_logits, label_word_ids)
+    n_classes = len(label_word_ids)
+    # One device sync; a bad label would otherwise be a CUDA device-side assert.
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise DataError(
+            f"labels range over {int(labels.min())}..{int(labels.max())} but the verbalizer "
+            f"has {n_classes} classes (0..{n_classes - 1}); map the data's labels to the "
+            "task's label list"
+        )
+    return F.cross_entropy(scores, labels.long())
+
+
+def regression_target(y: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    """SMASH §3.1 p_gold = [(u-y)/(u-l), (y-l)/(u-l)] for y in [l, u]: [B] -> [B, 2]."""
+    frac = (y.float() - lower) / (upper - lower)
+    return torch.stack([1 - frac, frac], -1)
+
+
+def regression_kl(class_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SMASH §3.1 regression loss between p_pred = softmax(class_logits) and p_gold.
+
+    class_logits [B, 2] scores of the words [y_l, y_u], target [B, 2] = p_gold (see
+    `regression_target`). Mean over the batch.
+
+    The paper writes L_kl = KL(p_pred || p_gold), but p_gold has exact zeros whenever
+    y = l or y = u (STS-B scores 0 and 5 occur), where KL(p_pred || p_gold) =
+    sum p_pred log(p_pred / p_gold) is infinite. We therefore compute
+    KL(p_gold || p_pred) = sum p_gold (log p_gold - log p_pred) with 0 log 0 = 0, which
+    is finite everywhere and is what LM-BFF's code (which SMASH follows) computes:
+    `KLDivLoss(log_softmax(logits), p_gold)`.
+    """
+    if class_logits.shape[-1] != 2 or target.shape != class_logits.shape:
+        raise ConfigError(
+            f"regression_kl expects class_logits and target of shape [B, 2] (two label words, "
+            f"low and high), got {tuple(class_logits.shape)} and {tuple(target.shape)}; a "
+            "regression task's verbalizer must have exactly two words"
+        )
+    p = target.float()
+    kl = torch.xlogy(p, p) - p * torch.log_softmax(class_logits.float(), dim=-1)
+    return kl.sum(-1).mean()
+
+
+def kd_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    """PD eq. 3/4: L_KD = mean_x CE(p_T(y|x) / alpha, p_S(y|x)) over classes.
+
+    student_logits, teacher_logits [B, C] (verbalizer class scores). The paper divides the
+    teacher's probability vector by the "temperature factor" alpha; read literally p_T/alpha
+    is not a distribution (it sums to 1/alpha), so we read it as the usual temperature on
+    the teacher's scores, softmax(s_T / alpha). As eq. 3 writes p_S without alpha, the
+    student is not softened and there is no alpha^2 factor.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ConfigError(
+            f"kd_ce: student class scores {tuple(student_logits.shape)} and teacher "
+            f"{tuple(teacher_logits.shape)} differ; teacher and student must use the same "
+            "task verbalizer"
+        )
+    t = torch.softmax(teacher_logits.float() / alpha, dim=-1)
+    return -(t * torch.log_softmax(student_logits.float(), dim=-1)).sum(-1).mean()
+
+
+def contrastive_probe_loss(teacher_probe_probs: torch.Tensor, student_probe_probs: torch.Tensor,
+                           labels: torch.Tensor) -> torch.Tensor:
+    """PD eqs. 5-7: L_CPD = -mean_x f(x, x) / sum_{x' in N(x)} f(x, x').
+
+    teacher_probe_probs [B, N_T, C], student_probe_probs [B, N_S, C]: class probabilities of
+    each layer probe; labels [B] (gold labels, or the pre-trained teacher's zero-shot
+    predictions for the unlabelled set, eq. 7).
+
+    Eq. 5: f(x, x') = exp(sum_{j,k} p_T^(j)(x) . p_S^(k)(x') / (N_T N_S)), which factorises
+    into exp(mean_j p_T^(j)(x) . mean_k p_S^(k)(x')). Eq. 6 writes the negatives as
+    f_{T,S}(x'); following the contrastive distillation it cites ([16], CRD) a negative
+    pairs the teacher's view of x with the student's view of x'. (Read as teacher and
+    student both on x', the loss would push teacher-student agreement down on every
+    sample that is some other sample's negative, against the positive term.)
+    N(x) = batch samples with a different label; as in eq. 6 the denominator excludes the
+    positive and there is no log. Samples without negatives are skipped; since a sample
+    lacks negatives only when every label in the batch is equal, such a batch gives 0
+    (with a gradient path, for DDP).
+    """
+    if (teacher_probe_probs.shape[0] != student_probe_probs.shape[0]
+            or teacher_probe_probs.shape[-1] != student_probe_probs.shape[-1]
+            or labels.shape != teacher_probe_probs.shape[:1]):
+        raise ConfigError(
+            f"contrastive_probe_loss: teacher probes {tuple(teacher_probe_probs.shape)}, "
+            f"student probes {tuple(student_probe_probs.shape)} and labels {tuple(labels.shape)} "
+            "must be [B, N_T, C], [B, N_S, C] and [B] with the same B and C; probes of both "
+            "models must predict the task's label words"
+        )
+    t = teacher_probe_probs.float().mean(1)  # [B, C]
+    s = student_probe_probs.float().mean(1)
+    f = torch.exp(t @ s.T)  # f[i, j] = f(x_i, x_j)
+    negatives = labels[:, None] != labels[None, :]
+    has_neg = negatives.any(1)
+    # f >= 1, so a sample with negatives has a denominator >= 1; the others get 1 to stay finite.
+    denom = torch.where(has_neg, (f * negatives).sum(1), torch.ones_like(f[:, 0]))
+    ratio = f.diagonal() / denom
+    return -(ratio * has_neg).sum() / has_neg.sum().clamp(min=1)

@@ -1,0 +1,467 @@
+"""Prompts: a task is a template + a verbalizer + a metric (SPEC §1, SMASH Table 6, LM-BFF).
+
+Template syntax
+---------------
+Literal text plus slots, e.g. ``"{x0|nopunct}? {mask}, {x1|lowerfirst}"``:
+
+- ``{x0}``, ``{x1}``: the input sentence(s); a template uses ``{x0}`` or ``{x0}`` and ``{x1}``.
+- ``{mask}``: exactly one, where the model predicts the label word.
+- modifiers (from LM-BFF's template language), chainable with ``|``:
+  ``{x0|nopunct}`` drops the sentence's final punctuation character (LM-BFF ``*sent-_0*``),
+  ``{x1|lowerfirst}`` lowercases its first letter (``*sentl_1*``).
+
+Special tokens (CLS/SEP, <s> </s>) are never written: the tokenizer's own post-processor adds
+them around the single concatenated sequence. Outer whitespace of a template is ignored.
+
+How a template is tokenised (works for byte-level BPE and WordPiece alike)
+--------------------------------------------------------------------------
+Each piece is tokenised on its own, so truncation can cut sentences without touching the
+template. Whitespace before a slot belongs to the slot: a sentence written after whitespace
+is tokenised as ``" " + sentence`` (BPE then yields ``Ġword`` tokens as it would in running
+text; WordPiece ignores the space), and whitespace before ``{mask}`` is dropped because the
+label word itself is the leading-space token (``Ġgreat``). Literal text keeps its leading
+whitespace (``" It was"`` -> ``ĠIt Ġwas``). Label words are looked up as the tokenisation of
+``" " + word`` and must be exactly one known token.
+
+Truncation cuts only the input sentences, longest first, from the end of a sentence; the
+template and the mask always survive, and every sentence keeps at least one token.
+
+Regression (STS-B, SMASH §3.1): ``y`` in ``[l, u]`` is interpolated between the two label
+words: ``p_gold = [(u-y)/(u-l), (y-l)/(u-l)]`` and ``y_hat = l*p(low) + u*p(high)``.
+"""
+from __future__ import annotations
+
+import functools
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from rayapp.errors import DataError, PromptError
+from rayapp.metrics import METRICS
+
+SLOT_NAMES = ("x0", "x1", "mask")
+
+
+def _drop_final_punct(s: str) -> str:
+    # LM-BFF drops the last character unconditionally; dropping only punctuation keeps the
+    # last letter of an unpunctuated sentence.
+    return s[:-1].rstrip() if s and s[-1] in string.punctuation else s
+
+
+def _lower_first(s: str) -> str:
+    return s[:1].lower() + s[1:]
+
+
+MODIFIERS = {"nopunct": _drop_final_punct, "lowerfirst": _lower_first}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One parsed piece of a template."""
+
+    kind: str  # "text" | "sent" | "mask"
+    text: str = ""  # literal text ("text")
+    slot: int = 0  # sentence index ("sent")
+    modifiers: tuple[str, ...] = ()  # applied in order ("sent")
+    space: bool = False  # the sentence follows whitespace: tokenise it with a leading space
+
+
+@functools.lru_cache(maxsize=None)
+def parse_template(template: str) -> tuple[Segment, ...]:
+    """Split a template into literal text, sentence slots and the mask (see module docstring)."""
+    hint = "slots are {x0}, {x1} (input sentences) and {mask}; sentence modifiers: |"
+    hint += ", |".join(MODIFIERS)
+    segments: list[Segment] = []
+    rest = template.strip()
+    while rest:
+        literal, brace, rest = rest.partition("{")
+        body, close, rest = rest.partition("}") if brace else ("", "", "")
+        if "}" in literal or "{" in body or (brace and not close):
+            raise PromptError(f"template {template!r} has an unbalanced brace; {hint}")
+        # whitespace before a slot belongs to the slot (sentence: leading space; mask: dropped)
+        stripped = literal.rstrip() if brace else literal
+        if stripped:
+            segments.append(Segment("text", text=stripped))
+        if not brace:
+            break
+        name, *mods = [part.strip() for part in body.split("|")]
+        if name not in SLOT_NAMES:
+            raise PromptError(f"template {template!r} has unknown slot {{{body}}}; {hint}")
+        if name == "mask":
+            if mods:
+                raise PromptError(f"template {template!r}: {{mask}} takes no modifiers, got {{{body}}}")
+            segments.append(Segment("mask"))
+            continue
+        for mod in mods:
+            if mod not in MODIFIERS:
+                raise PromptError(
+                    f"template {template!r} has unknown modifier |{mod} in {{{body}}}; {hint}"
+                )
+        space = bool(segments) and stripped != literal
+        segments.append(Segment("sent", slot=int(name[1]), modifiers=tuple(mods), space=space))
+
+    masks = sum(s.kind == "mask" for s in segments)
+    if masks != 1:
+        what = "no {mask} slot" if masks == 0 else f"{masks} {{mask}} slots"
+        raise PromptError(
+            f"template {template!r} has {what}; write exactly one {{mask}} where the label word goes"
+        )
+    slots = {s.slot for s in segments if s.kind == "sent"}
+    if slots not in ({0}, {0, 1}):
+        raise PromptError(
+            f"template {template!r} must use {{x0}} (one input) or {{x0}} and {{x1}} (two inputs); "
+            f"it uses {sorted(f'x{i}' for i in slots)}"
+        )
+    return tuple(segments)
+
+
+def _words(entry: str | list[str]) -> list[str]:
+    return [entry] if isinstance(entry, str) else list(entry)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A prompt-based task. Labels are the verbalizer keys, in class-index order."""
+
+    name: str
+    template: str
+    verbalizer: dict[str, str | list[str]]
+    metric: str = "acc"
+    bounds: tuple[float, float] | None = None  # regression: (l, u); labels = (low word, high word)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise PromptError(f"task name must be a non-empty string, got {self.name!r}")
+        where = f"task {self.name!r}"
+        if not isinstance(self.template, str):
+            raise PromptError(f"{where}: template must be a string, got {self.template!r}")
+        try:
+            parse_template(self.template)
+        except PromptError as e:
+            raise PromptError(f"{where}: {e}") from None
+        if self.metric not in METRICS:
+            raise PromptError(
+                f"{where}: unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}"
+            )
+        if not isinstance(self.verbalizer, dict) or len(self.verbalizer) < 2:
+            raise PromptError(
+                f"{where}: verbalizer must map at least 2 labels to words, got {self.verbalizer!r}"
+            )
+        for label, entry in self.verbalizer.items():
+            words = _words(entry) if isinstance(entry, (str, list, tuple)) else [entry]
+            if not words or not all(isinstance(w, str) and w.strip() for w in words):
+                hint = ""
+                if isinstance(entry, bool):
+                    hint = ": YAML reads unquoted No/Yes/On/Off as booleans, quote the word"
+                raise PromptError(
+                    f"{where}: label {label!r} must map to a word or a list of words, got {entry!r}{hint}"
+                )
+        if self.metric == "pearson" and self.bounds is None:
+            raise PromptError(
+                f"{where}: metric pearson makes it a regression task, which needs bounds: [low, high] "
+                "(the label range, e.g. [0, 5] for STS-B)"
+            )
+        if self.bounds is not None:
+            if len(self.bounds) != 2 or not self.bounds[0] < self.bounds[1]:
+                raise PromptError(f"{where}: bounds must be [low, high] with low < high, got {self.bounds!r}")
+            if len(self.verbalizer) != 2:
+                raise PromptError(
+                    f"{where}: a regression task needs exactly 2 labels (low word, high word), "
+                    f"got {list(self.verbalizer)}"
+                )
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return parse_template(self.template)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.verbalizer)
+
+    @property
+    def num_inputs(self) -> int:
+        return len({s.slot for s in self.segments if s.kind == "sent"})
+
+    @property
+    def is_regression(self) -> bool:
+        return self.bounds is not None
+
+    def label_index(self, label) -> int:
+        """Class index of a label as written in the data files ("1", 1, "entailment")."""
+        if self.is_regression:
+            raise DataError(
+                f"task {self.name!r} is a regression task: its labels are numbers in {self.bounds}, "
+                "not classes; read them with float()"
+            )
+        key = str(label).strip()
+        try:
+            return self.labels.index(key)
+        except ValueError:
+            raise DataError(
+                f"unknown label {key!r} for task {self.name!r}; known labels: {self.labels}"
+            ) from None
+
+
+_SENTIMENT = "{x0} It was {mask}."
+_NLI = "{x0|nopunct}? {mask}, {x1|lowerfirst}"
+_PARAPHRASE = "{x0} {mask}, {x1|lowerfirst}"
+_POLARITY = {"0": "terrible", "1": "great"}
+_NO_YES = {"0": "No", "1": "Yes"}
+_NLI3 = {"contradiction": "No", "entailment": "Yes", "neutral": "Maybe"}
+_NLI2 = {"not_entailment": "No", "entailment": "Yes"}
+
+# LM-BFF folder names -> manual templates and verbalizers (LM-BFF / SMASH Table 6).
+BUILTIN_TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("SST-2", _SENTIMENT, _POLARITY),
+        Task("sst-5", _SENTIMENT, {"0": "terrible", "1": "bad", "2": "okay", "3": "good", "4": "great"}),
+        Task("mr", _SENTIMENT, _POLARITY),
+        Task("cr", _SENTIMENT, _POLARITY),
+        Task("mpqa", _SENTIMENT, _POLARITY),
+        Task("subj", "{x0} This is {mask}.", {"0": "subjective", "1": "objective"}),
+        Task(
+            "trec",
+            "{mask}: {x0}",
+            {
+                "0": "Description", "1": "Entity", "2": "Expression",
+                "3": "Human", "4": "Location", "5": "Number",
+            },
+        ),
+        Task("CoLA", "{x0} This is {mask}.", {"0": "incorrect", "1": "correct"}, metric="mcc"),
+        Task("MNLI", _NLI, _NLI3),
+        Task("MNLI-mm", _NLI, _NLI3),  # MNLI evaluated on the mismatched test set
+        Task("SNLI", _NLI, _NLI3),
+        Task("QNLI", _NLI, _NLI2),
+        Task("RTE", _NLI, _NLI2),
+        Task("MRPC", _PARAPHRASE, _NO_YES, metric="f1"),
+        Task("QQP", _PARAPHRASE, _NO_YES, metric="f1"),
+        Task("STS-B", _PARAPHRASE, _NO_YES, metric="pearson", bounds=(0.0, 5.0)),
+    ]
+}
+
+
+def get_task(name: str) -> Task:
+    """A built-in task by name, case-insensitively ("sst-2" finds "SST-2")."""
+    by_lower = {key.lower(): task for key, task in BUILTIN_TASKS.items()}
+    try:
+        return by_lower[str(name).strip().lower()]
+    except KeyError:
+        raise PromptError(
+            f"unknown task {name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}; "
+            "define your own in a tasks YAML file (rayapp.prompts.load_tasks)"
+        ) from None
+
+
+_REQUIRED_KEYS = ("name", "template", "verbalizer")
+_OPTIONAL_KEYS = ("metric", "bounds")
+
+
+def task_from_dict(d: dict) -> Task:
+    """A Task from a config mapping: name, template, verbalizer, optional metric and bounds."""
+    keys = ", ".join(_REQUIRED_KEYS) + " (optional: " + ", ".join(_OPTIONAL_KEYS) + ")"
+    if not isinstance(d, dict):
+        raise PromptError(f"a task must be a mapping with keys {keys}, got {d!r}")
+    where = f"task {d.get('name', '<unnamed>')!r}"
+    unknown = sorted(set(d) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS))
+    missing = [k for k in _REQUIRED_KEYS if k not in d]
+    if unknown or missing:
+        problem = f"unknown keys {unknown}" if unknown else f"missing keys {missing}"
+        raise PromptError(f"{where} has {problem}; a task has keys {keys}")
+    if not isinstance(d["verbalizer"], dict):
+        raise PromptError(f"{where}: verbalizer must map labels to words, got {d['verbalizer']!r}")
+    bounds = d.get("bounds")
+    if bounds is not None:
+        if not isinstance(bounds, (list, tuple)) or not all(isinstance(b, (int, float)) for b in bounds):
+            raise PromptError(f"{where}: bounds must be [low, high] numbers, got {bounds!r}")
+        bounds = tuple(float(b) for b in bounds)
+    return Task(
+        name=str(d["name"]),
+        template=d["template"],
+        # YAML reads `0: terrible` with an int key; labels are compared as strings
+        verbalizer={str(label).strip(): words for label, words in d["verbalizer"].items()},
+        metric=d.get("metric", "acc"),
+        bounds=bounds,
+    )
+
+
+def load_tasks(path: str | Path) -> dict[str, Task]:
+    """Tasks from a YAML file holding a list of task mappings or ``{"tasks": [...]}``."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataError(f"cannot read tasks file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise DataError(f"tasks file {path} is not valid YAML: {e}") from None
+    entries = raw.get("tasks") if isinstance(raw, dict) else raw
+    if not isinstance(entries, list) or not entries:
+        raise DataError(
+            f"tasks file {path} must hold a non-empty list of tasks, or a mapping with a 'tasks' list"
+        )
+    tasks: dict[str, Task] = {}
+    for entry in entries:
+        try:
+            task = task_from_dict(entry)
+        except PromptError as e:
+            raise PromptError(f"{path}: {e}") from None
+        if task.name in tasks:
+            raise PromptError(f"{path}: task {task.name!r} is defined twice")
+        tasks[task.name] = task
+    return tasks
+
+
+def _truncate(sentences: list[list[int]], budget: int) -> None:
+    """Cut tokens off the end of the longest sentence until all fit in `budget` (in place)."""
+    total = sum(map(len, sentences))
+    while total > budget:
+        max(sentences, key=len).pop()
+        total -= 1
+
+
+class PromptEncoder:
+    """Turns input sentences into token ids of the task's prompt for one tokenizer."""
+
+    def __init__(self, tokenizer, task: Task, max_length: int = 128):
+        self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
+        name = type(tokenizer).__name__
+        self.mask_id = tokenizer.mask_token_id
+        if self.mask_id is None:
+            raise PromptError(
+                f"tokenizer {name} has no mask token; task {task.name!r} needs a masked-LM "
+                "tokenizer (BERT, RoBERTa, ...)"
+            )
+        if tokenizer.pad_token_id is None:
+            raise PromptError(
+                f"tokenizer {name} has no pad token; set tokenizer.pad_token before encoding batches"
+            )
+        # The tokenizer's special-token frame around a single sequence ([CLS] .. [SEP], <s> .. </s>),
+        # read off a one-token probe so any post-processor works.
+        probe = tokenizer.encode(tokenizer.mask_token, add_special_tokens=True)
+        at = probe.index(self.mask_id)
+        self._prefix, self._suffix = probe[:at], probe[at + 1 :]
+        self.label_word_ids = [
+            [self._label_word_id(word) for word in _words(entry)] for entry in task.verbalizer.values()
+        ]
+        flat = [i for ids in self.label_word_ids for i in set(ids)]
+        if len(flat) != len(set(flat)):
+            raise PromptError(
+                f"task {task.name!r}: two labels share a label word under tokenizer {name} "
+                f"({task.verbalizer}); give each label its own words"
+            )
+        # Literal and mask pieces are tokenised once; sentence pieces stay Segments until encode().
+        self._pieces: list[list[int] | Segment] = []
+        for segment in task.segments:
+            if segment.kind == "text":
+                ids = self._ids(segment.text)
+                if self.mask_id in ids:
+                    raise PromptError(
+                        f"task {task.name!r}: template {task.template!r} spells the mask token; "
+                        "write {mask}"
+                    )
+                self._pieces.append(ids)
+            else:
+                self._pieces.append([self.mask_id] if segment.kind == "mask" else segment)
+        literal = sum(len(p) for p in self._pieces if isinstance(p, list))
+        fixed = len(self._prefix) + literal + len(self._suffix)
+        num_sentences = sum(isinstance(p, Segment) for p in self._pieces)
+        if fixed + num_sentences > max_length:
+            raise PromptError(
+                f"task {task.name!r}: template {task.template!r} takes {fixed} tokens with {name} plus at "
+                f"least one per sentence, more than max_length={max_length}; raise max_length"
+            )
+        self._budget = max_length - fixed
+
+    def _ids(self, text: str, split_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split_special)
+
+    def _label_word_id(self, word: str) -> int:
+        ids = self._ids(" " + word.strip())
+        name, where = type(self.tokenizer).__name__, f"label word {word!r} of task {self.task.name!r}"
+        if len(ids) != 1:
+            raise PromptError(
+                f"{where} is not a single token for tokenizer {name}: it tokenizes to "
+                f"{self.tokenizer.convert_ids_to_tokens(ids)}; choose a word that is one token of this "
+                "vocabulary (with a leading space for BPE vocabularies)"
+            )
+        if ids[0] == self.tokenizer.unk_token_id:
+            raise PromptError(
+                f"{where} is unknown to tokenizer {name} (maps to {self.tokenizer.unk_token}); "
+                "choose another word"
+            )
+        return ids[0]
+
+    def _sentence_ids(self, segment: Segment, texts: list[str]) -> list[int]:
+        text = texts[segment.slot]
+        for mod in segment.modifiers:
+            text = MODIFIERS[mod](text)
+        # split_special: a literal "[MASK]"/"<mask>" in user text is text, never a second mask
+        return self._ids((" " if segment.space else "") + text, split_special=True)
+
+    def encode(self, text_a: str, text_b: str | None = None) -> dict:
+        """``{"input_ids", "attention_mask", "mask_pos"}`` of one example (lists, no padding)."""
+        texts = [text_a] if text_b is None else [text_a, text_b]
+        task = self.task
+        if len(texts) != task.num_inputs:
+            raise DataError(
+                f"task {task.name!r} takes {task.num_inputs} input sentence(s) "
+                f"(template {task.template!r}) but got {len(texts)}"
+            )
+        for i, text in enumerate(texts):
+            # an empty sentence renders as the template alone: published test sets (LM-BFF's
+            # cr) contain such rows and must keep their size
+            if not isinstance(text, str):
+                raise DataError(f"input sentence x{i} for task {task.name!r} must be a string, got {text!r}")
+        texts = [t.strip() for t in texts]
+        parts = [self._sentence_ids(p, texts) if isinstance(p, Segment) else p for p in self._pieces]
+        sentences = [part for part, piece in zip(parts, self._pieces) if isinstance(piece, Segment)]
+        _truncate(sentences, self._budget)
+        input_ids = self._prefix + [t for part in parts for t in part] + self._suffix
+        assert input_ids.count(self.mask_id) == 1 and len(input_ids) <= self.max_length, "mask lost"
+        mask_pos = input_ids.index(self.mask_id)
+        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "mask_pos": mask_pos}
+
+    def encode_batch(self, texts_a: list[str], texts_b: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Encode and right-pad to the longest example: input_ids, attention_mask [B, T], mask_pos [B]."""
+        if texts_b is not None and len(texts_b) != len(texts_a):
+            raise DataError(f"got {len(texts_a)} first sentences but {len(texts_b)} second sentences")
+        if not texts_a:
+            raise DataError(f"task {self.task.name!r}: cannot encode an empty batch")
+        encoded = [self.encode(a, b) for a, b in zip(texts_a, texts_b or [None] * len(texts_a))]
+        width = max(len(e["input_ids"]) for e in encoded)
+        input_ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            input_ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            attention_mask[row, : len(e["input_ids"])] = 1
+        mask_pos = torch.tensor([e["mask_pos"] for e in encoded], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "mask_pos": mask_pos}
+
+    def render(self, text_a: str, text_b: str | None = None) -> str:
+        """The prompt as the model sees it, for humans (``rayapp tasks --show``)."""
+        return self.tokenizer.decode(self.encode(text_a, text_b)["input_ids"])
+
+
+def class_logits(mask_logits: torch.Tensor, label_word_ids: list[list[int]]) -> torch.Tensor:
+    """MLM logits at the mask ``[..., V]`` -> class scores ``[..., C]``: the mean logit of each
+    class's label words (PD eq. 1; one word per class is the usual case)."""
+    return torch.stack([mask_logits[..., ids].mean(-1) for ids in label_word_ids], dim=-1)
+
+
+def regression_target(y: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    """Gold distribution over (low word, high word) for ``y`` in ``[l, u]``: ``[B] -> [B, 2]``."""
+    low, high = bounds
+    outside = (y < low) | (y > high)
+    if outside.any():
+        raise DataError(f"regression labels {y[outside].tolist()[:5]} lie outside bounds {tuple(bounds)}")
+    frac = (y - low) / (high - low)
+    return torch.stack([1 - frac, frac], dim=-1)
+
+
+def regression_prediction(probs: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    """Expected value under the (low, high) probabilities: ``[B, 2] -> [B]``."""
+    low, high = bounds
+    return low * probs[..., 0] + high * probs[..., 1]

@@ -1,0 +1,77 @@
+"""Prompt-based fine-tuning through Ray Train on tiny models (2 CPU workers)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from transformers import AutoModelForMaskedLM
+
+from rayapp import storage
+from rayapp.engine import EngineConfig
+from rayapp.errors import ConfigError
+from rayapp.finetune import FinetuneConfig, run
+
+
+def _cfg(model, tmp_path, **kw) -> FinetuneConfig:
+    engine = kw.pop("engine", EngineConfig(num_workers=2))
+    base = dict(task="SST-2", model=model, max_steps=4, eval_every=2, batch_size=32, lr=2e-3,
+                output_dir=str(tmp_path / "runs"), engine=engine)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_prompt_finetune_two_workers_loss_decreases(ray_cluster, tiny_bert, tmp_path):
+    rec = run(_cfg(tiny_bert, tmp_path))
+    losses = [loss for _, loss in rec["loss_curve"]]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert [s for s, _ in rec["dev_curve"]] == [0, 2, 4]
+    assert rec["best_step"] in (0, 2, 4) and 0.0 <= rec["test"] <= 1.0
+    # one record per run, with config and split provenance
+    (line,) = storage.read_jsonl(str(tmp_path / "runs" / "results.jsonl"))
+    assert line["config"]["engine"]["num_workers"] == 2 and line["split"]["train"].endswith("train.tsv")
+    # the kept checkpoint is an HF dir in safetensors that from_pretrained loads
+    assert (tmp_path / "runs").joinpath(rec["checkpoint"]).joinpath("model.safetensors").exists()
+    AutoModelForMaskedLM.from_pretrained(rec["checkpoint"])
+
+
+def test_results_do_not_depend_on_worker_count(ray_cluster, tiny_bert, tmp_path):
+    """Global batch 8: 1 worker x 8, or 2 workers x 4 -> the same loss curve (dropout is 0)."""
+    curves = []
+    for n in (1, 2):
+        rec = run(_cfg(tiny_bert, tmp_path / str(n), batch_size=8, max_steps=3, eval_every=3,
+                       engine=EngineConfig(num_workers=n)))
+        curves.append([loss for _, loss in rec["loss_curve"]])
+    assert curves[0] == pytest.approx(curves[1], abs=1e-4)
+
+
+def test_zero_shot_evaluation_trains_nothing(ray_cluster, tiny_roberta, tmp_path):
+    rec = run(_cfg(tiny_roberta, tmp_path, task="RTE", method="zero-shot", engine=EngineConfig(num_workers=1)))
+    assert rec["loss_curve"] == [] and [s for s, _ in rec["dev_curve"]] == [0]
+    assert rec["split"]["test"].endswith("test.tsv") and 0.0 <= rec["test"] <= 1.0
+
+
+def test_regression_stsb_and_init_from_checkpoint(ray_cluster, tiny_bert, tmp_path):
+    first = run(_cfg(tiny_bert, tmp_path, task="STS-B", max_steps=2, engine=EngineConfig(num_workers=1)))
+    assert first["metric"] == "pearson" and math.isfinite(first["test"])
+    assert first["loss_curve"][-1][1] < first["loss_curve"][0][1]
+    # a later run starts from that checkpoint (the run dir or its model/ both work)
+    ckpt_dir = first["checkpoint"].removesuffix("/model")
+    second = run(_cfg(tiny_bert, tmp_path, task="STS-B", init=ckpt_dir, method="zero-shot",
+                      engine=EngineConfig(num_workers=1)))
+    assert second["dev_curve"][0][1] == pytest.approx(first["best_dev"], abs=1e-6)
+
+
+def test_classifier_baseline(ray_cluster, tiny_bert, tmp_path):
+    rec = run(_cfg(tiny_bert, tmp_path, task="MRPC", method="classifier", max_steps=2,
+                   engine=EngineConfig(num_workers=1)))
+    assert rec["metric"] == "f1" and rec["loss_curve"][-1][1] < rec["loss_curve"][0][1]
+
+
+def test_batch_that_does_not_split_over_workers(ray_cluster, tiny_bert, tmp_path):
+    with pytest.raises(ConfigError, match=r"batch_size=3 \(global\) cannot be split evenly over 2 workers"):
+        run(_cfg(tiny_bert, tmp_path, batch_size=3))
+
+
+def test_init_that_is_not_a_model(tmp_path):
+    with pytest.raises(ConfigError, match="neither an HF model directory nor a rayapp checkpoint"):
+        run(_cfg("unused", tmp_path, init=str(tmp_path)))

@@ -1,0 +1,196 @@
+"""Teacher top-k cache: exact probabilities from top-k + lse, resume, S3, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rayapp.errors import ConfigError, DataError
+from rayapp.models import load_mlm, load_tokenizer
+from rayapp.prompts import PromptEncoder
+from rayapp.teacher_cache import (
+    INTERMEDIATE_TASKS, TeacherScorer, assemble_shards, build_cache, cache_meta, mask_logits,
+    plan_shards, read_cache, read_range, topk_summary,
+)
+
+PAIRS = INTERMEDIATE_TASKS["smash-pairs"]
+WORDS = "river stone garden music winter market bridge letter window forest".split()
+
+
+def pair_rows(n: int) -> list[dict]:
+    rng = random.Random(n)
+    sentence = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))).capitalize() + "."
+    return [{"text_a": sentence(), "text_b": sentence(), "label": i % 3, "doc_a": f"d{i}"} for i in range(n)]
+
+
+def write_examples(folder, rows: list[dict], files: int = 2, row_group_size: int = 3) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    step = -(-len(rows) // files)
+    for f in range(files):
+        pq.write_table(pa.Table.from_pylist(rows[f * step:(f + 1) * step]), folder / f"part-{f:05d}.parquet",
+                       row_group_size=row_group_size)
+    return str(folder)
+
+
+def teacher_view(teacher: str, rows: list[dict]):
+    """What the cache must reproduce, computed the plain way: full forward pass, softmax."""
+    encoder = PromptEncoder(load_tokenizer(teacher), PAIRS, 128)
+    enc = encoder.encode_batch([r["text_a"] for r in rows], [r["text_b"] for r in rows])
+    with torch.no_grad():
+        logits = load_mlm(teacher).eval()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    return encoder, logits[torch.arange(len(rows)), enc["mask_pos"]].softmax(-1)
+
+
+# --- pure pieces ------------------------------------------------------------------------------
+
+def test_topk_summary_gives_exact_probabilities_and_covered_mass():
+    logits = torch.randn(4, 50) * 5
+    probs = logits.softmax(-1)
+    s = topk_summary(logits, 7)
+    assert torch.equal(s["topk_indices"].long(), probs.topk(7).indices)
+    torch.testing.assert_close((s["topk_values"] - s["lse"][:, None]).exp(), probs.topk(7).values)
+    torch.testing.assert_close(s["covered"], probs.topk(7).values.sum(-1))
+    torch.testing.assert_close(topk_summary(logits, 50)["covered"], torch.ones(4))
+
+
+def test_mask_logits_equal_the_full_forward_pass(tiny_bert, tiny_roberta):
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    distil = DistilBertForMaskedLM(DistilBertConfig(vocab_size=99, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    models = [load_mlm(tiny_bert), load_mlm(tiny_roberta), distil]  # head at the mask; full-pass fallback
+    for model in models:
+        model.eval()
+        ids = torch.randint(5, 99, (3, 9))
+        attention = torch.ones_like(ids)
+        attention[0, 6:] = 0
+        pos = torch.tensor([2, 8, 0])
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=attention).logits[torch.arange(3), pos]
+        torch.testing.assert_close(mask_logits(model, ids, attention, pos), full, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_and_assembly_keep_every_row_in_order(tmp_path):
+    shards = plan_shards([("a", 7), ("b", 0), ("c", 3)], shard_rows=3)
+    assert [(s.name, s.path, s.start, s.stop) for s in shards] == [
+        ("part-00000-00000.parquet", "a", 0, 3), ("part-00000-00001.parquet", "a", 3, 6),
+        ("part-00000-00002.parquet", "a", 6, 7), ("part-00002-00000.parquet", "c", 0, 3)]
+
+    pq.write_table(pa.table({"x": list(range(10))}), tmp_path / "t.parquet", row_group_size=3)
+    fs = pa.fs.LocalFileSystem()
+    assert read_range(fs, str(tmp_path / "t.parquet"), 4, 8, ["x"])["x"].to_pylist() == [4, 5, 6, 7]
+
+    # rows of two shards arrive interleaved and out of order, in uneven batches
+    rows = [{"_shard": s, "_row": r, "x": f"{s}{r}"} for s in "ab" for r in range(5)]
+    random.Random(0).shuffle(rows)
+    batches = [pa.Table.from_pylist(rows[i:i + 3]) for i in range(0, 10, 3)]
+    out = dict(assemble_shards(batches, {"a": 5, "b": 5}))
+    assert {k: v.column_names for k, v in out.items()} == {"a": ["x"], "b": ["x"]}
+    assert out["a"]["x"].to_pylist() == [f"a{r}" for r in range(5)]
+
+
+def test_scorer_with_the_full_vocabulary_covers_all_mass(tiny_bert):
+    rows = pair_rows(3)
+    vocab = load_mlm(tiny_bert).config.vocab_size
+    out = TeacherScorer(tiny_bert, PAIRS, 128, top_k=vocab)(pa.Table.from_pylist(rows))
+    assert out["covered"].to_pylist() == pytest.approx([1.0] * 3, abs=1e-5)
+    assert out["topk_values"].type == pa.list_(pa.float32(), vocab)
+
+
+# --- build_cache -----------------------------------------------------------------------------
+
+def test_cache_reproduces_teacher_probabilities(ray_cluster, tiny_bert, tmp_path):
+    rows = pair_rows(11)
+    examples = write_examples(tmp_path / "examples", rows)
+    stats = build_cache(examples, tiny_bert, str(tmp_path / "cache"), top_k=16, shard_rows=4, batch_size=4)
+    assert stats["examples"] == stats["computed"] == 11
+    assert (stats["shards_written"], stats["shards_skipped"]) == (4, 0)  # files of 6 + 5 rows
+
+    assert read_cache(str(tmp_path / "cache")).count() == 11
+    shards = sorted((tmp_path / "cache").glob("part-*.parquet"))
+    cache = pa.concat_tables([pq.read_table(p) for p in shards]).to_pandas()
+    assert cache["text_a"].tolist() == [r["text_a"] for r in rows]  # input order kept
+    assert cache["label"].tolist() == [r["label"] for r in rows]
+    encoder, probs = teacher_view(tiny_bert, rows)
+    for i, row in cache.iterrows():
+        encoded = encoder.encode(rows[i]["text_a"], rows[i]["text_b"])
+        assert list(row["input_ids"]) == encoded["input_ids"] and row["mask_pos"] == encoded["mask_pos"]
+        top = probs[i].topk(16)
+        assert list(row["topk_indices"]) == top.indices.tolist()
+        kept = torch.tensor(row["topk_values"]).sub(row["lse"]).exp()
+        torch.testing.assert_close(kept, top.values, atol=1e-5, rtol=1e-4)
+        assert row["covered"] == pytest.approx(top.values.sum().item(), abs=1e-5)
+
+    meta = cache_meta(str(tmp_path / "cache"))
+    assert meta["complete"] and meta["examples"] == 11 and meta["plan"]["top_k"] == 16
+    assert meta["vocab_size"] == probs.shape[1] and meta["plan"]["template"] == PAIRS.template
+    assert meta["mean_covered"] == pytest.approx(cache["covered"].mean(), abs=1e-6)
+
+
+def test_rerun_recomputes_only_missing_shards(ray_cluster, tiny_bert, tmp_path):
+    examples = write_examples(tmp_path / "examples", pair_rows(8), files=1)
+    out = tmp_path / "cache"
+    args = dict(top_k=4, shard_rows=3, batch_size=2)
+    build_cache(examples, tiny_bert, str(out), **args)
+    names = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert names == ["part-00000-00000.parquet", "part-00000-00001.parquet", "part-00000-00002.parquet"]
+    before = pq.read_table(out / names[1])
+    os.remove(out / names[1])
+    mtimes = {n: os.stat(out / n).st_mtime_ns for n in (names[0], names[2])}
+
+    stats = build_cache(examples, tiny_bert, str(out), **args)
+    assert (stats["shards_written"], stats["shards_skipped"], stats["computed"]) == (1, 2, 3)
+    assert stats["examples"] == 8
+    assert {n: os.stat(out / n).st_mtime_ns for n in mtimes} == mtimes
+    assert pq.read_table(out / names[1]).equals(before)
+    assert not list(out.glob("*.tmp"))
+
+    with pytest.raises(DataError, match=r"other settings \(top_k differ\).*new out_uri"):
+        build_cache(examples, tiny_bert, str(out), **{**args, "top_k": 5})
+
+
+def test_cache_from_and_to_s3(ray_cluster, tiny_bert, s3_server, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="kd")
+    local = write_examples(tmp_path / "examples", pair_rows(5), files=1)
+    s3.upload_file(f"{local}/part-00000.parquet", "kd", "examples/part-00000.parquet")
+
+    stats = build_cache("s3://kd/examples", tiny_bert, "s3://kd/cache", top_k=8, shard_rows=3)
+    assert (stats["examples"], stats["shards_written"]) == (5, 2)
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="kd", Prefix="cache/")["Contents"])
+    assert keys == ["cache/_meta.json", "cache/part-00000-00000.parquet", "cache/part-00000-00001.parquet"]
+    assert json.loads(s3.get_object(Bucket="kd", Key="cache/_meta.json")["Body"].read())["complete"]
+    assert read_cache("s3://kd/cache").count() == 5
+    assert build_cache("s3://kd/examples", tiny_bert, "s3://kd/cache", top_k=8, shard_rows=3)["shards_skipped"] == 2
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def test_bad_input_is_refused_with_a_clear_message(tiny_bert, tmp_path):
+    no_b = write_examples(tmp_path / "no_b", [{"text_a": "One.", "label": 0}], files=1)
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['text_b'\]"):
+        build_cache(no_b, tiny_bert, str(tmp_path / "c1"))
+
+    examples = write_examples(tmp_path / "ok", pair_rows(2), files=1)
+    with pytest.raises(ConfigError, match=r"top_k=40000 must be between 1 and the teacher's vocabulary size 30522"):
+        build_cache(examples, tiny_bert, str(tmp_path / "c2"), top_k=40_000)
+    with pytest.raises(ConfigError, match=r"unknown intermediate task 'nli'; choose one of smash-pairs"):
+        build_cache(examples, tiny_bert, str(tmp_path / "c3"), task="nli")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"no \.parquet files under .*build examples first"):
+        build_cache(str(empty), tiny_bert, str(tmp_path / "c4"))
+    pq.write_table(pa.table({"text_a": pa.array([], pa.string()), "text_b": pa.array([], pa.string())}),
+                   empty / "part-0.parquet")
+    with pytest.raises(DataError, match=r"holds no examples"):
+        build_cache(str(empty), tiny_bert, str(tmp_path / "c5"))
+
+    with pytest.raises(DataError, match=r"not a teacher cache"):
+        read_cache(str(tmp_path / "ok"))
