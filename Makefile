@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m rayapp.demo
+	$(BIN)/rayapp demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,6 +7,7 @@
     rayapp intermediate pairs|sentiment ...        SMASH intermediate examples (Ray Data)
     rayapp teacher-cache ...                       teacher top-k cache (Ray Data batch inference)
     rayapp distill --config FILE key=value ...     SMASH distillation (Ray Train, DeepSpeed/DDP)
+    rayapp demo                                    the pipeline end to end on local assets
 
 User mistakes print one line `error: ...` and exit 2; they are never tracebacks.
 """
@@ -16,18 +17,7 @@ import argparse
 import json
 import sys
 
-from rayapp.errors import RayappError
-
-
-def _user_error(exc: BaseException) -> RayappError | None:
-    """The RayappError behind `exc`, also when Ray wrapped it (worker -> driver)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, RayappError):
-            return exc
-        exc = exc.__cause__ or exc.__context__ or getattr(exc, "cause", None)
-    return None
+from rayapp.errors import find_user_error
 
 
 def _print(record: dict, keys: tuple[str, ...]) -> None:
@@ -84,12 +74,13 @@ def cmd_finetune(args, method: str | None = None) -> None:
 
 
 def cmd_intermediate(args) -> None:
-    from rayapp import intermediate
+    from rayapp.intermediate import build_pairs
+    from rayapp.sentiment import build_sentiment
 
     if args.kind == "pairs":
-        stats = intermediate.build_pairs(args.corpus, args.out, num_examples=args.num_examples, seed=args.seed)
+        stats = build_pairs(args.corpus, args.out, num_examples=args.num_examples, seed=args.seed)
     else:
-        stats = intermediate.build_sentiment(args.corpus, args.teacher, args.out, num_examples=args.num_examples,
+        stats = build_sentiment(args.corpus, args.teacher, args.out, num_examples=args.num_examples,
                                              threshold=args.threshold, seed=args.seed)
     print(json.dumps(stats, indent=1, default=str))
     print(f"examples written to {args.out}")
@@ -111,6 +102,12 @@ def cmd_distill(args) -> None:
     record = run(load_config(DistillConfig, args.config, args.overrides))
     _print(record, ("name", "setting", "objective", "steps", "first_loss", "last_loss", "restarts"))
     print(f"distilled student (HF dir): {record['model']}\nresults appended to {record['results']}")
+
+
+def cmd_demo(args) -> None:
+    from rayapp.demo import main as demo
+
+    demo(args.demo_args)
 
 
 # --- parser -----------------------------------------------------------------------------
@@ -172,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_teacher_cache)
 
     _recipe(sub, "distill", "SMASH distillation of a student from a teacher cache or online teacher", cmd_distill)
+
+    p = sub.add_parser("demo", help="the whole SMASH pipeline on this machine's CPU (local assets)", add_help=False)
+    p.add_argument("demo_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except Exception as exc:  # noqa: BLE001 - only user errors are caught below
-        err = _user_error(exc)
+        err = find_user_error(exc)
         if err is None:
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -186,7 +186,7 @@ def _text_docs(row: dict, root: str, per_file: bool) -> list[dict]:
     name = _relative(row["path"], root)
     if per_file:
         return [{"doc_id": name, "text": _decode(row["bytes"])}]
-    blocks = re.split(rb"\n[ \t\r]*\n", row["bytes"])
+    blocks = re.split(rb"\n(?:[ \t\r]*\n)+", row["bytes"])
     return [{"doc_id": f"{name}#{k}", "text": _decode(b)} for k, b in enumerate(blocks) if b.strip()]
 
 

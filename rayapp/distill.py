@@ -34,7 +34,7 @@ import torch
 
 from rayapp import storage
 from rayapp.config import to_dict
-from rayapp.engine import Engine, EngineConfig, checkpoint_uri, launch, report, restore, split_batch
+from rayapp.engine import Engine, EngineConfig, Progress, checkpoint_uri, launch, report, restore, split_batch
 from rayapp.errors import ConfigError
 from rayapp.losses import attention_mse, distilbert_loss, hidden_mse, soft_ce, soft_ce_topk, verbalizer_ce
 
@@ -195,9 +195,8 @@ def make_loss_fn(cfg: DistillConfig, teacher, label_word_ids):
 
 def train_loop(loop_cfg: dict) -> None:
     import ray.train
-    from tqdm.auto import tqdm
 
-    from rayapp.models import load_mlm, load_tokenizer
+    from rayapp.models import load_mlm, load_tokenizer, local_model_dir
     from rayapp.prompts import PromptEncoder
 
     cfg: DistillConfig = loop_cfg["cfg"]
@@ -207,11 +206,12 @@ def train_loop(loop_cfg: dict) -> None:
     torch.manual_seed(cfg.seed)
     attn = {"attn_implementation": "eager"} if cfg.objective == "ce+attn" else {}  # sdpa returns no attentions
 
-    tokenizer = load_tokenizer(loop_cfg["student_dir"])
-    student = load_mlm(loop_cfg["student_dir"], **attn)
+    student_dir = local_model_dir(loop_cfg["student"])
+    tokenizer = load_tokenizer(student_dir)
+    student = load_mlm(student_dir, **attn)
     teacher = None
     if cfg.objective in NEEDS_TEACHER and not uses_cache(cfg):
-        teacher = load_mlm(loop_cfg["teacher_dir"], **attn).to(ray.train.torch.get_device()).eval()
+        teacher = load_mlm(local_model_dir(loop_cfg["teacher"]), **attn).to(ray.train.torch.get_device()).eval()
         teacher.requires_grad_(False)
     encoder = PromptEncoder(tokenizer, task, max_length) if cfg.objective != "distilbert" else None
     micro, accum = split_batch(cfg.batch_size, world, cfg.engine.max_device_batch)
@@ -219,7 +219,7 @@ def train_loop(loop_cfg: dict) -> None:
                     warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), total_steps=cfg.max_steps,
                     micro_batch=micro, grad_accum=accum)
     loss_fn = make_loss_fn(cfg, teacher, encoder.label_word_ids if encoder else None)
-    state = restore(engine) or {"step": 0, "loss_curve": [], "restarts": []}
+    state = restore(engine) or {"step": 0, "loss_curve": [], "throughput": [], "restarts": []}
     if state["step"]:
         state["restarts"].append(state["step"])  # resumed here after a failure
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
@@ -246,20 +246,25 @@ def train_loop(loop_cfg: dict) -> None:
     stream = micro_batches()
     for _ in range(state["step"] * accum):  # skip what the checkpointed steps consumed
         next(stream)
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=f"distill {cfg.objective}", disable=rank != 0)
+    bar = Progress(f"distill {cfg.objective}", cfg.max_steps, state["step"])
     window: list[float] = []
+    tokens, started = 0, time.perf_counter()
     for step in range(state["step"] + 1, cfg.max_steps + 1):
-        logs = engine.train_step([next(stream) for _ in range(accum)], loss_fn)
+        batches = [next(stream) for _ in range(accum)]
+        logs = engine.train_step(batches, loss_fn)
+        tokens += sum(int(b["attention_mask"].sum()) for b in batches) * world  # ranks see equal shares
         window.append(logs["loss"])
-        bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
+            # throughput includes data loading: it is what a user's run gets
+            state["throughput"].append([step, tokens / (time.perf_counter() - started)])
             state["loss_curve"].append([step, float(np.mean(window))])
-            bar.set_postfix(loss=f"{np.mean(window):.4f}", lr=f"{engine.lr:.2e}")
-            window = []
+            window, tokens, started = [], 0, time.perf_counter()
+        bar.update(loss=f"{state['loss_curve'][-1][1]:.4f}" if state["loss_curve"] else "-")
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             state["step"] = step
             report({"step": step, "loss": state["loss_curve"][-1][1] if state["loss_curve"] else None,
-                    "loss_curve": state["loss_curve"], "restarts": state["restarts"]},
+                    "loss_curve": state["loss_curve"], "throughput": state["throughput"],
+                    "restarts": state["restarts"]},
                    engine, dict(state), tokenizer)
     bar.close()
 
@@ -268,7 +273,7 @@ def run(cfg: DistillConfig) -> dict:
     """Distil on Ray Train; returns the record also appended to `<output_dir>/results.jsonl`."""
     import ray
 
-    from rayapp.models import local_model_dir
+    from rayapp.models import portable_model
     from rayapp.teacher_cache import INTERMEDIATE_TASKS, MAX_LENGTH, cache_meta, read_cache
 
     if cfg.task not in INTERMEDIATE_TASKS:
@@ -276,11 +281,10 @@ def run(cfg: DistillConfig) -> dict:
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)
     if not ray.is_initialized():
         ray.init()
-    student_dir = local_model_dir(cfg.student)
     if uses_cache(cfg):
         meta = cache_meta(cfg.data)
         task_name = meta["plan"]["task"]
-        _check_vocab(student_dir, meta)
+        _check_vocab(cfg.student, meta)
         dataset = read_cache(cfg.data)
     else:
         task_name = cfg.task
@@ -289,8 +293,8 @@ def run(cfg: DistillConfig) -> dict:
     task = INTERMEDIATE_TASKS[task_name]
     name = cfg.name or f"distill-{cfg.objective}-{time.strftime('%Y%m%d-%H%M%S')}"
     loop_cfg = {"cfg": cfg, "task": task, "max_length": cfg.max_length or MAX_LENGTH[task_name],
-                "student_dir": student_dir,
-                "teacher_dir": local_model_dir(cfg.teacher) if cfg.objective in NEEDS_TEACHER else None}
+                "student": portable_model(cfg.student),
+                "teacher": portable_model(cfg.teacher) if cfg.objective in NEEDS_TEACHER else None}
     t0 = time.time()
     result = launch(train_loop, loop_cfg, cfg.engine, storage=cfg.output_dir, name=name,
                     datasets={"train": dataset})
@@ -300,6 +304,7 @@ def run(cfg: DistillConfig) -> dict:
     record = {"recipe": "distill", "name": name, "setting": cfg.setting, "objective": cfg.objective,
               "config": to_dict(cfg), "steps": result.metrics["step"], "loss_curve": curve,
               "first_loss": curve[0][1], "last_loss": curve[-1][1], "restarts": result.metrics["restarts"],
+              "throughput": result.metrics["throughput"],
               "model": student_uri, "checkpoint": checkpoint_uri(cfg.output_dir, result.checkpoint),
               "seconds": round(time.time() - t0, 1)}
     record["results"] = storage.join(cfg.output_dir, "results.jsonl")
@@ -307,12 +312,12 @@ def run(cfg: DistillConfig) -> dict:
     return record
 
 
-def _check_vocab(student_dir: str, meta: dict) -> None:
+def _check_vocab(student: str, meta: dict) -> None:
     """Eq. 1 sums over one vocabulary: the student must share the teacher's tokenizer."""
-    from rayapp.models import load_tokenizer
+    from rayapp.models import load_model_config, local_model_dir
 
-    size = len(load_tokenizer(student_dir))
+    size = load_model_config(local_model_dir(student)).vocab_size
     if size != meta["vocab_size"]:
-        raise ConfigError(f"student {student_dir} has a vocabulary of {size} tokens but the teacher cache was "
+        raise ConfigError(f"student {student} has a vocabulary of {size} tokens but the teacher cache was "
                           f"built with {meta['vocab_size']}: soft CE over the vocabulary (SMASH eq. 1) needs the "
                           "same tokenizer (e.g. roberta-large -> distilroberta-base)")

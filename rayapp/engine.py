@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Literal
 
 import torch
 
-from rayapp.errors import ConfigError
+from rayapp.errors import ConfigError, find_user_error
 
 
 @dataclass
@@ -216,6 +216,31 @@ class Engine:
         return json.loads((ckpt_dir / "trainer_state.json").read_text())
 
 
+class Progress:
+    """Rank 0's progress bar, rendered by the driver (`ray.experimental.tqdm_ray`) so a run
+    started with `ray job submit` shows one live bar instead of a log line per update."""
+
+    def __init__(self, desc: str, total: int, initial: int = 0):
+        import ray.train
+        from ray.experimental.tqdm_ray import tqdm
+
+        self.desc = desc
+        self.bar = tqdm(desc=desc, total=total) if ray.train.get_context().get_world_rank() == 0 else None
+        if self.bar is not None and initial:
+            self.bar.update(initial)
+
+    def update(self, **postfix) -> None:
+        if self.bar is None:
+            return
+        if postfix:
+            self.bar.set_description(" ".join([self.desc, *(f"{k}={v}" for k, v in postfix.items())]))
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _mean_over_workers(logs: dict[str, float], device: torch.device) -> dict[str, float]:
     """Logged losses are means over the global batch, not one worker's share."""
     import torch.distributed as dist
@@ -264,7 +289,8 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
         ray.init()  # the embedded default: a local cluster on this machine
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= cfg.num_workers
     fs, path = st.filesystem(storage)
-    if not st.is_remote(storage):
+    if not st.is_remote(storage):  # workers run in other directories: absolute paths only
+        path = str(Path(path).resolve())
         Path(path).mkdir(parents=True, exist_ok=True)
         fs = None
     trainer = TorchTrainer(
@@ -282,7 +308,13 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
         ),
         datasets=datasets,
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception as exc:  # a user mistake seen by a worker is reported as that mistake
+        err = find_user_error(exc)
+        if err is None:
+            raise
+        raise err from None
 
 
 def checkpoint_uri(storage_uri: str, checkpoint, *parts: str) -> str | None:

@@ -20,3 +20,18 @@ class PromptError(RayappError):
 
 class DataError(RayappError):
     """A data file, table, column or label is missing or malformed."""
+
+
+def find_user_error(exc: BaseException | None) -> RayappError | None:
+    """The RayappError behind `exc`, also when Ray wrapped it on its way from a worker."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, RayappError):
+            return exc
+        for inner in getattr(exc, "worker_failures", {}).values():  # ray.train.WorkerGroupError
+            found = find_user_error(inner)
+            if found is not None:
+                return found
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "cause", None)
+    return None

@@ -25,13 +25,13 @@ import torch
 
 from rayapp import storage
 from rayapp.config import to_dict
-from rayapp.engine import (Engine, EngineConfig, checkpoint_uri, global_batch_indices, launch, report, restore,
+from rayapp.engine import (Engine, EngineConfig, Progress, checkpoint_uri, global_batch_indices, launch, report, restore,
                            shard, split_batch)
 from rayapp.errors import ConfigError
 from rayapp.fewshot import Example, FewShotSplit, load_lmbff
 from rayapp.losses import regression_kl
 from rayapp.metrics import compute_metric
-from rayapp.models import local_model_dir
+from rayapp.models import local_model_dir, portable_model
 from rayapp.prompts import (PromptEncoder, Task, class_logits, get_task, load_tasks, regression_prediction,
                             regression_target)
 
@@ -74,14 +74,14 @@ class FinetuneConfig:
         return get_task(self.task)
 
 
-def model_source(cfg: FinetuneConfig) -> str:
-    """Local directory (or hub id) of the weights to start from: `init` wins over `model`.
-    A rayapp checkpoint holds the HF model under `model/`; `s3://` ones are downloaded."""
-    src = local_model_dir(cfg.init or cfg.model)
+def model_source(ref: str, is_init: bool) -> str:
+    """Local directory (or hub id) of the weights to start from, on this worker's node. A
+    rayapp checkpoint holds the HF model under `model/`; `s3://` ones are downloaded."""
+    src = local_model_dir(ref)
     if storage.exists(storage.join(src, "model", "config.json")):
         return storage.join(src, "model")
-    if cfg.init and not storage.exists(storage.join(src, "config.json")):
-        raise ConfigError(f"init={cfg.init!r} is neither an HF model directory nor a rayapp checkpoint (no config.json)")
+    if is_init and not storage.exists(storage.join(src, "config.json")):
+        raise ConfigError(f"init={ref!r} is neither an HF model directory nor a rayapp checkpoint (no config.json)")
     return src
 
 
@@ -170,14 +170,13 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer, encoder, cfg
 
 def train_loop(loop_cfg: dict) -> None:
     import ray.train
-    from tqdm.auto import tqdm
 
     from rayapp.models import load_classifier, load_mlm, load_tokenizer
 
     cfg: FinetuneConfig = loop_cfg["cfg"]
     split: FewShotSplit = loop_cfg["split"]
     task: Task = loop_cfg["task"]
-    src = loop_cfg["model_dir"]
+    src = model_source(loop_cfg["model_ref"], cfg.init is not None)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train_seed)
@@ -211,15 +210,14 @@ def train_loop(loop_cfg: dict) -> None:
 
     if state["step"] == 0:
         eval_and_report(0, None)
-    bar = tqdm(total=steps, initial=state["step"], desc=f"{cfg.method} {task.name}", disable=rank != 0)
+    bar = Progress(f"{cfg.method} {task.name}", steps, state["step"])
     for step in range(state["step"] + 1, steps + 1):
         ids = shard(global_batch_indices(len(split.train), cfg.batch_size, step - 1, cfg.train_seed), rank, world)
         micro_batches = [make_batch([split.train[i] for i in ids[j:j + micro]], task, tokenizer, encoder,
                                     cfg.max_length) for j in range(0, len(ids), micro)]
         logs = engine.train_step(micro_batches, loss_fn)
         state["loss_curve"].append([step, logs["loss"]])
-        bar.update(1)
-        bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        bar.update(loss=f"{logs['loss']:.4f}")
         if step % cfg.eval_every == 0 or step == steps:
             eval_and_report(step, logs["loss"])
     bar.close()
@@ -238,9 +236,9 @@ def run(cfg: FinetuneConfig, split: FewShotSplit | None = None) -> dict:
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)  # fail before launching
     split = split or load_lmbff(cfg.data_dir, task, k=cfg.k, seed=cfg.seed)
     name = cfg.name or f"{cfg.method}-{task.name}-{cfg.k}-{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    src = model_source(cfg)
     t0 = time.time()
-    result = launch(train_loop, {"cfg": cfg, "task": task, "split": split, "model_dir": src}, cfg.engine,
+    result = launch(train_loop, {"cfg": cfg, "task": task, "split": split,
+                                        "model_ref": portable_model(cfg.init or cfg.model)}, cfg.engine,
                     storage=cfg.output_dir, name=name, keep_checkpoints=1)
     final = result.metrics
     record = {

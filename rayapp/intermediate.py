@@ -32,11 +32,12 @@ and every later step works on O(N) rows.
    doc_id), so what a document contributes does not depend on how Ray batched or
    scheduled it. Label 0 needs a partner from elsewhere: each sentence is an "endpoint"
    with probability r_0 (about N_0 of them), with a first-key, a second-key and a random
-   group; a hash shuffle (`groupby(group)`) brings each group (~50k endpoints) together,
-   and `_match_group` pairs them as a random bijection (firsts by first-key, seconds by
-   second-key, skipping a partner from the same document), so each sampled sentence is
-   x1 of one label-0 pair and x2 of another. These O(N) candidates are materialised
-   (Ray spills them to disk if the object store is small).
+   group; a hash shuffle (`groupby(group)`, ~50k candidates a group, label-1/2 rows
+   ride along) brings each group together, and `_match_group` pairs its endpoints as a
+   random bijection (firsts by first-key, seconds by second-key, skipping a partner
+   from the same document), so each sampled sentence is x1 of one label-0 pair and x2
+   of another. These O(N) candidates are materialised (Ray spills them to disk if the
+   object store is small).
 3. Selection: the driver collects each label's keys (8 bytes per candidate) and keeps the
    N_l smallest: exactly N_l, a uniform sample of the candidates. The 6-sigma margin makes
    a shortfall astronomically unlikely; if it happens anyway, step 2 re-runs with r = 1
@@ -55,7 +56,6 @@ goes in the section at the end of this module.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -66,8 +66,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+from ray.data.context import ShuffleStrategy
 
 from rayapp import storage
 from rayapp.corpus import read_sentences
@@ -100,7 +102,7 @@ PAIRS_SCHEMA = pa.schema([
 _ENDPOINT = -1
 _CANDIDATES_SCHEMA = PAIRS_SCHEMA.append(pa.field("key", pa.float64())) \
     .append(pa.field("key2", pa.float64())).append(pa.field("group", pa.int64()))
-_GROUP_ENDPOINTS = 50_000  # endpoints per label-0 matching group: one task's worth
+_GROUP_ROWS = 50_000  # candidates per shuffle group (one map_groups call): one task's worth
 _COUNT_COLUMNS = ("documents", "empty", "single", "sentences", "square", "adjacent",
                   "nonadjacent", "fragments", "long", "undecodable")
 
@@ -185,9 +187,10 @@ def _decode_nonadjacent(index: np.ndarray, k: int, gapped: np.ndarray) -> tuple[
 
 
 def _append(cols: dict[str, list], label: int, doc_id: str, sentences: list[str], pos: np.ndarray,
-            a: np.ndarray, b: np.ndarray | None, key: np.ndarray,
-            key2: np.ndarray | None = None, group: np.ndarray | None = None) -> None:
-    """Append candidate rows (kept-sentence indices a, b of one document) to column lists."""
+            a: np.ndarray, b: np.ndarray | None, key: np.ndarray, group: np.ndarray,
+            key2: np.ndarray | None = None) -> None:
+    """Append candidate rows (kept-sentence indices a, b of one document) to column lists;
+    `b` is None for label-0 endpoints."""
     n = len(a)
     cols["label"] += [label] * n
     cols["text_a"] += [sentences[i] for i in a]
@@ -198,7 +201,7 @@ def _append(cols: dict[str, list], label: int, doc_id: str, sentences: list[str]
     cols["sent_b"] += [-1] * n if b is None else pos[b].tolist()
     cols["key"] += key.tolist()
     cols["key2"] += [0.0] * n if key2 is None else key2.tolist()
-    cols["group"] += [-1] * n if group is None else group.tolist()
+    cols["group"] += group.tolist()
 
 
 def _add_doc_candidates(cols: dict[str, list], doc_id: str, sentences: list[str], positions: list[int],
@@ -209,14 +212,16 @@ def _add_doc_candidates(cols: dict[str, list], doc_id: str, sentences: list[str]
     step = np.diff(pos)
     adjacent, gapped = np.flatnonzero(step == 1), np.flatnonzero(step > 1)
     pick, key = _sample(rng, len(adjacent), rates[2])
-    _append(cols, 2, doc_id, sentences, pos, adjacent[pick], adjacent[pick] + 1, key)
+    _append(cols, 2, doc_id, sentences, pos, adjacent[pick], adjacent[pick] + 1, key,
+            rng.integers(groups, size=len(pick)))
     far = max(k - 1, 0) * max(k - 2, 0) // 2
     pick, key = _sample(rng, 2 * (len(gapped) + far), rates[1])
-    _append(cols, 1, doc_id, sentences, pos, *_decode_nonadjacent(pick, k, gapped), key)
+    _append(cols, 1, doc_id, sentences, pos, *_decode_nonadjacent(pick, k, gapped), key,
+            rng.integers(groups, size=len(pick)))
     u = rng.random(k)
     ends = np.flatnonzero(u < rates[0])
     _append(cols, _ENDPOINT, doc_id, sentences, pos, ends, None, u[ends],
-            key2=rng.random(len(ends)), group=rng.integers(groups, size=len(ends)))
+            rng.integers(groups, size=len(ends)), key2=rng.random(len(ends)))
 
 
 def _candidates_batch(batch: pa.Table, seed: int, rates: list[float], groups: int) -> pa.Table:
@@ -229,42 +234,40 @@ def _candidates_batch(batch: pa.Table, seed: int, rates: list[float], groups: in
 
 
 def _match_group(batch: pa.Table) -> pa.Table:
-    """Label-0 pairs from one group of endpoints: a random bijection firsts -> seconds.
+    """One group's label-1/2 candidates, plus label-0 pairs from its endpoints: a random
+    bijection firsts -> seconds.
 
     Firsts in first-key order each take the earliest waiting second (second-key order)
     from another document; a same-document second is moved to the back of the queue, so
     only a group dominated by one document leaves endpoints unmatched."""
-    rows = batch.to_pylist()
-    firsts = sorted(rows, key=lambda r: (r["key"], r["doc_a"], r["sent_a"]))
-    waiting = deque(sorted(rows, key=lambda r: (r["key2"], r["doc_a"], r["sent_a"])))
+    is_endpoint = pc.equal(batch.column("label"), _ENDPOINT)
+    endpoints = batch.filter(is_endpoint).to_pylist()
+    firsts = sorted(endpoints, key=lambda r: (r["key"], r["doc_a"], r["sent_a"]))
+    waiting = deque(sorted(endpoints, key=lambda r: (r["key2"], r["doc_a"], r["sent_a"])))
     pairs = []
     for first in firsts:
         for _ in range(len(waiting)):
             second = waiting.popleft()
             if second["doc_a"] != first["doc_a"]:
                 pairs.append({**first, "label": 0, "text_b": second["text_a"], "doc_b": second["doc_a"],
-                              "sent_b": second["sent_a"], "group": -1})
+                              "sent_b": second["sent_a"]})
                 break
             waiting.append(second)
-    return pa.Table.from_pylist(pairs, schema=_CANDIDATES_SCHEMA)
-
-
-def _where(batch: pa.Table, label: int) -> pa.Table:
-    return batch.filter(pc.equal(batch.column("label"), label))
-
-
-def _drop_endpoints(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.not_equal(batch.column("label"), _ENDPOINT))
+    return pa.concat_tables([batch.filter(pc.invert(is_endpoint)),
+                             pa.Table.from_pylist(pairs, schema=_CANDIDATES_SCHEMA)])
 
 
 def _candidate_pool(sentences: ray.data.Dataset, seed: int, rates: list[float],
                     groups: int) -> ray.data.Dataset:
-    """Sampled candidates of all three labels (corpus pass 2 + label-0 matching), materialised."""
-    candidates = sentences.map_batches(_candidates_batch, batch_format="pyarrow", fn_kwargs={
-        "seed": seed, "rates": rates, "groups": groups}).materialize()
-    label0 = (candidates.map_batches(_where, batch_format="pyarrow", fn_kwargs={"label": _ENDPOINT})
-              .groupby("group").map_groups(_match_group, batch_format="pyarrow"))
-    return candidates.map_batches(_drop_endpoints, batch_format="pyarrow").union(label0).materialize()
+    """Sampled candidates of all three labels (corpus pass 2 + label-0 matching), materialised.
+
+    Label-1/2 candidates take the same shuffle as the endpoints (to a random group) so one
+    Ray Data job builds the whole pool."""
+    return (sentences.map_batches(_candidates_batch, batch_format="pyarrow", fn_kwargs={
+                "seed": seed, "rates": rates, "groups": groups})
+            .groupby("group", num_partitions=groups)
+            .map_groups(_match_group, batch_format="pyarrow")
+            .materialize())
 
 
 def _pool_keys(pool: ray.data.Dataset) -> list[np.ndarray]:
@@ -292,21 +295,21 @@ def shard_name(shard: int) -> str:
     return f"part-{shard:05d}.parquet"
 
 
-def _write_shard(batch: pa.Table, out: str) -> pa.Table:
+def _write_shard(batch: pa.Table, fs: pafs.FileSystem, root: str) -> pa.Table:
     """Write one shard, sorted by normalised key (ties by source position): the same rows
-    always give the same bytes. Returns its label counts for the stats."""
+    always give the same bytes. Returns its label counts for the stats.
+
+    `fs` comes from the driver: a worker's environment may lack the driver's S3 endpoint."""
     shard = batch.column("shard")[0].as_py()
     order = pc.sort_indices(batch, [(c, "ascending") for c in
                                     ("rank", "label", "doc_a", "sent_a", "doc_b", "sent_b")])
     table = batch.take(order).select(PAIRS_SCHEMA.names)
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    storage.write_bytes(storage.join(out, shard_name(shard)), sink.getvalue())
+    pq.write_table(table, f"{root}/{shard_name(shard)}", filesystem=fs)
     labels = table.column("label").to_numpy()
     return pa.table({"shard": [shard], **{f"label{l}": [int(np.sum(labels == l))] for l in range(3)}})
 
 
-def _check_out(out: str) -> None:
+def check_out_dir(out: str) -> None:
     if storage.exists(out) and any(f.endswith((META, ".parquet")) for f in storage.list_files(out)):
         raise DataError(f"{out} already holds parquet files or {META}; pass a new --out, or delete "
                         "it to rebuild (shards of an older run would mix with the new ones)")
@@ -345,9 +348,14 @@ def build_pairs(corpus: str, out: str, num_examples: int, seed: int = 0, *, fmt:
     `max_words` which sentences are kept (`rayapp.corpus`)."""
     if num_examples < 1:
         raise DataError(f"num_examples must be at least 1, got {num_examples}")
-    _check_out(out)
+    check_out_dir(out)
     sentences = read_sentences(corpus, fmt=fmt, text_column=text_column, id_column=id_column,
                                min_words=min_words, max_words=max_words)
+    # This pipeline's aggregate and two shuffles move O(N) rows. The pull-based sort
+    # shuffle runs them as plain tasks; Ray's default hash shuffle starts a pool of
+    # aggregator actors for each, seconds of overhead at any size. Set on this dataset's
+    # own DataContext copy, which every dataset derived from it shares, not globally.
+    sentences.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     counts = count_pairs(sentences)
     error = _no_pairs_error(corpus, counts)
     needed = label_counts(num_examples)
@@ -360,7 +368,8 @@ def build_pairs(corpus: str, out: str, num_examples: int, seed: int = 0, *, fmt:
     population = [counts.sentences, *counts.capacity[1:]]
     rates = [min(1.0, (n + 6 * math.sqrt(n) + 10) / p) for n, p in zip(needed, population)]
     while True:
-        groups = max(1, math.ceil(rates[0] * counts.sentences / _GROUP_ENDPOINTS))
+        expected = sum(rate * p for rate, p in zip(rates, population))
+        groups = max(1, math.ceil(expected / _GROUP_ROWS))
         pool = _candidate_pool(sentences, seed, rates, groups)
         keys = _pool_keys(pool)
         short = [label for label in range(3) if len(keys[label]) < needed[label]]
@@ -375,9 +384,12 @@ def build_pairs(corpus: str, out: str, num_examples: int, seed: int = 0, *, fmt:
 
     thresholds = [float(np.partition(k, n - 1)[n - 1]) if n else -1.0 for k, n in zip(keys, needed)]
     shards = math.ceil(num_examples / rows_per_shard)
+    storage.makedirs(out)
+    fs, root = storage.filesystem(out)
     written = (pool.map_batches(_select_batch, batch_format="pyarrow",
                                 fn_kwargs={"thresholds": thresholds, "shards": shards})
-               .groupby("shard").map_groups(_write_shard, batch_format="pyarrow", fn_kwargs={"out": out})
+               .groupby("shard", num_partitions=shards)
+               .map_groups(_write_shard, batch_format="pyarrow", fn_kwargs={"fs": fs, "root": root})
                .take_all())
     stats = {
         "task": PAIR_TASK, "template": PAIR_TEMPLATE,

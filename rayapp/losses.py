@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from rayapp.errors import ConfigError, DataError, PromptError
+from rayapp.errors import ConfigError, DataError
+from rayapp.prompts import class_logits
 
 IGNORE_INDEX = -100  # HF convention for "not a masked token" in MLM labels
 
@@ -209,23 +210,6 @@ def distilbert_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return total, {"ce": ce.detach(), "mlm": mlm.detach(), "cos": cos.detach()}
 
 
-def verbalizer_logits(mask_logits: torch.Tensor,
-                      label_word_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Class scores from MLM logits at the mask (PD eq. 1, LM-BFF): [B, V] -> [B, C].
-
-    The score of class c is the MLM logit of its label word; when a class has several
-    label words their logits are averaged.
-    """
-    vocab = mask_logits.shape[-1]
-    for c, ids in enumerate(label_word_ids):
-        if not ids or min(ids) < 0 or max(ids) >= vocab:
-            raise PromptError(
-                f"verbalizer class {c} has label word ids {list(ids)}, which are not ids of a "
-                f"vocabulary of {vocab} tokens; build the verbalizer with the model's tokenizer"
-            )
-    return torch.stack([mask_logits[:, list(ids)].float().mean(-1) for ids in label_word_ids], -1)
-
-
 def verbalizer_ce(mask_logits: torch.Tensor, label_word_ids: Sequence[Sequence[int]],
                   labels: torch.Tensor) -> torch.Tensor:
     """Hard-label prompt CE (PD eq. 2 over PD eq. 1 scores; SMASH §4.4 settings (6)/(7)).
@@ -233,7 +217,7 @@ def verbalizer_ce(mask_logits: torch.Tensor, label_word_ids: Sequence[Sequence[i
     mask_logits [B, V] MLM logits at the mask, label_word_ids[c] the vocabulary ids of
     class c's label word(s), labels [B] class indices in 0..C-1. Mean over the batch.
     """
-    scores = verbalizer_logits(mask_logits, label_word_ids)
+    scores = class_logits(mask_logits, label_word_ids)
     n_classes = len(label_word_ids)
     # One device sync; a bad label would otherwise be a CUDA device-side assert.
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
@@ -245,17 +229,11 @@ def verbalizer_ce(mask_logits: torch.Tensor, label_word_ids: Sequence[Sequence[i
     return F.cross_entropy(scores, labels.long())
 
 
-def regression_target(y: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
-    """SMASH §3.1 p_gold = [(u-y)/(u-l), (y-l)/(u-l)] for y in [l, u]: [B] -> [B, 2]."""
-    frac = (y.float() - lower) / (upper - lower)
-    return torch.stack([1 - frac, frac], -1)
-
-
 def regression_kl(class_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """SMASH §3.1 regression loss between p_pred = softmax(class_logits) and p_gold.
 
     class_logits [B, 2] scores of the words [y_l, y_u], target [B, 2] = p_gold (see
-    `regression_target`). Mean over the batch.
+    `prompts.regression_target`). Mean over the batch.
 
     The paper writes L_kl = KL(p_pred || p_gold), but p_gold has exact zeros whenever
     y = l or y = u (STS-B scores 0 and 5 occur), where KL(p_pred || p_gold) =

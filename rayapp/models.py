@@ -33,13 +33,22 @@ def local_model_dir(name_or_path: str) -> str:
     `~/.cache/rayapp/models/<hash>` so `from_pretrained` can read it."""
     from rayapp import storage
 
-    if not storage.is_remote(name_or_path):
-        return name_or_path
+    if not storage.is_remote(name_or_path):  # workers run elsewhere: make local paths absolute
+        return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
     local = Path.home() / ".cache" / "rayapp" / "models" / hashlib.sha1(name_or_path.encode()).hexdigest()[:16]
     if not (local / ".complete").exists():
         storage.download_dir(name_or_path, str(local))
         (local / ".complete").touch()
     return str(local)
+
+
+def portable_model(name_or_path: str) -> str:
+    """The model as workers on any node can load it: local paths made absolute (workers do
+    not share the driver's working directory), hub ids and `s3://` URIs as given (each node
+    fetches them itself with `local_model_dir`)."""
+    from rayapp import storage
+
+    return name_or_path if storage.is_remote(name_or_path) else local_model_dir(name_or_path)
 
 
 def load_tokenizer(name_or_path: str):
@@ -48,12 +57,19 @@ def load_tokenizer(name_or_path: str):
     return _from_pretrained(AutoTokenizer, name_or_path, "tokenizer")
 
 
-def load_mlm(name_or_path: str):
-    """An `AutoModelForMaskedLM`. Encoders saved without an MLM head (e.g. the MiniLM
-    sentence-transformers weights) load with a freshly initialised head."""
-    from transformers import AutoConfig, AutoModelForMaskedLM
+def load_model_config(name_or_path: str):
+    from transformers import AutoConfig
 
-    config = _from_pretrained(AutoConfig, name_or_path, "model config")
+    return _from_pretrained(AutoConfig, name_or_path, "model config")
+
+
+def load_mlm(name_or_path: str, **kwargs):
+    """An `AutoModelForMaskedLM` (kwargs go to `from_pretrained`, e.g. attn_implementation).
+    Encoders saved without an MLM head (e.g. the MiniLM sentence-transformers weights) load
+    with a freshly initialised head."""
+    from transformers import AutoModelForMaskedLM
+
+    config = load_model_config(name_or_path)
     try:
         AutoModelForMaskedLM._model_mapping[type(config)]
     except KeyError:
@@ -61,7 +77,7 @@ def load_mlm(name_or_path: str):
             f"model {name_or_path!r} ({config.model_type}) has no masked-LM head class; "
             "prompt-based methods need an MLM such as BERT, RoBERTa or DistilRoBERTa"
         ) from None
-    return _from_pretrained(AutoModelForMaskedLM, name_or_path, "masked LM")
+    return _from_pretrained(AutoModelForMaskedLM, name_or_path, "masked LM", **kwargs)
 
 
 def load_classifier(name_or_path: str, num_labels: int):

@@ -18,7 +18,7 @@ import torch
 from rayapp import storage
 from rayapp.config import to_dict
 from rayapp.distill import mlm_batch
-from rayapp.engine import Engine, EngineConfig, checkpoint_uri, launch, report, restore, split_batch
+from rayapp.engine import Engine, EngineConfig, Progress, checkpoint_uri, launch, report, restore, split_batch
 from rayapp.errors import ConfigError
 
 
@@ -62,17 +62,17 @@ def masked_accuracy(model, batches: list[dict], device) -> float:
 
 def train_loop(loop_cfg: dict) -> None:
     import ray.train
-    from tqdm.auto import tqdm
 
-    from rayapp.models import load_mlm, load_tokenizer
+    from rayapp.models import load_mlm, load_tokenizer, local_model_dir
 
     cfg: PretrainConfig = loop_cfg["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(loop_cfg["model_dir"])
+    model_dir = local_model_dir(loop_cfg["model"])
+    tokenizer = load_tokenizer(model_dir)
     micro, accum = split_batch(cfg.batch_size, world, cfg.engine.max_device_batch)
-    engine = Engine(load_mlm(loop_cfg["model_dir"]), cfg.engine, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    engine = Engine(load_mlm(model_dir), cfg.engine, lr=cfg.lr, weight_decay=cfg.weight_decay,
                     warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), total_steps=cfg.max_steps,
                     micro_batch=micro, grad_accum=accum)
     gen = torch.Generator().manual_seed(cfg.seed)  # fixed masking of the held-out text
@@ -91,14 +91,13 @@ def train_loop(loop_cfg: dict) -> None:
                 yield mlm_batch(rows, tokenizer, cfg.max_length, cfg.mlm_probability, gen)
 
     batches = stream()
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="mlm pretrain", disable=rank != 0)
+    bar = Progress("mlm pretrain", cfg.max_steps, state["step"])
     for step in range(state["step"] + 1, cfg.max_steps + 1):
         logs = engine.train_step([next(batches) for _ in range(accum)],
                                  lambda m, b: (m(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                                  labels=b["mlm_labels"]).loss, {}))
         state["loss_curve"].append([step, logs["loss"]])
-        bar.update(1)
-        bar.set_postfix(loss=f"{logs['loss']:.3f}")
+        bar.update(loss=f"{logs['loss']:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             state["step"] = step
             state["accuracy"].append([step, masked_accuracy(engine.module, eval_batches, engine.device)])
@@ -114,7 +113,7 @@ def _held_out(text: str) -> bool:
 def run(cfg: PretrainConfig) -> dict:
     import ray
 
-    from rayapp.models import local_model_dir
+    from rayapp.models import portable_model
 
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)
     if not ray.is_initialized():
@@ -126,7 +125,7 @@ def run(cfg: PretrainConfig) -> dict:
     held_out = {"text_a": held["text_a"].tolist(), "text_b": held["text_b"].tolist()}
     train = data.filter(lambda r: not _held_out(r["text_a"]))
     name = cfg.name or f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = launch(train_loop, {"cfg": cfg, "model_dir": local_model_dir(cfg.model), "held_out": held_out},
+    result = launch(train_loop, {"cfg": cfg, "model": portable_model(cfg.model), "held_out": held_out},
                     cfg.engine, storage=cfg.output_dir, name=name, datasets={"train": train})
     model_uri = storage.join(cfg.output_dir, name, "model")
     storage.copy_dir(checkpoint_uri(cfg.output_dir, result.checkpoint, "model"), model_uri)

@@ -447,8 +447,15 @@ class PromptEncoder:
 
 def class_logits(mask_logits: torch.Tensor, label_word_ids: list[list[int]]) -> torch.Tensor:
     """MLM logits at the mask ``[..., V]`` -> class scores ``[..., C]``: the mean logit of each
-    class's label words (PD eq. 1; one word per class is the usual case)."""
-    return torch.stack([mask_logits[..., ids].mean(-1) for ids in label_word_ids], dim=-1)
+    class's label words (PD eq. 1; one word per class is the usual case). Scores are float32."""
+    vocab = mask_logits.shape[-1]
+    for c, ids in enumerate(label_word_ids):
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            raise PromptError(
+                f"verbalizer class {c} has label word ids {list(ids)}, which are not ids of a "
+                f"vocabulary of {vocab} tokens; build the verbalizer with the model's tokenizer"
+            )
+    return torch.stack([mask_logits[..., list(ids)].float().mean(-1) for ids in label_word_ids], dim=-1)
 
 
 def regression_target(y: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:

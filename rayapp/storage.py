@@ -18,6 +18,7 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from rayapp.errors import DataError
@@ -29,10 +30,15 @@ def is_remote(uri: str) -> bool:
 
 
 @lru_cache(maxsize=None)
-def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
-    # Cached per (endpoint, region): building an S3 client is not free, and the instance
-    # pickles with its settings, so Ray workers reach the same endpoint as the driver.
+def _s3(endpoint: str | None, region: str | None, keys: tuple[str | None, ...]) -> pafs.S3FileSystem:
+    # Cached per settings: building an S3 client is not free. The instance pickles with
+    # its settings, so Ray workers (whose environment may predate the driver's AWS_*
+    # variables) reach the same endpoint with the same keys; with no keys in the
+    # environment each worker resolves its own (instance profile, ~/.aws).
+    access_key, secret_key, session_token = keys
     kwargs: dict[str, Any] = {"region": region}
+    if access_key and secret_key:
+        kwargs.update(access_key=access_key, secret_key=secret_key, session_token=session_token)
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
@@ -47,13 +53,15 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         path = uri[len("s3://"):].rstrip("/")
         if not path:
             raise DataError(f"{uri!r} names no bucket; use s3://BUCKET/PREFIX")
-        return _s3(endpoint, region), path
+        keys = tuple(os.environ.get(k) for k in
+                     ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
+        return _s3(endpoint, region, keys), path
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     elif is_remote(uri):
         try:
             return pafs.FileSystem.from_uri(uri)
-        except (pafs.ArrowInvalid, OSError) as e:  # ArrowInvalid: unknown scheme
+        except (pa.ArrowInvalid, OSError) as e:  # ArrowInvalid: unknown scheme
             raise DataError(f"cannot open {uri!r}: {e}; use a local path or s3://BUCKET/PREFIX") from e
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 

@@ -14,9 +14,9 @@ Pipeline (one Ray Data stream, constant memory in corpus size):
                                                      when the cluster has one)  into shards,
                                                                                 writes each whole
 
-Shards and resume. Shard `part-FFFFF-CCCCC.parquet` holds rows [CCCCC*shard_rows,
-(CCCCC+1)*shard_rows) of input file number FFFFF (input files in sorted order), so the shard
-layout is a pure function of the input files and `shard_rows`. Each shard is written whole
+Shards and resume. Shard `part-FFFFF-CCCCC.parquet` holds rows [CCCCC*R, (CCCCC+1)*R) of
+input file number FFFFF (input files in sorted order, R = `rows_per_shard`), so the shard
+layout is a pure function of the input files and R. Each shard is written whole
 (serialised in memory, then a local temp file + rename, or one S3 PUT), so a shard that
 exists is complete; re-running `build_cache` into the same `out_uri` skips existing shards
 and computes only the missing ones. `_meta.json` is written first with the plan (teacher,
@@ -24,9 +24,12 @@ task, top_k, inputs, ...) and `complete: false`; a re-run with a different plan 
 instead of mixing two caches. When every shard exists it is rewritten with the counts and
 `complete: true`, which `read_cache` requires.
 
-Logits are stored as float32, not fp16: real teachers put mask logits around 20-30, where
-fp16 rounds by up to 0.008, a 0.8% error on every probability. float32 costs k*2 more bytes
-per example (~330 MB for 2.56M examples at k=64), nothing next to the full distribution.
+Values are fp16, as logits shifted by the example's largest logit (softmax does not change
+under a shift, and `lse` is stored with the same shift, in float32): real teachers put mask
+logits around 20-30, where fp16 steps by 0.016 (1.6% on every probability), but shifted
+values lie in [-x, 0], where fp16 steps by <= 0.001 for the entries that carry the mass
+(|v| < 2) and by more only where p < e^-8. So fp16 halves the cache and keeps the kept
+probabilities exact to ~1e-3 relative.
 
 `TeacherScorer` is the Ray Data callable class shared with `rayapp.sentiment`, which asks
 it for probabilities over the verbalizer's label words instead of the top-k.
@@ -50,7 +53,7 @@ import torch
 
 from rayapp import storage
 from rayapp.errors import ConfigError, DataError
-from rayapp.models import _from_pretrained, load_mlm, load_tokenizer
+from rayapp.models import load_mlm, load_model_config, load_tokenizer, local_model_dir, portable_model
 from rayapp.prompts import BUILTIN_TASKS, PromptEncoder, Task, class_logits
 
 log = logging.getLogger(__name__)
@@ -119,9 +122,11 @@ def mask_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
 
 def topk_summary(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     """The cache's per-example record of float32 logits `[B, V]`: top-k values (descending)
-    and indices, log-sum-exp of all V logits, and the probability mass the top-k covers."""
+    and indices, log-sum-exp of all V logits, and the probability mass the top-k covers.
+    Values and lse are shifted by the top logit (so values are <= 0; see module docstring)."""
     values, indices = logits.topk(k, dim=-1)
-    lse = logits.logsumexp(-1)
+    top = values[:, :1]
+    values, lse = values - top, (logits - top).logsumexp(-1)
     return {
         "topk_values": values,
         "topk_indices": indices.to(torch.int32),
@@ -150,6 +155,7 @@ class TeacherScorer:
     def __init__(self, teacher: str, task: Task, max_length: int, top_k: int | None = None,
                  label_probs: bool = False):
         self.top_k, self.label_probs = top_k, label_probs
+        teacher = local_model_dir(teacher)  # an s3:// teacher is fetched once per node
         self.encoder = PromptEncoder(load_tokenizer(teacher), task, max_length)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.half = None
@@ -172,7 +178,7 @@ class TeacherScorer:
             )
             columns["mask_pos"] = pa.array(enc["mask_pos"].numpy(), type=pa.int32())
             summary = topk_summary(logits, self.top_k)
-            columns["topk_values"] = _fixed_lists(summary["topk_values"], pa.float32())
+            columns["topk_values"] = _fixed_lists(summary["topk_values"].half(), pa.float16())
             columns["topk_indices"] = _fixed_lists(summary["topk_indices"], pa.int32())
             columns["lse"] = pa.array(summary["lse"].cpu().numpy(), type=pa.float32())
             columns["covered"] = pa.array(summary["covered"].cpu().numpy(), type=pa.float32())
@@ -222,12 +228,12 @@ class Shard:
     stop: int
 
 
-def plan_shards(inputs: list[tuple[str, int]], shard_rows: int) -> list[Shard]:
+def plan_shards(inputs: list[tuple[str, int]], rows_per_shard: int) -> list[Shard]:
     """Fixed row ranges of `(path, num_rows)` input files, in input order (see module doc)."""
     return [
-        Shard(f"part-{f:05d}-{c:05d}.parquet", path, start, min(start + shard_rows, rows))
+        Shard(f"part-{f:05d}-{c:05d}.parquet", path, start, min(start + rows_per_shard, rows))
         for f, (path, rows) in enumerate(inputs)
-        for c, start in enumerate(range(0, rows, shard_rows))
+        for c, start in enumerate(range(0, rows, rows_per_shard))
     ]
 
 
@@ -332,7 +338,8 @@ def cache_meta(uri: str) -> dict:
     """The `_meta.json` of a cache (plan, vocab size, counts, mean covered mass)."""
     meta = _read_meta(uri)
     if meta is None:
-        raise DataError(f"{uri} is not a teacher cache (no {META}); build it with rayapp.teacher_cache.build_cache")
+        raise DataError(f"{uri} is not a teacher cache (no {META}); build it with "
+                        "rayapp.teacher_cache.build_cache")
     return meta
 
 
@@ -349,7 +356,7 @@ def build_cache(
     batch_size: int = 64,
     num_actors: int | None = None,
     use_gpu: bool | None = None,
-    shard_rows: int = 10_000,
+    rows_per_shard: int = 10_000,
 ) -> dict:
     """Score every example with the teacher and write its top-k cache to `out_uri`.
 
@@ -357,15 +364,15 @@ def build_cache(
     run), shards_written, shards_skipped, mean_covered, examples_per_s, seconds.
     """
     import ray
-    from transformers import AutoConfig
 
     task, default_length = resolve_task(task)
     max_length = max_length or default_length
-    if shard_rows < 1 or batch_size < 1:
-        raise ConfigError(f"shard_rows and batch_size must be >= 1, got {shard_rows} and {batch_size}")
-    tokenizer = load_tokenizer(teacher)
+    if rows_per_shard < 1 or batch_size < 1:
+        raise ConfigError(f"rows_per_shard and batch_size must be >= 1, got {rows_per_shard} and {batch_size}")
+    local = local_model_dir(teacher)
+    tokenizer = load_tokenizer(local)
     PromptEncoder(tokenizer, task, max_length)  # bad label words / template fail here, not in an actor
-    vocab_size = _from_pretrained(AutoConfig, teacher, "model config").vocab_size
+    vocab_size = load_model_config(local).vocab_size
     if not 1 <= top_k <= vocab_size:
         raise ConfigError(f"top_k={top_k} must be between 1 and the teacher's vocabulary size {vocab_size}")
 
@@ -374,12 +381,12 @@ def build_cache(
     in_fs, _ = storage.filesystem(inputs[0][0])
     plan = {
         "teacher": teacher, "task": task.name, "template": task.template, "verbalizer": task.verbalizer,
-        "max_length": max_length, "top_k": top_k, "shard_rows": shard_rows,
+        "max_length": max_length, "top_k": top_k, "rows_per_shard": rows_per_shard,
         "inputs": [[uri, rows] for uri, rows in inputs],
     }
     _check_resumable(out_uri, plan)
     storage.makedirs(out_uri)
-    shards = plan_shards([(storage.filesystem(uri)[1], rows) for uri, rows in inputs], shard_rows)
+    shards = plan_shards([(storage.filesystem(uri)[1], rows) for uri, rows in inputs], rows_per_shard)
     meta = {
         "plan": plan, "complete": False, "vocab_size": vocab_size,
         "tokenizer": f"{type(tokenizer).__name__}({tokenizer.name_or_path})",
@@ -390,14 +397,16 @@ def build_cache(
 
     done = {os.path.basename(uri) for uri in storage.list_files(out_uri, suffix=".parquet")}
     todo = [s for s in shards if s.name not in done]
-    log.info("teacher cache %s: %d shards to compute, %d already written", out_uri, len(todo), len(shards) - len(todo))
+    log.info("teacher cache %s: %d shards to compute, %d already written",
+             out_uri, len(todo), len(shards) - len(todo))
     start, computed = time.perf_counter(), 0
     if todo:
         ds = ray.data.from_items([vars(s) for s in todo], override_num_blocks=len(todo)).map_batches(
             _read_shards, fn_kwargs={"fs": in_fs, "columns": carry}, batch_size=1, batch_format="pyarrow",
         ).map_batches(
             TeacherScorer,
-            fn_constructor_kwargs={"teacher": teacher, "task": task, "max_length": max_length, "top_k": top_k},
+            fn_constructor_kwargs={"teacher": portable_model(teacher), "task": task, "max_length": max_length,
+                                   "top_k": top_k},
             batch_size=batch_size, batch_format="pyarrow", udf_modifying_row_count=False,
             **scorer_pool(num_actors, use_gpu),
         )

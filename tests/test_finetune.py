@@ -51,7 +51,7 @@ def test_zero_shot_evaluation_trains_nothing(ray_cluster, tiny_roberta, tmp_path
 
 
 def test_regression_stsb_and_init_from_checkpoint(ray_cluster, tiny_bert, tmp_path):
-    first = run(_cfg(tiny_bert, tmp_path, task="STS-B", max_steps=2, engine=EngineConfig(num_workers=1)))
+    first = run(_cfg(tiny_bert, tmp_path, task="STS-B", max_steps=4, lr=3e-4, engine=EngineConfig(num_workers=1)))
     assert first["metric"] == "pearson" and math.isfinite(first["test"])
     assert first["loss_curve"][-1][1] < first["loss_curve"][0][1]
     # a later run starts from that checkpoint (the run dir or its model/ both work)
@@ -62,7 +62,7 @@ def test_regression_stsb_and_init_from_checkpoint(ray_cluster, tiny_bert, tmp_pa
 
 
 def test_classifier_baseline(ray_cluster, tiny_bert, tmp_path):
-    rec = run(_cfg(tiny_bert, tmp_path, task="MRPC", method="classifier", max_steps=2,
+    rec = run(_cfg(tiny_bert, tmp_path, task="MRPC", method="classifier", max_steps=4, lr=3e-4,
                    engine=EngineConfig(num_workers=1)))
     assert rec["metric"] == "f1" and rec["loss_curve"][-1][1] < rec["loss_curve"][0][1]
 

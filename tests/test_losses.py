@@ -6,7 +6,7 @@ import torch
 
 from rayapp.errors import ConfigError, DataError, PromptError
 from rayapp.losses import (attention_mse, contrastive_probe_loss, distilbert_loss, hidden_mse,
-                           kd_ce, layer_map, regression_kl, regression_target, soft_ce,
+                           kd_ce, layer_map, regression_kl, soft_ce,
                            soft_ce_topk, verbalizer_ce)
 
 ln = math.log
@@ -187,11 +187,6 @@ def test_verbalizer_ce_errors():
 
 
 # --- STS-B regression (SMASH §3.1) -------------------------------------------------------
-
-def test_regression_target():
-    p = regression_target(torch.tensor([0.0, 2.0, 5.0]), 0.0, 5.0)
-    torch.testing.assert_close(p, torch.tensor([[1.0, 0.0], [0.6, 0.4], [0.0, 1.0]]))
-
 
 def test_regression_kl_hand_computed_and_finite_at_bounds():
     # Row 0: p_gold = [1, 0] (y = l), p_pred = [1/4, 3/4] -> KL = ln 4. Row 1: equal -> 0.

@@ -1,0 +1,175 @@
+"""rayapp.corpus: the sentence splitter and filter, every reader (local and s3://), bad input."""
+import json
+import uuid
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayapp.assets import asset
+from rayapp.corpus import (document_sentences, parse_hf_uri, read_documents, read_sentences,
+                           split_sentences)
+from rayapp.errors import DataError
+
+
+def docs_of(ds) -> dict[str, str]:
+    rows = ds.take_all()
+    assert len({r["doc_id"] for r in rows}) == len(rows), "doc ids must be unique"
+    return {r["doc_id"]: r["text"] for r in rows}
+
+
+# --- sentences -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("Mr. Smith went to Washington. He met Dr. Jones there!", ["Mr. Smith went to Washington.", "He met Dr. Jones there!"]),
+    ("He met J. R. R. Tolkien. Was it 3.5 km away? Yes.", ["He met J. R. R. Tolkien.", "Was it 3.5 km away?", "Yes."]),
+    ("The U.S. Army, e.g. Patton, fought. It ended in 1945.", ["The U.S. Army, e.g. Patton, fought.", "It ended in 1945."]),
+    ('He said "Stop." Then he left (quietly). "Why?" she asked.', ['He said "Stop."', "Then he left (quietly).", '"Why?" she asked.']),
+    ("See Fig. 3 and No. 5 in Jan. 1990. The answer was no. Then we left.",
+     ["See Fig. 3 and No. 5 in Jan. 1990.", "The answer was no.", "Then we left."]),
+    ("lower case after a period. does not split", ["lower case after a period. does not split"]),
+    ("It grew to 60 cm ( 24 in ) . It is blue .", ["It grew to 60 cm ( 24 in ) .", "It is blue ."]),  # WikiText tokens
+    ("   ", []),
+])
+def test_split_sentences(text, expected):
+    assert split_sentences(text) == expected
+
+
+def test_document_sentences_filters_counts_and_keeps_positions():
+    text = ("Title Without Period\n"
+            "Etymology and terminology.\n"  # WikiExtractor heading: 3 words
+            "The first sentence is fine here. The second one is fine too.\n"
+            "A bad \ufffd byte sits in this sentence. Long" + " word" * 80 + " ends here.\n"
+            "The last sentence is fine as well.")
+    doc = document_sentences(text, min_words=4, max_words=80)
+    assert doc.sentences == ["The first sentence is fine here.", "The second one is fine too.",
+                             "The last sentence is fine as well."]
+    assert doc.positions == [2, 3, 6]  # dropped sentences keep their place
+    assert (doc.fragments, doc.long, doc.undecodable) == (2, 1, 1)
+
+
+# --- readers -------------------------------------------------------------------------------
+
+def test_wikiextractor_real_slice(ray_cluster):
+    docs = docs_of(read_documents(str(asset("corpus", "wikipedia-en", "AA", "wiki_00"))))
+    assert len(docs) == 38
+    assert docs["12"].startswith("\nAnarchism\n\nAnarchism is a political philosophy")
+    assert "<doc" not in "".join(docs.values()) and "</doc>" not in "".join(docs.values())
+    row = read_sentences(str(asset("corpus", "wikipedia-en", "AA", "wiki_00"))).filter(
+        lambda r: r["doc_id"] == "12").take_all()[0]
+    assert row["sentences"][0].startswith("Anarchism is a political philosophy that advocates")
+    assert "Etymology and terminology." not in row["sentences"]  # heading dropped
+    assert row["fragments"] > 0 and len(row["sentences"]) == len(row["positions"]) > 100
+
+
+def test_text_blocks_and_per_file(ray_cluster, tmp_path):
+    (tmp_path / "a.txt").write_text("First doc line one.\nStill first doc.\n\n  \nSecond doc here.\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("Only doc of b.\n")
+    (tmp_path / "_SUCCESS").write_text("")  # not a corpus file
+    assert docs_of(read_documents(str(tmp_path))) == {
+        "a.txt#0": "First doc line one.\nStill first doc.", "a.txt#1": "Second doc here.\n",
+        "sub/b.txt#0": "Only doc of b.\n"}
+    assert set(docs_of(read_documents(str(tmp_path), fmt="text", per_file=True))) == {"a.txt", "sub/b.txt"}
+
+
+def test_jsonl_text_and_id_columns(ray_cluster, tmp_path):
+    lines = [{"body": "Doc one text.", "key": 7}, {"body": "Doc two text.", "key": 8}, {"key": 9}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    uri = str(tmp_path / "c.jsonl")
+    assert docs_of(read_documents(uri, text_column="body")) == {
+        "c.jsonl#1": "Doc one text.", "c.jsonl#2": "Doc two text.", "c.jsonl#3": ""}
+    assert set(docs_of(read_documents(uri, text_column="body", id_column="key"))) == {"7", "8", "9"}
+    with pytest.raises(DataError, match=r"c.jsonl has no column 'text' \(text_column\); "
+                                        r"available columns: body, key"):
+        read_documents(uri)
+
+
+def test_parquet_text_and_id_columns(ray_cluster, tmp_path):
+    pq.write_table(pa.table({"article": ["Alpha text.", "Beta text.", "Alpha text."], "n": [1, 2, 3]}),
+                   tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t.parquet has no column 'text'.*available columns: article, n"):
+        read_documents(str(tmp_path))
+    docs = docs_of(read_documents(str(tmp_path), text_column="article"))
+    # without an id column, ids are file + row hash: unique even for duplicate texts
+    assert sorted(docs.values()) == ["Alpha text.", "Alpha text.", "Beta text."]
+    assert all(d.startswith("t.parquet#") for d in docs)
+    assert docs_of(read_documents(str(tmp_path), text_column="article", id_column="n"))["2"] == "Beta text."
+    with pytest.raises(DataError, match=r"no column 'id' \(id_column\)"):
+        read_documents(str(tmp_path), text_column="article", id_column="id")
+
+
+def test_hf_hub_uri_streams_every_shard(ray_cluster, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        table = {"id": ["a", "b", "c", "d", "e"], "text": [f"Text {i}." for i in range(5)]}
+        return datasets.Dataset.from_dict(table).to_iterable_dataset(num_shards=3)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    docs = docs_of(read_documents("hf://wikipedia/20220301.en", id_column="id"))
+    assert calls == [("wikipedia", "20220301.en", "train", True)]
+    assert docs == {"a": "Text 0.", "b": "Text 1.", "c": "Text 2.", "d": "Text 3.", "e": "Text 4."}
+    with pytest.raises(DataError, match=r"no column 'body'.*available columns: id, text"):
+        read_documents("hf://wikipedia/20220301.en", text_column="body")
+
+
+def test_hf_saved_dataset_folder(ray_cluster, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["One doc.", "Two doc."]}).save_to_disk(str(tmp_path / "saved"))
+    assert docs_of(read_documents(str(tmp_path / "saved"))) == {"0#0": "One doc.", "0#1": "Two doc."}
+
+
+def test_parse_hf_uri():
+    assert parse_hf_uri("hf://wikipedia/20220301.en") == ("wikipedia", "20220301.en", "train")
+    assert parse_hf_uri("hf://wikimedia/wikipedia?config=20231101.en&split=train[:1%]") == (
+        "wikimedia/wikipedia", "20231101.en", "train[:1%]")
+    assert parse_hf_uri("hf://bookcorpus?split=validation") == ("bookcorpus", None, "validation")
+    with pytest.raises(DataError, match=r"cannot parse 'hf://a/b/c'; use hf://NAME"):
+        parse_hf_uri("hf://a/b/c")
+
+
+def test_s3_corpus_reads_like_local(ray_cluster, s3_server, tmp_path):
+    bucket = f"corpus-{uuid.uuid4().hex[:12]}"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    wiki = '<doc id="5" url="u" title="T">\nT\n\nA first sentence here. A second one.\n</doc>\n'
+    for name, body in {"wiki_00": wiki, "wiki_01": wiki.replace('"5"', '"6"')}.items():
+        s3.put_object(Bucket=bucket, Key=f"wiki/AA/{name}", Body=body.encode())
+        (tmp_path / name).write_text(body)
+    assert docs_of(read_documents(f"s3://{bucket}/wiki")) == docs_of(read_documents(str(tmp_path)))
+    with pytest.raises(DataError, match=rf"s3://{bucket}/nothing does not exist"):
+        read_documents(f"s3://{bucket}/nothing")
+
+
+def test_non_utf8_bytes_cost_only_their_sentence(ray_cluster, tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"A clean first sentence here. A broken \xff\xfe sentence here. "
+                                       b"A clean last sentence here.\n")
+    row = read_sentences(str(tmp_path)).take_all()[0]
+    assert row["sentences"] == ["A clean first sentence here.", "A clean last sentence here."]
+    assert row["positions"] == [0, 2] and row["undecodable"] == 1
+
+
+def test_bad_corpus_input(ray_cluster, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"corpus .*empty holds no files"):
+        read_documents(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=r"nothere does not exist"):
+        read_documents(str(tmp_path / "nothere"))
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "mixed" / "b.txt").write_text("x\n")
+    with pytest.raises(DataError, match=r"corpus mixes file kinds \(jsonl, plain\)"):
+        read_documents(str(tmp_path / "mixed"))
+    with pytest.raises(DataError, match=r"unknown corpus format 'csv'"):
+        read_documents(str(tmp_path / "mixed"), fmt="csv")
+    (tmp_path / "notjson.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(DataError, match=r"notjson.jsonl line 1 is not a JSON object"):
+        read_documents(str(tmp_path / "notjson.jsonl"))
+    with pytest.raises(DataError, match=r"need 1 <= min_words <= max_words"):
+        read_sentences(str(tmp_path / "mixed"), min_words=10, max_words=5)
