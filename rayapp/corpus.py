@@ -1,15 +1,13 @@
 """Unlabelled corpora as streaming Ray Data datasets of documents and sentences.
 
-`read_documents(uri)` gives rows `{doc_id, text}` from any of:
-
-| fmt             | input                                                    | doc_id            |
-|-----------------|----------------------------------------------------------|-------------------|
-| `wikiextractor` | `<doc id=.. url=.. title=..>` ... `</doc>` files         | the `id` attribute |
-| `text`          | plain text: a document per blank-line-separated block (`per_file=True`: per file) | `FILE#BLOCK` (`FILE`) |
-| `jsonl`         | one JSON object per line, text in `text_column`          | `id_column`, else `FILE#LINE` |
-| `parquet`       | a table with `text_column`                               | `id_column`, else `FILE#ROWHASH` |
-| `hf`            | `hf://NAME/CONFIG[?split=..]`, `hf://NAME?config=..`, or a local `save_to_disk` dir | `id_column`, else `SHARD#ROW` |
-
+`read_documents(uri)` gives rows `{doc_id, text}` from (fmt: input -> doc_id):
+- `wikiextractor`: `<doc id=.. url=.. title=..>` ... `</doc>` files -> the `id` attribute;
+- `text`: plain text, a document per blank-line-separated block -> `FILE#BLOCK`
+  (`per_file=True`: a document per file -> `FILE`);
+- `jsonl`: a JSON object per line, text in `text_column` -> `id_column`, else `FILE#LINE`;
+- `parquet`: a table with `text_column` -> `id_column`, else `FILE#ROWHASH`;
+- `hf`: `hf://NAME/CONFIG[?split=..]`, `hf://ORG/NAME?config=..[&split=..]` (streamed
+  from the hub) or a local `save_to_disk` folder -> `id_column`, else `SHARD#ROW`.
 `fmt="auto"` picks `hf` for `hf://` URIs and `save_to_disk` folders, `jsonl`/`parquet` by
 file suffix, else sniffs the first file for `<doc `. Every file format is read by Ray Data's
 file-based readers (`read_binary_files` + `flat_map`, `read_parquet`), one task per file,
@@ -28,10 +26,10 @@ U.S. The next year" stays one sentence); that noise is fine for SMASH's intermed
 Sentences never span lines: a line is a paragraph in every supported format.
 
 `document_sentences` then keeps a sentence only if it
-- ends with terminal punctuation: drops titles, WikiExtractor section headings with no
-  period, list items and table debris (HF Wikipedia headings have no period at all);
-- has at least `min_words` words (default 4): drops WikiExtractor's headings, which it
-  ends with a period ("Etymology and terminology."), and stray fragments;
+- ends with terminal punctuation: drops title lines, section headings of HF Wikipedia
+  (which have no period), list items and table debris;
+- has at least `min_words` words (default 4): drops WikiExtractor's section headings,
+  to which it adds a period ("Etymology and terminology."), and stray fragments;
 - has at most `max_words` words (default 80): the pair template `x1 ? <mask> , x2` is cut
   at 128 tokens, and an 80-word x1 still leaves the mask inside that budget;
 - has no U+FFFD. Bytes that are not UTF-8 are decoded with `errors="replace"`, and the
@@ -190,14 +188,26 @@ def _text_docs(row: dict, root: str, per_file: bool) -> list[dict]:
     return [{"doc_id": f"{name}#{k}", "text": _decode(b)} for k, b in enumerate(blocks) if b.strip()]
 
 
+def _json_object(line: bytes) -> dict | None:
+    try:
+        record = json.loads(_decode(line))
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _jsonl_docs(row: dict, root: str, text_column: str, id_column: str | None) -> list[dict]:
+    """A document per non-blank line. A line that is not a JSON object or has no string
+    `text_column` becomes an empty document (counted downstream with the documents that
+    have no usable sentence) rather than failing a long job inside a Ray task; a wrong
+    format or column name is caught on the driver, from the first line."""
     name, docs = _relative(row["path"], root), []
     for n, line in enumerate(row["bytes"].split(b"\n"), 1):
         if line.strip():
-            record = json.loads(_decode(line))
-            doc_id = str(record[id_column]) if id_column else f"{name}#{n}"
-            # A record without text is an empty document: counted downstream, not fatal.
-            docs.append({"doc_id": doc_id, "text": record.get(text_column) or ""})
+            record = _json_object(line) or {}
+            ident, text = record.get(id_column) if id_column else None, record.get(text_column)
+            docs.append({"doc_id": f"{name}#{n}" if ident is None else str(ident),
+                         "text": text if isinstance(text, str) else ""})
     return docs
 
 
@@ -263,6 +273,8 @@ def read_documents(uri: str, *, fmt: str = "auto", text_column: str = "text",
         return _read_hf(uri, text_column, id_column)
     files = _corpus_files(uri)
     fmt = _detect_format(files) if fmt == "auto" else fmt
+    if per_file and fmt != "text":
+        raise DataError(f"per_file=True splits plain text files only, but {uri} is read as {fmt}")
     fs, root = storage.filesystem(uri)
     paths = [storage.filesystem(f)[1] for f in files]
     if fmt == "parquet":
@@ -273,12 +285,8 @@ def read_documents(uri: str, *, fmt: str = "auto", text_column: str = "text",
         return ds.map_batches(_table_docs, batch_format="pyarrow", fn_kwargs={
             "text_column": text_column, "id_column": id_column, "root": root})
     if fmt == "jsonl":
-        first = _head(files[0]).split(b"\n", 1)[0]
-        try:
-            record = json.loads(_decode(first))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{files[0]} line 1 is not JSON ({e}); JSONL needs one object per line") from e
-        if not isinstance(record, dict):
+        record = _json_object(_head(files[0]).lstrip().split(b"\n", 1)[0])
+        if record is None:
             raise DataError(f"{files[0]} line 1 is not a JSON object; JSONL needs one object per line")
         _check_columns(list(record), text_column, id_column, files[0])
         parse = partial(_jsonl_docs, root=root, text_column=text_column, id_column=id_column)
@@ -314,7 +322,14 @@ def _load_hf(uri: str):
 
     if uri.startswith("hf://"):
         name, config, split = parse_hf_uri(uri)
-        return datasets.load_dataset(name, config, split=split, streaming=True)
+        try:
+            return datasets.load_dataset(name, config, split=split, streaming=True)
+        except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ValueError) as e:
+            # ValueError: unknown config or split
+            raise DataError(f"cannot load {uri} ({e}); check the dataset name, config and split") from e
+    if not _is_saved_hf_dataset(uri):
+        raise DataError(f"{uri} is not a folder written by datasets' save_to_disk "
+                        "(no state.json / dataset_info.json); use hf://NAME for hub datasets")
     local = datasets.load_from_disk(storage.filesystem(uri)[1])
     if isinstance(local, datasets.DatasetDict):
         raise DataError(f"{uri} holds splits {list(local)}; point at one split's folder")

@@ -34,7 +34,7 @@ class EngineConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     num_workers: int = 1
     use_gpu: bool | None = None         # None: use GPUs when the cluster has them
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1.0        # CPU workers; leave CPUs free for Ray Data when streaming
     max_device_batch: int = 0           # largest micro-batch on one device; 0 = no limit
     max_failures: int = 0               # worker/node failures to recover from (FailureConfig)
     grad_clip: float = 1.0
@@ -287,7 +287,15 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
 
     if not ray.is_initialized():
         ray.init()  # the embedded default: a local cluster on this machine
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= cfg.num_workers
+    resources = ray.cluster_resources()
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) >= cfg.num_workers
+    reserved = 0 if use_gpu else cfg.num_workers * cfg.cpus_per_worker
+    if datasets and resources.get("CPU", 0) - reserved < 1:
+        # Ray Data's read tasks need a CPU too: without one the workers wait for data forever
+        raise ConfigError(
+            f"{cfg.num_workers} workers x {cfg.cpus_per_worker} CPUs take all {resources.get('CPU', 0):g} CPUs of "
+            "the cluster, leaving none for Ray Data to stream the training data; lower "
+            "engine.cpus_per_worker (e.g. 0.5) or engine.num_workers, or add nodes")
     fs, path = st.filesystem(storage)
     if not st.is_remote(storage):  # workers run in other directories: absolute paths only
         path = str(Path(path).resolve())

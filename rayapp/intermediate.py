@@ -30,26 +30,28 @@ and every later step works on O(N) rows.
    that is a Binomial count, then that many distinct candidates decoded from an index
    space without enumerating the k^2 pairs. The random stream is keyed on (seed,
    doc_id), so what a document contributes does not depend on how Ray batched or
-   scheduled it. Label 0 needs a partner from elsewhere: each sentence is an "endpoint"
-   with probability r_0 (about N_0 of them), with a first-key, a second-key and a random
-   group; a hash shuffle (`groupby(group)`, ~50k candidates a group, label-1/2 rows
-   ride along) brings each group together, and `_match_group` pairs its endpoints as a
-   random bijection (firsts by first-key, seconds by second-key, skipping a partner
-   from the same document), so each sampled sentence is x1 of one label-0 pair and x2
-   of another. These O(N) candidates are materialised (Ray spills them to disk if the
-   object store is small).
+   scheduled it. Label 0 needs a partner from elsewhere: each of the S kept sentences is
+   an "endpoint" with probability r_0 = (N_0 + 6 sqrt(N_0) + 10) / S, with a first-key,
+   a second-key and a random group; a shuffle (`groupby(group)`, ~50k candidates a
+   group, label-1/2 rows ride along) brings each group together, and `_match_group`
+   pairs its endpoints as a random bijection (firsts by first-key, seconds by
+   second-key, skipping a partner from the same document), so each sampled sentence is
+   x1 of one label-0 pair and x2 of another. These O(N) candidates are materialised
+   (Ray spills them to disk if the object store is small).
 3. Selection: the driver collects each label's keys (8 bytes per candidate) and keeps the
    N_l smallest: exactly N_l, a uniform sample of the candidates. The 6-sigma margin makes
    a shortfall astronomically unlikely; if it happens anyway, step 2 re-runs with r = 1
-   for that label, which is deterministic too.
+   for that label, which is deterministic too. (Only label 0 can fall short at r = 1,
+   when matching leaves endpoints unpaired: that is a DataError with the pairs it got.)
 4. Shards: a selected row goes to shard floor(key / t_l * shards) (t_l = the label's
-   largest kept key, so the labels spread evenly over shards), a second hash shuffle
-   gathers each shard, and its task writes it sorted by that normalised key, which
+   largest kept key, so the labels spread evenly over shards), a second shuffle gathers
+   each shard, and its task writes it sorted by that normalised key, which
    interleaves the labels at random. Shard contents and file names depend only on (corpus,
-   N, seed, settings): the same seed rewrites byte-identical files.
+   N, seed, settings), not on the cluster: the same seed rewrites byte-identical files,
+   and the shards read in name order are one sequence whatever `rows_per_shard` is.
 
-Sentiment (`rayapp.sentiment`)
-==============================
+Sentiment
+=========
 The sentiment intermediate task (teacher-filtered single sentences, `x It was <mask> .`)
 goes in the section at the end of this module.
 """
@@ -80,11 +82,11 @@ log = logging.getLogger(__name__)
 META = "_meta.json"
 
 
-def doc_rng(seed: int, doc_id: str, stream: int = 0) -> np.random.Generator:
-    """A random stream that depends only on (seed, document, stream), never on which Ray
-    task or batch sees the document; `hash()` is salted per process, blake2b is not."""
+def doc_rng(seed: int, doc_id: str) -> np.random.Generator:
+    """A random stream that depends only on (seed, document), never on which Ray task or
+    batch sees the document; `hash()` is salted per process, blake2b is not."""
     digest = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
-    return np.random.default_rng([seed, stream, digest])
+    return np.random.default_rng([seed, digest])
 
 
 # --- sentence pairs ------------------------------------------------------------------------
@@ -153,6 +155,7 @@ def _count_batch(batch: pa.Table) -> pa.Table:
 
 
 def count_pairs(sentences: ray.data.Dataset) -> PairCounts:
+    """One streaming pass over `rayapp.corpus.read_sentences` rows: corpus totals."""
     sums = sentences.map_batches(_count_batch, batch_format="pyarrow").sum(list(_COUNT_COLUMNS))
     return PairCounts(**{c: int(sums[f"sum({c})"] or 0) for c in _COUNT_COLUMNS})
 
@@ -310,6 +313,7 @@ def _write_shard(batch: pa.Table, fs: pafs.FileSystem, root: str) -> pa.Table:
 
 
 def check_out_dir(out: str) -> None:
+    """Refuse an output URI that already holds a build (parquet shards or `_meta.json`)."""
     if storage.exists(out) and any(f.endswith((META, ".parquet")) for f in storage.list_files(out)):
         raise DataError(f"{out} already holds parquet files or {META}; pass a new --out, or delete "
                         "it to rebuild (shards of an older run would mix with the new ones)")
@@ -348,6 +352,8 @@ def build_pairs(corpus: str, out: str, num_examples: int, seed: int = 0, *, fmt:
     `max_words` which sentences are kept (`rayapp.corpus`)."""
     if num_examples < 1:
         raise DataError(f"num_examples must be at least 1, got {num_examples}")
+    if seed < 0:
+        raise DataError(f"seed must be a non-negative integer, got {seed}")
     check_out_dir(out)
     sentences = read_sentences(corpus, fmt=fmt, text_column=text_column, id_column=id_column,
                                min_words=min_words, max_words=max_words)

@@ -20,12 +20,12 @@ def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
         return loader.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
         hint = (
-            "it is not a local directory; without network access hub ids cannot be fetched, "
-            "so pass a local model directory"
+            "it is not a local directory and could not be fetched as a hub id (offline, or no such model)"
             if not Path(name_or_path).exists()
             else "the directory exists but does not hold a usable HF model/tokenizer"
         )
-        raise ConfigError(f"cannot load {what} {name_or_path!r}: {hint} ({type(e).__name__}: {e})") from None
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"cannot load {what} {name_or_path!r}: {hint} ({type(e).__name__}: {detail})") from None
 
 
 def local_model_dir(name_or_path: str) -> str:

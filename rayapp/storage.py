@@ -9,6 +9,11 @@ S3-compatible servers (MinIO, the moto server in the tests).
 S3 honours `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL` (pyarrow does not read them itself)
 plus the usual AWS credential and region variables. Buckets are never created
 implicitly: a typo in a bucket name should fail loudly, not litter the account.
+
+Inside Ray tasks, use a filesystem resolved on the driver: `filesystem(uri)` reads the
+environment of the process that calls it, and a worker's environment need not have the
+driver's AWS_* variables (a cluster started before they were set, another node). The
+returned S3 filesystem pickles with the driver's endpoint and keys.
 """
 from __future__ import annotations
 
@@ -184,7 +189,9 @@ def list_files(uri: str, suffix: str | None = None) -> list[str]:
     return sorted(f for f in files if suffix is None or f.endswith(suffix))
 
 
-def _copy_dir(src_uri: str, dst_uri: str) -> None:
+def copy_dir(src_uri: str, dst_uri: str) -> None:
+    """Copy the tree below `src_uri` into `dst_uri` (either local or remote; an HF model
+    dir, a checkpoint), creating local destinations as needed."""
     kind = _info(src_uri).type
     if kind == pafs.FileType.NotFound:
         raise _missing(src_uri)
@@ -196,11 +203,5 @@ def _copy_dir(src_uri: str, dst_uri: str) -> None:
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
-def upload_dir(local_dir: str, uri: str) -> None:
-    """Copy a local directory tree (an HF model dir, a checkpoint) to `uri`."""
-    _copy_dir(local_dir, uri)
-
-
-def download_dir(uri: str, local_dir: str) -> None:
-    """Copy the tree below `uri` into `local_dir` (created if needed)."""
-    _copy_dir(uri, local_dir)
+# Direction-named spellings for call sites that move a local folder to or from storage.
+upload_dir = download_dir = copy_dir

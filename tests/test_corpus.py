@@ -56,8 +56,8 @@ def test_wikiextractor_real_slice(ray_cluster):
     assert len(docs) == 38
     assert docs["12"].startswith("\nAnarchism\n\nAnarchism is a political philosophy")
     assert "<doc" not in "".join(docs.values()) and "</doc>" not in "".join(docs.values())
-    row = read_sentences(str(asset("corpus", "wikipedia-en", "AA", "wiki_00"))).filter(
-        lambda r: r["doc_id"] == "12").take_all()[0]
+    rows = read_sentences(str(asset("corpus", "wikipedia-en", "AA", "wiki_00"))).take_all()
+    row = next(r for r in rows if r["doc_id"] == "12")
     assert row["sentences"][0].startswith("Anarchism is a political philosophy that advocates")
     assert "Etymology and terminology." not in row["sentences"]  # heading dropped
     assert row["fragments"] > 0 and len(row["sentences"]) == len(row["positions"]) > 100
@@ -84,6 +84,10 @@ def test_jsonl_text_and_id_columns(ray_cluster, tmp_path):
     with pytest.raises(DataError, match=r"c.jsonl has no column 'text' \(text_column\); "
                                         r"available columns: body, key"):
         read_documents(uri)
+    # Ray tasks parse the later lines: a broken one becomes an empty document, not a crash
+    (tmp_path / "c.jsonl").write_text('{"body": "Fine."}\n[1]\n{"body": 5}\n{"body": "Fine too.\n')
+    assert docs_of(read_documents(uri, text_column="body")) == {
+        "c.jsonl#1": "Fine.", "c.jsonl#2": "", "c.jsonl#3": "", "c.jsonl#4": ""}
 
 
 def test_parquet_text_and_id_columns(ray_cluster, tmp_path):
@@ -116,6 +120,13 @@ def test_hf_hub_uri_streams_every_shard(ray_cluster, monkeypatch):
     assert docs == {"a": "Text 0.", "b": "Text 1.", "c": "Text 2.", "d": "Text 3.", "e": "Text 4."}
     with pytest.raises(DataError, match=r"no column 'body'.*available columns: id, text"):
         read_documents("hf://wikipedia/20220301.en", text_column="body")
+
+    def missing(*args, **kwargs):
+        raise datasets.exceptions.DatasetNotFoundError("Dataset 'nope' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(DataError, match=r"cannot load hf://nope \(Dataset 'nope' doesn't exist.*\); check the"):
+        read_documents("hf://nope")
 
 
 def test_hf_saved_dataset_folder(ray_cluster, tmp_path):
@@ -173,3 +184,7 @@ def test_bad_corpus_input(ray_cluster, tmp_path):
         read_documents(str(tmp_path / "notjson.jsonl"))
     with pytest.raises(DataError, match=r"need 1 <= min_words <= max_words"):
         read_sentences(str(tmp_path / "mixed"), min_words=10, max_words=5)
+    with pytest.raises(DataError, match=r"per_file=True splits plain text files only, but .* is read as jsonl"):
+        read_documents(str(tmp_path / "mixed" / "a.jsonl"), per_file=True)
+    with pytest.raises(DataError, match=r"mixed is not a folder written by datasets' save_to_disk"):
+        read_documents(str(tmp_path / "mixed"), fmt="hf")

@@ -60,7 +60,7 @@ def _cfg(tmp_path, **kw) -> DistillConfig:
 
 
 def test_distill_from_cache_then_finetune(cache, student, tmp_path):
-    rec = run(_cfg(tmp_path, student=student, data=cache, engine=EngineConfig(num_workers=2)))
+    rec = run(_cfg(tmp_path, student=student, data=cache, engine=EngineConfig(num_workers=2, cpus_per_worker=0.5)))
     assert rec["steps"] == 12 and rec["last_loss"] < rec["first_loss"]
     assert rec["restarts"] == []
     # the exported student is an HF dir, and prompt FT starts from it
@@ -85,13 +85,17 @@ def test_deepspeed_zero2_survives_a_killed_worker(cache, student, tmp_path):
 
     cfg = _cfg(tmp_path, student=student, data=cache, max_steps=400, checkpoint_every=10, log_every=10,
                batch_size=4, name="ft-run",
-               engine=EngineConfig(num_workers=2, engine="deepspeed", zero_stage=2, max_failures=1))
+               engine=EngineConfig(num_workers=2, cpus_per_worker=0.5, engine="deepspeed", zero_stage=2,
+                                   max_failures=1))
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run(cfg)))
     thread.start()
     run_dir = tmp_path / "runs" / "ft-run"
     seen = wait_until(lambda: _ckpt_steps(run_dir), timeout=300, what="the first checkpoint")
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    import ray
+
+    workers = list_actors(address=ray.get_runtime_context().gcs_address,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert len(workers) == 2
     os.kill(workers[1].pid, signal.SIGKILL)
     thread.join(timeout=600)
@@ -137,6 +141,11 @@ def test_every_objective_gives_a_gradient(objective, pairs, tiny_roberta, studen
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     assert s.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_workers_that_leave_no_cpu_for_streaming(cache, student, tmp_path):
+    with pytest.raises(ConfigError, match="leaving none for Ray Data to stream the training data"):
+        run(_cfg(tmp_path, student=student, data=cache, engine=EngineConfig(num_workers=2)))
 
 
 def test_distill_config_errors(cache, tiny_bert, tmp_path):

@@ -80,6 +80,8 @@ def test_upload_download_roundtrip(bucket, tmp_path):
     storage.download_dir(bucket + "/ckpt/model", str(tmp_path / "back"))
     assert (tmp_path / "back" / "config.json").read_text() == '{"layers": 2}'
     assert (tmp_path / "back" / "sub" / "weights.bin").read_bytes() == bytes(range(256))
+    storage.copy_dir(bucket + "/ckpt/model", bucket + "/final")  # remote to remote
+    assert storage.read_bytes(bucket + "/final/sub/weights.bin") == bytes(range(256))
     with pytest.raises(DataError, match=r"is a file; give the directory"):
         storage.download_dir(bucket + "/ckpt/model/config.json", str(tmp_path / "x"))
 

@@ -1,0 +1,60 @@
+"""The `rayapp` command line: subcommands, help, and one-line errors for user mistakes."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+from rayapp.assets import asset
+from rayapp.cli import main
+
+
+def test_tasks_lists_all_builtin_tasks(capsys):
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    for name in ("SST-2", "MNLI-mm", "STS-B", "trec", "CoLA"):
+        assert name in out
+
+
+def test_tasks_show_renders_a_prompt(capsys):
+    tokenizer = str(asset("models", "bert-base-uncased-tokenizer"))
+    assert main(["tasks", "--show", "RTE", "--tokenizer", tokenizer, "--example", "It rains."]) == 0
+    out = capsys.readouterr().out
+    assert "[CLS] it rains? [MASK], the second sentence. [SEP]" in out
+    assert "not_entailment -> ['no']" in out
+
+
+def test_fewshot_show(capsys):
+    assert main(["fewshot", "show", "--task", "RTE", "--seed", "21"]) == 0
+    out = capsys.readouterr().out
+    assert '"train": 32' in out and '"test": 277' in out
+
+
+def test_fewshot_make(tmp_path, capsys):
+    table = tmp_path / "pool.tsv"
+    table.write_text("text\ty\n" + "".join(f"sentence number {i}\t{i % 2}\n" for i in range(40)))
+    args = ["fewshot", "make", "--task", "SST-2", "--train", str(table), "--test", str(table),
+            "--columns", "text_a=text", "label=y", "--k", "4", "--seeds", "13", "21", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert (tmp_path / "out" / "SST-2" / "4-21" / "train.jsonl").exists()
+    assert "train 8 dev 8 test 40" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "task=SST-3"], "unknown task 'SST-3'"),
+    (["finetune", "lrr=1"], r"unknown config key\(s\) \['lrr'\]"),
+    (["finetune", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["fewshot", "show", "--task", "RTE", "--k", "8"], "8-13"),
+    (["distill", "setting=3"], "data is required"),
+    (["teacher-cache", "--examples", "nowhere", "--teacher", "x", "--out", "y"], "cannot load tokenizer 'x'"),
+])
+def test_user_mistakes_are_one_line_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "rayapp.cli", "finetune", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "key=value" in out.stdout
