@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="rayapp demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", default=".cache/demo")
     p.add_argument("--pairs", type=int, default=3000)
-    p.add_argument("--teacher-steps", type=int, default=300)
-    p.add_argument("--distill-steps", type=int, default=300)
-    p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--teacher-steps", type=int, default=80)
+    p.add_argument("--distill-steps", type=int, default=120)
+    p.add_argument("--finetune-steps", type=int, default=100)
     p.add_argument("--tasks", nargs="+", default=["RTE", "SST-2"])
     args = p.parse_args(argv)
     work = Path(args.work_dir).resolve()
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     _once(work / "pairs.json", lambda: build_pairs(str(asset("corpus", "wikipedia-en", "AA")), pairs,
                                                    num_examples=args.pairs, seed=0))
     teacher = _once(work / "teacher.json", lambda: pretrain.run(pretrain.PretrainConfig(
-        model=str(asset("models", "all-MiniLM-L6-v2")), data=pairs, max_length=64, batch_size=32, lr=2e-4,
+        model=str(asset("models", "all-MiniLM-L6-v2")), data=pairs, max_length=48, batch_size=16, lr=5e-4,
         max_steps=args.teacher_steps, checkpoint_every=args.teacher_steps, output_dir=runs, name="teacher",
         engine=engine)))
     student = str(work / "student")
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     cache = str(work / "cache")
     _once(work / "cache.json", lambda: build_cache(pairs, teacher["model"], cache, task="smash-pairs", top_k=64))
     smash = _once(work / "distill.json", lambda: distill.run(distill.DistillConfig(
-        student=student, teacher=teacher["model"], data=cache, batch_size=32, lr=1e-4,
-        max_steps=args.distill_steps, checkpoint_every=args.distill_steps, log_every=25, output_dir=runs,
+        student=student, teacher=teacher["model"], data=cache, batch_size=16, lr=1e-4,
+        max_steps=args.distill_steps, checkpoint_every=args.distill_steps, log_every=20, output_dir=runs,
         name="smash", engine=engine)))
 
     table = {}
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             rec = _once(work / f"ft-{task}-{label.replace(' ', '').replace('+', '-')}.json",
                         lambda: finetune.run(finetune.FinetuneConfig(
                             task=task, model=student, init=init, batch_size=4, lr=5e-5,
-                            max_steps=args.finetune_steps, eval_every=50, output_dir=runs, engine=engine,
+                            max_steps=args.finetune_steps, eval_every=25, output_dir=runs, engine=engine,
                             max_length=128 if task != "SST-2" else 64)))
             table.setdefault(label, {})[task] = rec["test"]
     summary = {

@@ -147,45 +147,40 @@ def mlm_batch(rows: dict, tokenizer, max_length: int, probability: float, genera
     return {"input_ids": ids, "attention_mask": enc["attention_mask"], "mlm_labels": labels}
 
 
-def _at_mask(logits: torch.Tensor, mask_pos: torch.Tensor) -> torch.Tensor:
-    return logits[torch.arange(logits.size(0), device=logits.device), mask_pos]
-
-
-# --- losses per objective ---------------------------------------------------------------
-
 def make_loss_fn(cfg: DistillConfig, teacher, label_word_ids):
-    def forward(model, batch, **kw):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
+    """`loss_fn(student, batch)` of the configured objective. `student` and `teacher` are
+    `models.LogitsAt` (engine-wrapped for the student): logits come at the mask only, or at
+    the masked tokens for the DistilBERT objective."""
 
-    @torch.no_grad()
-    def teacher_out(batch, **kw):
-        return forward(teacher, batch, **kw)
+    def at(model, batch, positions, **kw):
+        return model(batch["input_ids"], batch["attention_mask"], positions=positions, **kw)
 
     def loss_fn(model, batch):
         obj = cfg.objective
-        if obj == "ce" and "topk_values" in batch:
-            s = _at_mask(forward(model, batch).logits, batch["mask_pos"])
+        if obj == "distilbert":
+            masked = batch["mlm_labels"] != -100
+            kw = {"output_hidden_states": True}
+            s, s_out = at(model, batch, masked, **kw)
+            with torch.no_grad():
+                t, t_out = at(teacher, batch, masked, **kw)
+            return distilbert_loss(s, t, batch["mlm_labels"][masked], s_out.hidden_states[-1],
+                                   t_out.hidden_states[-1], batch["attention_mask"], temperature=2.0)
+        kw = {"output_hidden_states": obj == "ce+hidden", "output_attentions": obj == "ce+attn"}
+        s, s_out = at(model, batch, batch["mask_pos"], **kw)
+        if "topk_values" in batch:  # the teacher's top-k cache
             return soft_ce_topk(s, batch["topk_values"], batch["topk_indices"], batch["lse"],
                                 renormalize=cfg.renormalize_topk), {}
         if obj in ("rule", "hard-label"):
-            s = _at_mask(forward(model, batch).logits, batch["mask_pos"])
             return verbalizer_ce(s, label_word_ids, batch["labels"]), {}
-        if obj == "distilbert":
-            kw = {"output_hidden_states": True}
-            s, t = forward(model, batch, **kw), teacher_out(batch, **kw)
-            total, parts = distilbert_loss(s.logits, t.logits, batch["mlm_labels"], s.hidden_states[-1],
-                                           t.hidden_states[-1], batch["attention_mask"], temperature=2.0)
-            return total, parts
-        kw = {"output_hidden_states": obj == "ce+hidden", "output_attentions": obj == "ce+attn"}
-        s, t = forward(model, batch, **kw), teacher_out(batch, **kw)
-        t_probs = torch.softmax(_at_mask(t.logits, batch["mask_pos"]).float() / cfg.temperature, -1)
-        ce = soft_ce(_at_mask(s.logits, batch["mask_pos"]), t_probs, temperature=cfg.temperature)
+        with torch.no_grad():
+            t, t_out = at(teacher, batch, batch["mask_pos"], **kw)
+        ce = soft_ce(s, torch.softmax(t.float() / cfg.temperature, -1), temperature=cfg.temperature)
         if obj == "ce":
             return ce, {}
         if obj == "ce+hidden":
-            aux = hidden_mse(s.hidden_states, t.hidden_states, batch["attention_mask"])
+            aux = hidden_mse(s_out.hidden_states, t_out.hidden_states, batch["attention_mask"])
         else:
-            aux = attention_mse(s.attentions, t.attentions, batch["attention_mask"])
+            aux = attention_mse(s_out.attentions, t_out.attentions, batch["attention_mask"])
         return ce + cfg.aux_weight * aux, {"ce": ce.detach(), "aux": aux.detach()}
 
     return loss_fn
@@ -196,7 +191,7 @@ def make_loss_fn(cfg: DistillConfig, teacher, label_word_ids):
 def train_loop(loop_cfg: dict) -> None:
     import ray.train
 
-    from rayapp.models import load_mlm, load_tokenizer, local_model_dir
+    from rayapp.models import LogitsAt, load_mlm, load_tokenizer, local_model_dir
     from rayapp.prompts import PromptEncoder
 
     cfg: DistillConfig = loop_cfg["cfg"]
@@ -208,11 +203,11 @@ def train_loop(loop_cfg: dict) -> None:
 
     student_dir = local_model_dir(loop_cfg["student"])
     tokenizer = load_tokenizer(student_dir)
-    student = load_mlm(student_dir, **attn)
+    student = LogitsAt(load_mlm(student_dir, **attn))
     teacher = None
     if cfg.objective in NEEDS_TEACHER and not uses_cache(cfg):
-        teacher = load_mlm(local_model_dir(loop_cfg["teacher"]), **attn).to(ray.train.torch.get_device()).eval()
-        teacher.requires_grad_(False)
+        teacher = LogitsAt(load_mlm(local_model_dir(loop_cfg["teacher"]), **attn))
+        teacher.to(ray.train.torch.get_device()).eval().requires_grad_(False)
     encoder = PromptEncoder(tokenizer, task, max_length) if cfg.objective != "distilbert" else None
     micro, accum = split_batch(cfg.batch_size, world, cfg.engine.max_device_batch)
     engine = Engine(student, cfg.engine, lr=cfg.lr, weight_decay=cfg.weight_decay,

@@ -143,8 +143,13 @@ class Engine:
 
     @property
     def module(self) -> torch.nn.Module:
-        """The bare HF model (for eval, export and state dicts)."""
+        """The trained module without its DDP/DeepSpeed wrapper (for eval and state dicts)."""
         return getattr(self.model, "module", self.model)
+
+    @property
+    def hf_model(self):
+        """The HF model to export (recipes may train it inside `models.LogitsAt`)."""
+        return getattr(self.module, "mlm", self.module)
 
     @property
     def lr(self) -> float:
@@ -193,7 +198,7 @@ class Engine:
         if self.cfg.engine == "deepspeed":
             self.model.save_checkpoint(str(ckpt_dir / "deepspeed"), tag="state", exclude_frozen_parameters=True)
         if rank == 0:
-            self.module.save_pretrained(ckpt_dir / "model", safe_serialization=True)
+            self.hf_model.save_pretrained(ckpt_dir / "model", safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(ckpt_dir / "model")
             if self.cfg.engine != "deepspeed":
@@ -209,7 +214,7 @@ class Engine:
             from safetensors.torch import load_file
 
             weights = load_file(ckpt_dir / "model" / "model.safetensors", device=str(self.device))
-            self.module.load_state_dict(weights, strict=False)  # tied weights are stored once
+            self.hf_model.load_state_dict(weights, strict=False)  # tied weights are stored once
             opt = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=False)
             self.optimizer.load_state_dict(opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])

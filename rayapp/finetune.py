@@ -107,9 +107,8 @@ def make_batch(examples: list[Example], task: Task, tokenizer, encoder: PromptEn
 
 
 def _mask_logits(model, batch) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    rows = torch.arange(batch["input_ids"].size(0), device=out.logits.device)
-    return out.logits[rows, batch["mask_pos"]]
+    """[B, V] logits at the mask; `model` is a `LogitsAt` (maybe DDP/DeepSpeed-wrapped)."""
+    return model(batch["input_ids"], batch["attention_mask"], positions=batch["mask_pos"])[0]
 
 
 def make_loss_fn(task: Task, encoder: PromptEncoder | None):
@@ -171,7 +170,7 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer, encoder, cfg
 def train_loop(loop_cfg: dict) -> None:
     import ray.train
 
-    from rayapp.models import load_classifier, load_mlm, load_tokenizer
+    from rayapp.models import LogitsAt, load_classifier, load_mlm, load_tokenizer
 
     cfg: FinetuneConfig = loop_cfg["cfg"]
     split: FewShotSplit = loop_cfg["split"]
@@ -185,7 +184,7 @@ def train_loop(loop_cfg: dict) -> None:
     if cfg.method == "classifier":
         model, encoder = load_classifier(src, 1 if task.is_regression else len(task.labels)), None
     else:
-        model, encoder = load_mlm(src), PromptEncoder(tokenizer, task, cfg.max_length)
+        model, encoder = LogitsAt(load_mlm(src)), PromptEncoder(tokenizer, task, cfg.max_length)
     micro, accum = split_batch(cfg.batch_size, world, cfg.engine.max_device_batch)
     steps = cfg.max_steps if cfg.method != "zero-shot" else 0
     engine = Engine(model, cfg.engine, lr=cfg.lr, weight_decay=cfg.weight_decay,

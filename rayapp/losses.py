@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from rayapp.errors import ConfigError, DataError
 from rayapp.prompts import class_logits
 
-IGNORE_INDEX = -100  # HF convention for "not a masked token" in MLM labels
 
 
 def _check_vocab(student_size: int, teacher_size: int, what: str) -> None:
@@ -175,14 +174,15 @@ def attention_mse(student_attn: Sequence[torch.Tensor], teacher_attn: Sequence[t
 
 
 def distilbert_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                    mlm_labels: torch.Tensor, student_last_hidden: torch.Tensor,
+                    masked_labels: torch.Tensor, student_last_hidden: torch.Tensor,
                     teacher_last_hidden: torch.Tensor, attention_mask: torch.Tensor,
                     temperature: float = 2.0, weights: tuple[float, float, float] = (5.0, 2.0, 1.0),
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DistilBERT objective, SMASH §4.4 setting (5): w_ce L_ce + w_mlm L_mlm + w_cos L_cos.
 
-    student/teacher_logits [B, T, V], mlm_labels [B, T] (-100 = not masked),
-    *_last_hidden [B, T, H], attention_mask [B, T].
+    student/teacher_logits [N, V] at the N masked positions (the vocabulary projection is
+    only computed there), masked_labels [N] the original tokens, *_last_hidden [B, T, H],
+    attention_mask [B, T].
       L_ce  = eq. 1 with temperature T on the masked positions, times T^2 (Sanh et al. use
               KL, which differs from CE by the teacher's entropy: same gradient);
       L_mlm = hard CE of the student on the masked tokens (no temperature);
@@ -197,11 +197,9 @@ def distilbert_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             f"{student_last_hidden.shape[-1]} vs teacher {teacher_last_hidden.shape[-1]}; "
             "use a teacher of the student's family (e.g. roberta-base for distilroberta-base)"
         )
-    masked = mlm_labels != IGNORE_INDEX
-    n_masked = max(int(masked.sum()), 1)
-    s_masked = student_logits[masked]
-    ce = _tempered_ce_rows(s_masked, teacher_logits[masked], temperature).sum() / n_masked
-    mlm = F.cross_entropy(s_masked.float(), mlm_labels[masked], reduction="sum") / n_masked
+    n_masked = max(masked_labels.numel(), 1)
+    ce = _tempered_ce_rows(student_logits, teacher_logits, temperature).sum() / n_masked
+    mlm = F.cross_entropy(student_logits.float(), masked_labels, reduction="sum") / n_masked
     real = attention_mask.bool()
     cos = (1 - F.cosine_similarity(student_last_hidden[real].float(),
                                    teacher_last_hidden[real].float(), dim=-1)).mean()

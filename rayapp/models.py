@@ -37,7 +37,7 @@ def local_model_dir(name_or_path: str) -> str:
         return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
     local = Path.home() / ".cache" / "rayapp" / "models" / hashlib.sha1(name_or_path.encode()).hexdigest()[:16]
     if not (local / ".complete").exists():
-        storage.download_dir(name_or_path, str(local))
+        storage.copy_dir(name_or_path, str(local))
         (local / ".complete").touch()
     return str(local)
 
@@ -78,6 +78,43 @@ def load_mlm(name_or_path: str, **kwargs):
             "prompt-based methods need an MLM such as BERT, RoBERTa or DistilRoBERTa"
         ) from None
     return _from_pretrained(AutoModelForMaskedLM, name_or_path, "masked LM", **kwargs)
+
+
+def mlm_head(model) -> torch.nn.Module | None:
+    """The module mapping hidden states [..., H] to vocabulary logits: BERT's `cls`,
+    RoBERTa-family `lm_head`; None for other MLMs (they get the full forward pass)."""
+    for name in ("cls", "lm_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    return None
+
+
+class LogitsAt(torch.nn.Module):
+    """An HF masked LM whose forward projects to the vocabulary only at chosen positions.
+
+    Prompt methods read one position per example (the mask) and MLM reads ~15%: the full
+    projection is the largest tensor of a step (B*T*V floats, 3.3 GB at SMASH's batch 128 x
+    128 tokens x 50k vocabulary) and almost all of it would be thrown away. The engines wrap
+    this module, so DDP and DeepSpeed see one ordinary forward.
+    """
+
+    def __init__(self, mlm: torch.nn.Module):
+        super().__init__()
+        self.mlm = mlm
+
+    def forward(self, input_ids, attention_mask, positions: torch.Tensor, **kwargs):
+        """positions: LongTensor [B] (one position per row) or BoolTensor [B, T]. Returns
+        (logits [N, V], the encoder's outputs: hidden_states/attentions when asked for)."""
+        head = mlm_head(self.mlm)
+        model = self.mlm.base_model if head is not None else self.mlm
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        states = out.last_hidden_state if head is not None else out.logits
+        if positions.dtype == torch.bool:
+            picked = states[positions]
+        else:
+            picked = states[torch.arange(states.shape[0], device=states.device), positions]
+        return (head(picked) if head is not None else picked), out
 
 
 def load_classifier(name_or_path: str, num_labels: int):

@@ -46,24 +46,32 @@ class PretrainConfig:
                               "`rayapp intermediate pairs`)")
 
 
+def mlm_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on the masked tokens; `model` is a `LogitsAt`, so the vocabulary
+    projection runs on those ~15% of positions only."""
+    masked = batch["mlm_labels"] != -100
+    logits, _ = model(batch["input_ids"], batch["attention_mask"], positions=masked)
+    return torch.nn.functional.cross_entropy(logits.float(), batch["mlm_labels"][masked]), {}
+
+
 @torch.no_grad()
 def masked_accuracy(model, batches: list[dict], device) -> float:
     """Share of masked positions whose original token is the model's top prediction."""
     model.eval()
     hit = total = 0
     for b in batches:
-        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
-        labels = b["mlm_labels"].to(device)
-        chosen = labels != -100
-        hit += int((logits.argmax(-1)[chosen] == labels[chosen]).sum())
-        total += int(chosen.sum())
+        b = {k: v.to(device) for k, v in b.items()}
+        masked = b["mlm_labels"] != -100
+        logits, _ = model(b["input_ids"], b["attention_mask"], positions=masked)
+        hit += int((logits.argmax(-1) == b["mlm_labels"][masked]).sum())
+        total += int(masked.sum())
     return hit / max(1, total)
 
 
 def train_loop(loop_cfg: dict) -> None:
     import ray.train
 
-    from rayapp.models import load_mlm, load_tokenizer, local_model_dir
+    from rayapp.models import LogitsAt, load_mlm, load_tokenizer, local_model_dir
 
     cfg: PretrainConfig = loop_cfg["cfg"]
     ctx = ray.train.get_context()
@@ -72,7 +80,7 @@ def train_loop(loop_cfg: dict) -> None:
     model_dir = local_model_dir(loop_cfg["model"])
     tokenizer = load_tokenizer(model_dir)
     micro, accum = split_batch(cfg.batch_size, world, cfg.engine.max_device_batch)
-    engine = Engine(load_mlm(model_dir), cfg.engine, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    engine = Engine(LogitsAt(load_mlm(model_dir)), cfg.engine, lr=cfg.lr, weight_decay=cfg.weight_decay,
                     warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), total_steps=cfg.max_steps,
                     micro_batch=micro, grad_accum=accum)
     gen = torch.Generator().manual_seed(cfg.seed)  # fixed masking of the held-out text
@@ -93,9 +101,7 @@ def train_loop(loop_cfg: dict) -> None:
     batches = stream()
     bar = Progress("mlm pretrain", cfg.max_steps, state["step"])
     for step in range(state["step"] + 1, cfg.max_steps + 1):
-        logs = engine.train_step([next(batches) for _ in range(accum)],
-                                 lambda m, b: (m(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                                 labels=b["mlm_labels"]).loss, {}))
+        logs = engine.train_step([next(batches) for _ in range(accum)], mlm_loss)
         state["loss_curve"].append([step, logs["loss"]])
         bar.update(loss=f"{logs['loss']:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:

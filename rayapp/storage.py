@@ -201,7 +201,3 @@ def copy_dir(src_uri: str, dst_uri: str) -> None:
     src_fs, src = filesystem(src_uri)
     dst_fs, dst = filesystem(dst_uri)
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
-
-
-# Direction-named spellings for call sites that move a local folder to or from storage.
-upload_dir = download_dir = copy_dir

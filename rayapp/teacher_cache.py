@@ -53,7 +53,7 @@ import torch
 
 from rayapp import storage
 from rayapp.errors import ConfigError, DataError
-from rayapp.models import load_mlm, load_model_config, load_tokenizer, local_model_dir, portable_model
+from rayapp.models import load_mlm, load_model_config, mlm_head, load_tokenizer, local_model_dir, portable_model
 from rayapp.prompts import BUILTIN_TASKS, PromptEncoder, Task, class_logits
 
 log = logging.getLogger(__name__)
@@ -86,16 +86,6 @@ def resolve_task(task: str | Task) -> tuple[Task, int]:
 
 # --- the teacher at the mask --------------------------------------------------------------
 
-def _mlm_head(model) -> torch.nn.Module | None:
-    # BERT (`cls`) and RoBERTa-family (`lm_head`) heads map hidden states [..., H] to logits,
-    # so they can run on the mask position alone; other MLMs get the full forward pass.
-    for name in ("cls", "lm_head"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module):
-            return head
-    return None
-
-
 def mask_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_pos: torch.Tensor,
                 half: torch.dtype | None = None) -> torch.Tensor:
     """float32 MLM logits at each example's mask position, `[B, V]`.
@@ -108,7 +98,7 @@ def mask_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
     device = input_ids.device.type
     autocast = torch.autocast(device, dtype=half) if half is not None else contextlib.nullcontext()
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    head = _mlm_head(model)
+    head = mlm_head(model)
     with torch.inference_mode():
         if head is None:
             with autocast:

@@ -142,7 +142,9 @@ def test_distilbert_loss_hand_computed():
     s_hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])
     t_hidden = torch.tensor([[[1.0, 1.0], [0.0, 2.0], [0.0, 1.0]]])
     mask = torch.tensor([[1, 1, 0]])
-    total, parts = distilbert_loss(student_logits, teacher_logits, labels, s_hidden, t_hidden, mask)
+    masked = labels != -100  # the recipe projects to the vocabulary at masked positions only
+    total, parts = distilbert_loss(student_logits[masked], teacher_logits[masked], labels[masked], s_hidden,
+                                   t_hidden, mask)
     # ce: at T=2, t = softmax([0, ln 2]) = [1/3, 2/3], s = [1/2, 1/2] -> ln 2, times T^2 = 4.
     ce = 4 * ln(2)
     mlm = ln(2)
@@ -155,16 +157,15 @@ def test_distilbert_loss_hand_computed():
 
 
 def test_distilbert_loss_without_masked_tokens_is_finite():
-    x = torch.randn(1, 2, 4, requires_grad=True)
-    total, parts = distilbert_loss(x, torch.randn(1, 2, 4), torch.full((1, 2), -100),
+    x = torch.randn(0, 4, requires_grad=True)  # no masked position in the batch
+    total, parts = distilbert_loss(x, torch.randn(0, 4), torch.zeros(0, dtype=torch.long),
                                    torch.randn(1, 2, 3), torch.randn(1, 2, 3), torch.ones(1, 2))
     assert parts["ce"].item() == 0 and parts["mlm"].item() == 0 and torch.isfinite(total)
 
 
 def test_distilbert_loss_hidden_mismatch_is_config_error():
     with pytest.raises(ConfigError, match="same hidden size.*student 3 vs teacher 5"):
-        distilbert_loss(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4),
-                        torch.zeros(1, 2, dtype=torch.long),
+        distilbert_loss(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, dtype=torch.long),
                         torch.zeros(1, 2, 3), torch.zeros(1, 2, 5), torch.ones(1, 2))
 
 

@@ -74,16 +74,16 @@ def test_upload_download_roundtrip(bucket, tmp_path):
     (src / "sub").mkdir(parents=True)
     (src / "config.json").write_text('{"layers": 2}')
     (src / "sub" / "weights.bin").write_bytes(bytes(range(256)))
-    storage.upload_dir(str(src), bucket + "/ckpt/model")
+    storage.copy_dir(str(src), bucket + "/ckpt/model")
     assert storage.list_files(bucket + "/ckpt") == [bucket + "/ckpt/model/config.json",
                                                    bucket + "/ckpt/model/sub/weights.bin"]
-    storage.download_dir(bucket + "/ckpt/model", str(tmp_path / "back"))
+    storage.copy_dir(bucket + "/ckpt/model", str(tmp_path / "back"))
     assert (tmp_path / "back" / "config.json").read_text() == '{"layers": 2}'
     assert (tmp_path / "back" / "sub" / "weights.bin").read_bytes() == bytes(range(256))
     storage.copy_dir(bucket + "/ckpt/model", bucket + "/final")  # remote to remote
     assert storage.read_bytes(bucket + "/final/sub/weights.bin") == bytes(range(256))
     with pytest.raises(DataError, match=r"is a file; give the directory"):
-        storage.download_dir(bucket + "/ckpt/model/config.json", str(tmp_path / "x"))
+        storage.copy_dir(bucket + "/ckpt/model/config.json", str(tmp_path / "x"))
 
 
 def test_filesystem_feeds_pyarrow(bucket):
