@@ -110,7 +110,8 @@ def test_deepspeed_zero2_survives_a_killed_worker(cache, student, tmp_path):
     # at most one checkpoint interval of steps was lost: it resumed from the newest checkpoint
     assert resumed_at >= registered and resumed_at % 10 == 0
     # every rank saved its ZeRO shard into the checkpoint
-    last = max(run_dir.glob("checkpoint_*"), key=lambda d: json.loads((d / "trainer_state.json").read_text())["step"])
+    last = max((d for d in run_dir.glob("checkpoint_*") if d.is_dir()),
+               key=lambda d: json.loads((d / "trainer_state.json").read_text())["step"])
     shards = list((last / "deepspeed" / "state").glob("*optim_states.pt"))
     assert len(shards) == 2
 

@@ -99,7 +99,7 @@ def test_scorer_with_the_full_vocabulary_covers_all_mass(tiny_bert):
     vocab = load_mlm(tiny_bert).config.vocab_size
     out = TeacherScorer(tiny_bert, PAIRS, 128, top_k=vocab)(pa.Table.from_pylist(rows))
     assert out["covered"].to_pylist() == pytest.approx([1.0] * 3, abs=1e-5)
-    assert out["topk_values"].type == pa.list_(pa.float32(), vocab)
+    assert out["topk_values"].type == pa.list_(pa.float16(), vocab)
 
 
 # --- build_cache -----------------------------------------------------------------------------
