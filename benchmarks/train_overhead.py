@@ -41,11 +41,11 @@ def bare_loop(student_dir: str, cache: str, batch: int, steps: int, warmup: int,
 
     from rayapp.distill import DistillConfig, cache_batch, make_loss_fn
     from rayapp.engine import linear_schedule
-    from rayapp.models import load_mlm, load_tokenizer
+    from rayapp.models import LogitsAt, load_mlm, load_tokenizer
 
     rows = pq.read_table(cache).to_pydict()
     tok = load_tokenizer(student_dir)
-    model = load_mlm(student_dir).to(device).train()
+    model = LogitsAt(load_mlm(student_dir)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     sched = linear_schedule(opt, 0, steps)
     loss_fn = make_loss_fn(DistillConfig(data=cache), None, None)

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=13, help="(show) split seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[13, 21, 42, 87, 100], help="(make) split seeds")
     p.add_argument("--data-dir", help="(show) LM-BFF k-shot root; default: local assets")
-    p.add_argument("--train", help="(make) labelled table to sample train/dev from (tsv/csv/jsonl/json/parquet/hf://)")
+    p.add_argument("--train", help="(make) labelled table to sample train/dev from (tsv/csv/jsonl/json/parquet/hf://NAME/CONFIG?split=S)")
     p.add_argument("--test", help="(make) labelled test table")
     p.add_argument("--columns", nargs="*", metavar="field=column", help="(make) e.g. text_a=sentence label=label")
     p.add_argument("--out", help="(make) output root (TASK/K-SEED/{train,dev,test}.jsonl)")

@@ -46,7 +46,6 @@ import re
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -299,29 +298,13 @@ def read_documents(uri: str, *, fmt: str = "auto", text_column: str = "text",
 
 # --- Hugging Face datasets -----------------------------------------------------------------
 
-def parse_hf_uri(uri: str) -> tuple[str, str | None, str]:
-    """`hf://NAME/CONFIG?split=S` or `hf://ORG/NAME?config=C&split=S` -> (name, config, split).
-
-    Two path parts mean NAME/CONFIG (`hf://wikipedia/20220301.en`); with `config=` in the
-    query the whole path is the name, for org-scoped datasets."""
-    parsed = urlparse(uri)
-    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-    parts = [p for p in (parsed.netloc + parsed.path).split("/") if p]
-    if not parts or len(parts) > (2 if "config" not in query else 3):
-        raise DataError(f"cannot parse {uri!r}; use hf://NAME, hf://NAME/CONFIG or "
-                        "hf://ORG/NAME?config=CONFIG, optionally with &split=SPLIT")
-    if "config" in query:
-        return "/".join(parts), query["config"], query.get("split", "train")
-    return parts[0], parts[1] if len(parts) == 2 else None, query.get("split", "train")
-
-
 def _load_hf(uri: str):
     """The corpus as a `datasets.IterableDataset`: streamed from the hub, or from a local
     `save_to_disk` folder (memory-mapped, cut into shards so tasks can share the work)."""
     import datasets
 
     if uri.startswith("hf://"):
-        name, config, split = parse_hf_uri(uri)
+        name, config, split = storage.parse_hf_uri(uri)
         try:
             return datasets.load_dataset(name, config, split=split, streaming=True)
         except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ValueError) as e:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayapp.assets import asset
+from rayapp import storage
 from rayapp.errors import DataError
 from rayapp.prompts import Task, get_task
 
@@ -204,8 +205,8 @@ def read_table(
 
     `columns` None means rayapp's own names (text_a, text_b, label), as in the pool JSON.
     `header` applies to TSV/CSV only; without one, name columns by position.
-    `hf://NAME:SPLIT` or `hf://NAME:CONFIG:SPLIT` goes through `datasets.load_dataset`
-    (colons, because dataset ids contain slashes: `hf://nyu-mll/glue:sst2:train`).
+    `hf://NAME/CONFIG?split=S` or `hf://ORG/NAME?config=C&split=S` goes through
+    `datasets.load_dataset` (see `storage.parse_hf_uri`).
     """
     task = _task(task)
     uri = str(uri)
@@ -227,7 +228,7 @@ def _detect_format(uri: str) -> str:
     if suffix not in FORMATS:
         raise DataError(
             f"cannot tell the format of {uri} from its extension {suffix!r}; "
-            f"supported: .tsv .csv .jsonl .json .parquet and hf://NAME[:CONFIG]:SPLIT, or pass fmt="
+            f"supported: .tsv .csv .jsonl .json .parquet and hf://NAME[/CONFIG]?split=SPLIT, or pass fmt="
         )
     return suffix
 
@@ -284,10 +285,7 @@ def _read_parquet(path: str, header: bool):
 def _read_hf(uri: str, header: bool):
     import datasets
 
-    parts = uri.removeprefix("hf://").split(":")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise DataError(f"{uri} is not hf://NAME:SPLIT or hf://NAME:CONFIG:SPLIT (e.g. hf://nyu-mll/glue:sst2:train)")
-    name, config, split = parts if len(parts) == 3 else (parts[0], None, parts[1])
+    name, config, split = storage.parse_hf_uri(uri)
     return _hf_table(datasets.load_dataset(name, config, split=split), uri)
 
 

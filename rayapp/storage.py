@@ -21,7 +21,7 @@ import json
 import os
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -201,3 +201,19 @@ def copy_dir(src_uri: str, dst_uri: str) -> None:
     src_fs, src = filesystem(src_uri)
     dst_fs, dst = filesystem(dst_uri)
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def parse_hf_uri(uri: str) -> tuple[str, str | None, str]:
+    """`hf://NAME/CONFIG?split=S` or `hf://ORG/NAME?config=C&split=S` -> (name, config, split).
+
+    Two path parts mean NAME/CONFIG (`hf://wikipedia/20220301.en`); with `config=` in the
+    query the whole path is the name, for org-scoped datasets."""
+    parsed = urlparse(uri)
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    parts = [p for p in (parsed.netloc + parsed.path).split("/") if p]
+    if not parts or len(parts) > (2 if "config" not in query else 3):
+        raise DataError(f"cannot parse {uri!r}; use hf://NAME, hf://NAME/CONFIG or "
+                        "hf://ORG/NAME?config=CONFIG, optionally with &split=SPLIT")
+    if "config" in query:
+        return "/".join(parts), query["config"], query.get("split", "train")
+    return parts[0], parts[1] if len(parts) == 2 else None, query.get("split", "train")

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayapp.assets import asset
-from rayapp.corpus import (document_sentences, parse_hf_uri, read_documents, read_sentences,
+from rayapp.corpus import (document_sentences, read_documents, read_sentences,
                            split_sentences)
 from rayapp.errors import DataError
 
@@ -137,6 +137,7 @@ def test_hf_saved_dataset_folder(ray_cluster, tmp_path):
 
 
 def test_parse_hf_uri():
+    from rayapp.storage import parse_hf_uri
     assert parse_hf_uri("hf://wikipedia/20220301.en") == ("wikipedia", "20220301.en", "train")
     assert parse_hf_uri("hf://wikimedia/wikipedia?config=20231101.en&split=train[:1%]") == (
         "wikimedia/wikipedia", "20231101.en", "train[:1%]")

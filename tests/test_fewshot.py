@@ -164,7 +164,7 @@ def test_hf_classlabel_ints_become_label_names():
          "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])}
     )
     ds = datasets.Dataset.from_dict({"premise": ["p"], "hypothesis": ["h"], "label": [2]}, features=features)
-    names, rows = _hf_table(ds, "hf://nyu-mll/glue:mnli:train")
+    names, rows = _hf_table(ds, "hf://nyu-mll/glue?config=mnli&split=train")
     assert names == ["premise", "hypothesis", "label"] and rows == [["p", "h", "contradiction"]]
 
 
@@ -251,8 +251,8 @@ def test_short_row_names_row_and_column(tmp_path):
 
 
 def test_bad_hf_uri():
-    with pytest.raises(DataError, match=r"is not hf://NAME:SPLIT or hf://NAME:CONFIG:SPLIT"):
-        read_table("hf://glue", Columns(), "SST-2")
+    with pytest.raises(DataError, match=r"cannot parse 'hf://a/b/c'; use hf://NAME, hf://NAME/CONFIG"):
+        read_table("hf://a/b/c", Columns(), "SST-2")
 
 
 def test_split_does_not_depend_on_hash_seed(sst2_pool):
