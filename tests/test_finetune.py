@@ -1,7 +1,6 @@
 """Prompt-based fine-tuning through Ray Train on tiny models (2 CPU workers)."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
