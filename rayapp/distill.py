@@ -37,6 +37,7 @@ from rayapp.config import to_dict
 from rayapp.engine import Engine, EngineConfig, Progress, checkpoint_uri, launch, report, restore, split_batch
 from rayapp.errors import ConfigError
 from rayapp.losses import attention_mse, distilbert_loss, hidden_mse, soft_ce, soft_ce_topk, verbalizer_ce
+from rayapp.prompts import pad_ids
 
 Objective = Literal["ce", "ce+hidden", "ce+attn", "distilbert", "rule", "hard-label"]
 
@@ -104,19 +105,9 @@ def uses_cache(cfg: DistillConfig) -> bool:
 
 # --- batches ----------------------------------------------------------------------------
 
-def _pad(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
-        mask[i, :len(r)] = 1
-    return ids, mask
-
-
 def cache_batch(rows: dict, pad_id: int) -> dict:
     """Teacher-cache rows -> tensors: the student reuses the teacher's tokenisation."""
-    ids, mask = _pad(rows["input_ids"], pad_id)
+    ids, mask = pad_ids(rows["input_ids"], pad_id)
     return {"input_ids": ids, "attention_mask": mask,
             "mask_pos": torch.as_tensor(np.asarray(rows["mask_pos"], dtype=np.int64)),
             "topk_values": torch.as_tensor(np.stack(rows["topk_values"]).astype(np.float32)),

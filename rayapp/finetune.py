@@ -16,7 +16,6 @@ dev curve, best step, test metrics) is appended to `<output_dir>/results.jsonl`.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -165,6 +164,11 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer, encoder, cfg
     return compute_metric(task.metric, list(values), labels)
 
 
+def _snapshot(module: torch.nn.Module) -> dict:
+    """A copy of the weights that later optimizer steps do not change."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 # --- the per-worker loop ----------------------------------------------------------------
 
 def train_loop(loop_cfg: dict) -> None:
@@ -192,7 +196,7 @@ def train_loop(loop_cfg: dict) -> None:
                     micro_batch=micro, grad_accum=accum)
     loss_fn = make_loss_fn(task, encoder)
     state = restore(engine) or {"step": 0, "best_step": 0, "best_dev": None, "dev_curve": [], "loss_curve": []}
-    best_weights = copy.deepcopy(engine.module.state_dict()) if state["best_dev"] is not None else None
+    best_weights = _snapshot(engine.module) if state["best_dev"] is not None else None
 
     def eval_and_report(step: int, loss: float | None) -> None:
         nonlocal best_weights
@@ -201,7 +205,7 @@ def train_loop(loop_cfg: dict) -> None:
         improved = state["best_dev"] is None or dev > state["best_dev"]
         if improved:
             state.update(best_step=step, best_dev=dev)
-            best_weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+            best_weights = _snapshot(engine.module)
         metrics = {"step": step, "dev": dev, "best_dev": state["best_dev"], "loss": loss}
         state["step"] = step
         # a checkpoint only when dev improved: storage keeps the best model, resume starts there

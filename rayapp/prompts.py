@@ -36,6 +36,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -431,18 +432,24 @@ class PromptEncoder:
         if not texts_a:
             raise DataError(f"task {self.task.name!r}: cannot encode an empty batch")
         encoded = [self.encode(a, b) for a, b in zip(texts_a, texts_b or [None] * len(texts_a))]
-        width = max(len(e["input_ids"]) for e in encoded)
-        input_ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            input_ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-            attention_mask[row, : len(e["input_ids"])] = 1
+        input_ids, attention_mask = pad_ids([e["input_ids"] for e in encoded], self.tokenizer.pad_token_id)
         mask_pos = torch.tensor([e["mask_pos"] for e in encoded], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mask_pos": mask_pos}
 
     def render(self, text_a: str, text_b: str | None = None) -> str:
         """The prompt as the model sees it, for humans (``rayapp tasks --show``)."""
         return self.tokenizer.decode(self.encode(text_a, text_b)["input_ids"])
+
+
+def pad_ids(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id sequences to the longest: (input_ids, attention_mask), both [B, T]."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, :len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
+        attention_mask[i, :len(r)] = 1
+    return input_ids, attention_mask
 
 
 def class_logits(mask_logits: torch.Tensor, label_word_ids: list[list[int]]) -> torch.Tensor:
