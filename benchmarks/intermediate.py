@@ -1,5 +1,5 @@
 """Throughput and memory of the two data stages before distillation: SMASH sentence pairs
-(`rayapp.intermediate.build_pairs`) and the teacher top-k cache (`rayapp.teacher_cache`).
+(`rayapp.data.pairs.build_pairs`) and the teacher top-k cache (`rayapp.data.teacher_cache`).
 
 What is measured, and why:
 - Pairs, examples/s and peak memory at two corpus sizes (default 10k and 200k documents,
@@ -102,8 +102,8 @@ def measure(stage: str, source: str, out: str, examples: int) -> dict:
     import ray
 
     from rayapp.assets import asset
-    from rayapp.intermediate import build_pairs
-    from rayapp.teacher_cache import build_cache
+    from rayapp.data.pairs import build_pairs
+    from rayapp.data.teacher_cache import build_cache
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -140,7 +140,7 @@ def cache_bytes(cache: str) -> tuple[dict[str, float], int]:
     """Bytes per example of the cache's distribution columns and shard files; vocab size."""
     import pyarrow.parquet as pq
 
-    from rayapp.teacher_cache import cache_meta
+    from rayapp.data.teacher_cache import cache_meta
 
     files = sorted(Path(cache).glob("*.parquet"))
     dist = pq.read_table(cache, columns=DIST_COLUMNS)  # the folder's parquet files, not _meta.json

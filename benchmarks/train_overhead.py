@@ -24,9 +24,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 def build_inputs(work: Path, examples: int) -> tuple[str, str, str]:
     from rayapp.assets import asset
-    from rayapp.intermediate import build_pairs
-    from rayapp.pretrain import make_student
-    from rayapp.teacher_cache import build_cache
+    from rayapp.data.pairs import build_pairs
+    from rayapp.recipes.pretrain import make_student
+    from rayapp.data.teacher_cache import build_cache
 
     teacher = str(asset("models", "all-MiniLM-L6-v2"))
     corpus = str(asset("corpus", "wikipedia-en", "AA", "wiki_00"))
@@ -39,9 +39,9 @@ def bare_loop(student_dir: str, cache: str, batch: int, steps: int, warmup: int,
     """The distillation step without Ray: same collate, loss, optimizer and schedule."""
     import pyarrow.parquet as pq
 
-    from rayapp.distill import DistillConfig, cache_batch, make_loss_fn
-    from rayapp.engine import linear_schedule
-    from rayapp.models import LogitsAt, load_mlm, load_tokenizer
+    from rayapp.recipes.distill import DistillConfig, cache_batch, make_loss_fn
+    from rayapp.train.engine import linear_schedule
+    from rayapp.modeling.models import LogitsAt, load_mlm, load_tokenizer
 
     rows = pq.read_table(cache).to_pydict()
     tok = load_tokenizer(student_dir)
@@ -69,8 +69,8 @@ def bare_loop(student_dir: str, cache: str, batch: int, steps: int, warmup: int,
 
 def ray_train(student_dir: str, cache: str, batch: int, steps: int, warmup: int, threads: int, gpu: bool,
               out: str) -> tuple[float, dict]:
-    from rayapp.distill import DistillConfig, run
-    from rayapp.engine import EngineConfig
+    from rayapp.recipes.distill import DistillConfig, run
+    from rayapp.train.engine import EngineConfig
 
     engine = (EngineConfig(num_workers=1, engine="deepspeed", zero_stage=2, precision="bf16", use_gpu=True)
               if gpu else EngineConfig(num_workers=1, cpus_per_worker=threads))
@@ -84,7 +84,7 @@ def ray_train(student_dir: str, cache: str, batch: int, steps: int, warmup: int,
 def main() -> None:
     import ray
 
-    from rayapp.models import load_mlm
+    from rayapp.modeling.models import load_mlm
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=60)

@@ -27,13 +27,14 @@ def _print(record: dict, keys: tuple[str, ...]) -> None:
 # --- subcommands ------------------------------------------------------------------------
 
 def cmd_tasks(args) -> None:
-    from rayapp.prompts import BUILTIN_TASKS, PromptEncoder, get_task, load_tasks
+    from rayapp.tasks.prompts import PromptEncoder
+    from rayapp.tasks.registry import BUILTIN_TASKS, get_task, load_tasks
 
     tasks = dict(BUILTIN_TASKS)
     if args.tasks_file:
         tasks.update(load_tasks(args.tasks_file))
     if args.show:
-        from rayapp.models import load_tokenizer
+        from rayapp.modeling.models import load_tokenizer
 
         task = tasks.get(args.show) or get_task(args.show)
         enc = PromptEncoder(load_tokenizer(args.tokenizer), task, args.max_length)
@@ -47,7 +48,7 @@ def cmd_tasks(args) -> None:
 
 
 def cmd_fewshot(args) -> None:
-    from rayapp import fewshot
+    from rayapp.data import fewshot
 
     if args.action == "show":
         split = fewshot.load_lmbff(args.data_dir, args.task, k=args.k, seed=args.seed)
@@ -65,7 +66,7 @@ def cmd_fewshot(args) -> None:
 
 def cmd_finetune(args, method: str | None = None) -> None:
     from rayapp.config import load_config
-    from rayapp.finetune import FinetuneConfig, run
+    from rayapp.recipes.finetune import FinetuneConfig, run
 
     overrides = list(args.overrides) + ([f"method={method}"] if method else [])
     record = run(load_config(FinetuneConfig, args.config, overrides))
@@ -74,8 +75,8 @@ def cmd_finetune(args, method: str | None = None) -> None:
 
 
 def cmd_intermediate(args) -> None:
-    from rayapp.intermediate import build_pairs
-    from rayapp.sentiment import build_sentiment
+    from rayapp.data.pairs import build_pairs
+    from rayapp.data.sentiment import build_sentiment
 
     if args.kind == "pairs":
         stats = build_pairs(args.corpus, args.out, num_examples=args.num_examples, seed=args.seed)
@@ -87,7 +88,7 @@ def cmd_intermediate(args) -> None:
 
 
 def cmd_teacher_cache(args) -> None:
-    from rayapp.teacher_cache import build_cache
+    from rayapp.data.teacher_cache import build_cache
 
     stats = build_cache(args.examples, args.teacher, args.out, task=args.task, top_k=args.top_k,
                         batch_size=args.batch_size)
@@ -97,7 +98,7 @@ def cmd_teacher_cache(args) -> None:
 
 def cmd_distill(args) -> None:
     from rayapp.config import load_config
-    from rayapp.distill import DistillConfig, run
+    from rayapp.recipes.distill import DistillConfig, run
 
     record = run(load_config(DistillConfig, args.config, args.overrides))
     _print(record, ("name", "setting", "objective", "steps", "first_loss", "last_loss", "restarts"))

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from rayapp import storage
-from rayapp.engine import EngineConfig
+from rayapp.train.engine import EngineConfig
 
 
 def _once(path: Path, build):
@@ -34,10 +34,10 @@ def _once(path: Path, build):
 def main(argv: list[str] | None = None) -> dict:
     import ray
 
-    from rayapp import distill, finetune, pretrain
+    from rayapp.recipes import distill, finetune, pretrain
     from rayapp.assets import asset
-    from rayapp.intermediate import build_pairs
-    from rayapp.teacher_cache import build_cache
+    from rayapp.data.pairs import build_pairs
+    from rayapp.data.teacher_cache import build_cache
 
     p = argparse.ArgumentParser(prog="rayapp demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", default=".cache/demo")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rayapp.errors import ConfigError, DataError
-from rayapp.prompts import class_logits
+from rayapp.tasks.prompts import class_logits
 
 
 

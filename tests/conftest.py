@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 
 import pytest
 
-from rayapp.models import make_tiny_random_model, make_tiny_tokenizer
+from tiny import make_tiny_random_model, make_tiny_tokenizer
 
 
 def free_port() -> int:

@@ -1,9 +1,9 @@
 import pytest
 
 from rayapp.config import load_config, parse_overrides
-from rayapp.distill import DistillConfig
+from rayapp.recipes.distill import DistillConfig
 from rayapp.errors import ConfigError
-from rayapp.finetune import FinetuneConfig
+from rayapp.recipes.finetune import FinetuneConfig
 
 
 def test_yaml_plus_overrides(tmp_path):

@@ -1,4 +1,4 @@
-"""rayapp.corpus: the sentence splitter and filter, every reader (local and s3://), bad input."""
+"""rayapp.data.corpus: the sentence splitter and filter, every reader (local and s3://), bad input."""
 import json
 import uuid
 
@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayapp.assets import asset
-from rayapp.corpus import (document_sentences, read_documents, read_sentences,
+from rayapp.data.corpus import (document_sentences, read_documents, read_sentences,
                            split_sentences)
 from rayapp.errors import DataError
 

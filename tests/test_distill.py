@@ -14,16 +14,17 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from conftest import wait_until
-from rayapp.distill import DistillConfig, make_loss_fn, mlm_batch, prompt_batch, run
-from rayapp.engine import EngineConfig
+from rayapp.recipes.distill import DistillConfig, make_loss_fn, mlm_batch, prompt_batch, run
+from rayapp.train.engine import EngineConfig
 from rayapp.errors import ConfigError
-from rayapp.finetune import FinetuneConfig
-from rayapp.finetune import run as finetune
-from rayapp.intermediate import build_pairs
-from rayapp.models import LogitsAt, load_mlm, load_tokenizer
-from rayapp.pretrain import make_student
-from rayapp.prompts import PromptEncoder
-from rayapp.teacher_cache import INTERMEDIATE_TASKS, build_cache
+from rayapp.recipes.finetune import FinetuneConfig
+from rayapp.recipes.finetune import run as finetune
+from rayapp.data.pairs import build_pairs
+from rayapp.modeling.models import LogitsAt, load_mlm, load_tokenizer
+from rayapp.recipes.pretrain import make_student
+from rayapp.tasks.prompts import PromptEncoder
+from rayapp.data.teacher_cache import build_cache
+from rayapp.tasks.registry import INTERMEDIATE_TASKS
 
 DOCS = [
     [f"Document {d} sentence {s} talks about topic {d * 7 + s} in some detail." for s in range(8)]

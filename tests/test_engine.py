@@ -1,6 +1,6 @@
 import pytest
 
-from rayapp.engine import EngineConfig, global_batch_indices, shard, split_batch
+from rayapp.train.engine import EngineConfig, global_batch_indices, shard, split_batch
 from rayapp.errors import ConfigError
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from rayapp.assets import REPO_ROOT, asset
 from rayapp.errors import DataError
-from rayapp.fewshot import (
+from rayapp.data.fewshot import (
     SEEDS,
     Columns,
     Example,
@@ -23,7 +23,7 @@ from rayapp.fewshot import (
     read_table,
     sample_fewshot,
 )
-from rayapp.prompts import BUILTIN_TASKS, get_task
+from rayapp.tasks.registry import BUILTIN_TASKS, get_task
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def write(path, text: str):
 @pytest.mark.parametrize("name", list(BUILTIN_TASKS))
 def test_load_lmbff_every_task_has_k_per_label(name, caplog):
     task = get_task(name)
-    with caplog.at_level(logging.WARNING, logger="rayapp.fewshot"):
+    with caplog.at_level(logging.WARNING, logger="rayapp.data.fewshot"):
         split = load_lmbff(None, name, k=16, seed=13)
     assert (split.task, split.k, split.seed) == (name, 16, 13)
     assert len(split.train) == len(split.dev) == 16 * (2 if task.is_regression else len(task.labels))
@@ -257,7 +257,7 @@ def test_bad_hf_uri():
 
 def test_split_does_not_depend_on_hash_seed(sst2_pool):
     code = (
-        "from rayapp.assets import asset; from rayapp.fewshot import read_table, sample_fewshot; "
+        "from rayapp.assets import asset; from rayapp.data.fewshot import read_table, sample_fewshot; "
         "pool = read_table(asset('fewshot', 'pool', 'SST-2', 'train.json'), None, 'SST-2'); "
         "print([ex.text_a for ex in sample_fewshot(pool, 'SST-2', 4, 87)[0]])"
     )

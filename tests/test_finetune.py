@@ -7,9 +7,9 @@ import pytest
 from transformers import AutoModelForMaskedLM
 
 from rayapp import storage
-from rayapp.engine import EngineConfig
+from rayapp.train.engine import EngineConfig
 from rayapp.errors import ConfigError
-from rayapp.finetune import FinetuneConfig, run
+from rayapp.recipes.finetune import FinetuneConfig, run
 
 
 def _cfg(model, tmp_path, **kw) -> FinetuneConfig:

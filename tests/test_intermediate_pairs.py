@@ -11,7 +11,7 @@ import pytest
 
 from rayapp import storage
 from rayapp.errors import DataError
-from rayapp.intermediate import PAIRS_SCHEMA, _decode_nonadjacent, build_pairs, label_counts, max_balanced
+from rayapp.data.pairs import PAIRS_SCHEMA, _decode_nonadjacent, build_pairs, label_counts, max_balanced
 
 # Sentence units of each document in source order; a unit's index is its position (sent_*).
 # Position 0 is the title line, dropped as a fragment; doc 8 has a heading mid-text and

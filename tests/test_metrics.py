@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rayapp.errors import ConfigError, DataError
-from rayapp.metrics import METRICS, compute_metric
+from rayapp.tasks.metrics import METRICS, compute_metric
 
 
 def test_accuracy():

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from rayapp.engine import EngineConfig
+from rayapp.train.engine import EngineConfig
 from rayapp.errors import ConfigError
-from rayapp.models import load_mlm, make_tiny_random_model
-from rayapp.pretrain import PretrainConfig, make_student, run
+from rayapp.modeling.models import load_mlm
+from tiny import make_tiny_random_model
+from rayapp.recipes.pretrain import PretrainConfig, make_student, run
 
 
 def test_student_keeps_the_chosen_teacher_layers(tmp_path):

@@ -8,17 +8,8 @@ import torch
 
 from rayapp.assets import asset
 from rayapp.errors import DataError, PromptError
-from rayapp.prompts import (
-    BUILTIN_TASKS,
-    PromptEncoder,
-    Task,
-    class_logits,
-    get_task,
-    load_tasks,
-    regression_prediction,
-    regression_target,
-    task_from_dict,
-)
+from rayapp.tasks.prompts import PromptEncoder, Task, class_logits, regression_prediction, regression_target
+from rayapp.tasks.registry import BUILTIN_TASKS, get_task, load_tasks, task_from_dict
 
 TOKENIZERS = ["wordpiece_tokenizer", "bpe_tokenizer"]
 A, B = "The movie was fun.", "It rained all day."

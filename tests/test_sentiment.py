@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from rayapp.errors import ConfigError, DataError
-from rayapp.models import load_mlm, load_tokenizer
-from rayapp.prompts import PromptEncoder, class_logits
-from rayapp.sentiment import TASK, BottomN, build_sentiment, label_confident, sentence_key
+from rayapp.modeling.models import load_mlm, load_tokenizer
+from rayapp.tasks.prompts import PromptEncoder, class_logits
+from rayapp.data.sentiment import TASK, BottomN, build_sentiment, label_confident, sentence_key
 
 DOCS = [
     "The film was a delight from start to finish. The actors clearly loved their roles. "

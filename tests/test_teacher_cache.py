@@ -12,12 +12,10 @@ import pytest
 import torch
 
 from rayapp.errors import ConfigError, DataError
-from rayapp.models import load_mlm, load_tokenizer
-from rayapp.prompts import PromptEncoder
-from rayapp.teacher_cache import (
-    INTERMEDIATE_TASKS, TeacherScorer, assemble_shards, build_cache, cache_meta, mask_logits,
-    plan_shards, read_cache, read_range, topk_summary,
-)
+from rayapp.modeling.models import load_mlm, load_tokenizer
+from rayapp.tasks.prompts import PromptEncoder
+from rayapp.data.teacher_cache import TeacherScorer, assemble_shards, build_cache, cache_meta, mask_logits, plan_shards, read_cache, read_range, topk_summary
+from rayapp.tasks.registry import INTERMEDIATE_TASKS
 
 PAIRS = INTERMEDIATE_TASKS["smash-pairs"]
 WORDS = "river stone garden music winter market bridge letter window forest".split()

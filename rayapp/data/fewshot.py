@@ -43,7 +43,8 @@ from pathlib import Path
 from rayapp.assets import asset
 from rayapp import storage
 from rayapp.errors import DataError
-from rayapp.prompts import Task, get_task
+from rayapp.tasks.prompts import Task
+from rayapp.tasks.registry import get_task
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ import torch
 
 from rayapp import storage
 from rayapp.config import to_dict
-from rayapp.engine import Engine, EngineConfig, Progress, checkpoint_uri, launch, report, restore, split_batch
+from rayapp.train.engine import Engine, EngineConfig, Progress, checkpoint_uri, launch, report, restore, split_batch
 from rayapp.errors import ConfigError
 from rayapp.losses import attention_mse, distilbert_loss, hidden_mse, soft_ce, soft_ce_topk, verbalizer_ce
-from rayapp.prompts import pad_ids
+from rayapp.tasks.prompts import pad_ids
 
 Objective = Literal["ce", "ce+hidden", "ce+attn", "distilbert", "rule", "hard-label"]
 
@@ -182,8 +182,8 @@ def make_loss_fn(cfg: DistillConfig, teacher, label_word_ids):
 def train_loop(loop_cfg: dict) -> None:
     import ray.train
 
-    from rayapp.models import LogitsAt, load_mlm, load_tokenizer, local_model_dir
-    from rayapp.prompts import PromptEncoder
+    from rayapp.modeling.models import LogitsAt, load_mlm, load_tokenizer, local_model_dir
+    from rayapp.tasks.prompts import PromptEncoder
 
     cfg: DistillConfig = loop_cfg["cfg"]
     task, max_length = loop_cfg["task"], loop_cfg["max_length"]
@@ -259,8 +259,9 @@ def run(cfg: DistillConfig) -> dict:
     """Distil on Ray Train; returns the record also appended to `<output_dir>/results.jsonl`."""
     import ray
 
-    from rayapp.models import portable_model
-    from rayapp.teacher_cache import INTERMEDIATE_TASKS, MAX_LENGTH, cache_meta, read_cache
+    from rayapp.modeling.models import portable_model
+    from rayapp.data.teacher_cache import cache_meta, read_cache
+    from rayapp.tasks.registry import INTERMEDIATE_TASKS, MAX_LENGTH
 
     if cfg.task not in INTERMEDIATE_TASKS:
         raise ConfigError(f"task={cfg.task!r} is not an intermediate task; choose one of {sorted(INTERMEDIATE_TASKS)}")
@@ -300,7 +301,7 @@ def run(cfg: DistillConfig) -> dict:
 
 def _check_vocab(student: str, meta: dict) -> None:
     """Eq. 1 sums over one vocabulary: the student must share the teacher's tokenizer."""
-    from rayapp.models import load_model_config, local_model_dir
+    from rayapp.modeling.models import load_model_config, local_model_dir
 
     size = load_model_config(local_model_dir(student)).vocab_size
     if size != meta["vocab_size"]:

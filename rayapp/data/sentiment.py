@@ -10,7 +10,7 @@ hard-label baseline (§4.4, setting 7).
 Pipeline (Ray Data, streaming):
 
     corpus ─► sentences ─► TeacherScorer actor pool ─► label + threshold ─► driver writes
-              (rayapp.corpus)  (probs over the 5 words,  (Ray tasks)          part-NNNNN.parquet
+              (rayapp.data.corpus)  (probs over the 5 words,  (Ray tasks)          part-NNNNN.parquet
                                 GPU when present)
 
 - Counting: like `build_pairs`, a first cheap pass (read and split, no teacher) counts the
@@ -27,7 +27,7 @@ Pipeline (Ray Data, streaming):
   the teacher's work away. Without a cap kept sentences are written as they arrive (the
   set is deterministic, the order across shards is not).
 - Output: `part-NNNNN.parquet` with `text_a, label, prob, probs, doc_id, sent` (`sent` = the
-  sentence's position in its document, see `rayapp.corpus`), then `_meta.json` (written
+  sentence's position in its document, see `rayapp.data.corpus`), then `_meta.json` (written
   last: it marks a finished run) with counts per label and kept / scored.
 """
 from __future__ import annotations
@@ -43,11 +43,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayapp import storage
-from rayapp.corpus import read_sentences
+from rayapp.data.corpus import read_sentences
 from rayapp.errors import ConfigError, DataError
-from rayapp.intermediate import META, check_out_dir, count_pairs
-from rayapp.models import portable_model
-from rayapp.teacher_cache import INTERMEDIATE_TASKS, TeacherScorer, scorer_pool, write_table
+from rayapp.data.pairs import META, check_out_dir, count_pairs
+from rayapp.modeling.models import portable_model
+from rayapp.data.teacher_cache import TeacherScorer, scorer_pool, write_table
+from rayapp.tasks.registry import INTERMEDIATE_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def build_sentiment(
     or s3://); returns the stats also saved in `out/_meta.json` (see module docstring).
 
     `max_words` defaults to 40 so a sentence plus ` It was <mask>.` fits SMASH's 64 tokens;
-    `fmt`, `text_column`, `id_column`, `min_words` go to `rayapp.corpus.read_sentences`.
+    `fmt`, `text_column`, `id_column`, `min_words` go to `rayapp.data.corpus.read_sentences`.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold={threshold} must be a probability in [0, 1] (0 keeps every sentence)")

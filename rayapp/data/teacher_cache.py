@@ -31,7 +31,7 @@ values lie in [-x, 0], where fp16 steps by <= 0.001 for the entries that carry t
 (|v| < 2) and by more only where p < e^-8. So fp16 halves the cache and keeps the kept
 probabilities exact to ~1e-3 relative.
 
-`TeacherScorer` is the Ray Data callable class shared with `rayapp.sentiment`, which asks
+`TeacherScorer` is the Ray Data callable class shared with `rayapp.data.sentiment`, which asks
 it for probabilities over the verbalizer's label words instead of the top-k.
 """
 from __future__ import annotations
@@ -53,35 +53,14 @@ import torch
 
 from rayapp import storage
 from rayapp.errors import ConfigError, DataError
-from rayapp.models import load_mlm, load_model_config, mlm_head, load_tokenizer, local_model_dir, portable_model
-from rayapp.prompts import BUILTIN_TASKS, PromptEncoder, Task, class_logits
+from rayapp.modeling.models import load_mlm, load_model_config, mlm_head, load_tokenizer, local_model_dir, portable_model
+from rayapp.tasks.prompts import PromptEncoder, Task, class_logits
+from rayapp.tasks.registry import INTERMEDIATE_TASKS, resolve_intermediate
 
 log = logging.getLogger(__name__)
 
-# SMASH's intermediate tasks use the downstream group's own template (that is the point of
-# SMASH): the pair task is MNLI's template with the rule labels of §4.4 setting 6 (different
-# documents / same document / adjacent), the sentiment task is SST-5's template and words.
-INTERMEDIATE_TASKS: dict[str, Task] = {
-    "smash-pairs": Task("smash-pairs", BUILTIN_TASKS["MNLI"].template, {"0": "No", "1": "Maybe", "2": "Yes"}),
-    "smash-sentiment": Task("smash-sentiment", BUILTIN_TASKS["sst-5"].template, BUILTIN_TASKS["sst-5"].verbalizer),
-}
-MAX_LENGTH = {"smash-pairs": 128, "smash-sentiment": 64}  # SMASH App. A.1
-DEFAULT_MAX_LENGTH = 128  # user-defined tasks
-
 META = "_meta.json"
 _SHARD, _ROW = "_shard", "_row"  # bookkeeping columns, dropped before a shard is written
-
-
-def resolve_task(task: str | Task) -> tuple[Task, int]:
-    """`(Task, default max_length)` for an intermediate-task name or a user's own Task."""
-    if isinstance(task, Task):
-        return task, MAX_LENGTH.get(task.name, DEFAULT_MAX_LENGTH)
-    if task not in INTERMEDIATE_TASKS:
-        raise ConfigError(
-            f"unknown intermediate task {task!r}; choose one of {', '.join(INTERMEDIATE_TASKS)} "
-            "or pass a rayapp.prompts.Task"
-        )
-    return INTERMEDIATE_TASKS[task], MAX_LENGTH[task]
 
 
 # --- the teacher at the mask --------------------------------------------------------------
@@ -286,7 +265,7 @@ def _inspect_inputs(examples_uri: str, required: list[str]) -> tuple[list[tuple[
     uris = storage.list_files(examples_uri, suffix=".parquet")
     if not uris:
         raise DataError(f"no .parquet files under {examples_uri}; build examples first "
-                        "(rayapp.intermediate.build_pairs or rayapp.sentiment.build_sentiment)")
+                        "(rayapp.data.pairs.build_pairs or rayapp.data.sentiment.build_sentiment)")
     inputs, carry = [], None
     for uri in uris:
         fs, path = storage.filesystem(uri)
@@ -329,7 +308,7 @@ def cache_meta(uri: str) -> dict:
     meta = _read_meta(uri)
     if meta is None:
         raise DataError(f"{uri} is not a teacher cache (no {META}); build it with "
-                        "rayapp.teacher_cache.build_cache")
+                        "rayapp.data.teacher_cache.build_cache")
     return meta
 
 
@@ -355,7 +334,7 @@ def build_cache(
     """
     import ray
 
-    task, default_length = resolve_task(task)
+    task, default_length = resolve_intermediate(task)
     max_length = max_length or default_length
     if rows_per_shard < 1 or batch_size < 1:
         raise ConfigError(f"rows_per_shard and batch_size must be >= 1, got {rows_per_shard} and {batch_size}")

@@ -7,7 +7,7 @@ Labels (SMASH §3.2, after Gu et al. 2021): 0 = x1 and x2 come from different do
 The template is `x1 ? <mask> , x2` (max 128 tokens); examples keep raw sentences and the
 encoder truncates. Output: `OUT/part-NNNNN.parquet` with columns `text_a, text_b, label,
 doc_a, doc_b, sent_a, sent_b` (sent_* = the sentence's position among all sentences of its
-document, see `rayapp.corpus`), so every label can be checked against the source, and
+document, see `rayapp.data.corpus`), so every label can be checked against the source, and
 `OUT/_meta.json` with the provenance and counts (written last: it marks a finished run).
 
 Candidates. From a document with kept sentences at positions p_0 < ... < p_{k-1}:
@@ -74,7 +74,7 @@ import ray
 from ray.data.context import ShuffleStrategy
 
 from rayapp import storage
-from rayapp.corpus import read_sentences
+from rayapp.data.corpus import read_sentences
 from rayapp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def _count_batch(batch: pa.Table) -> pa.Table:
 
 
 def count_pairs(sentences: ray.data.Dataset) -> PairCounts:
-    """One streaming pass over `rayapp.corpus.read_sentences` rows: corpus totals."""
+    """One streaming pass over `rayapp.data.corpus.read_sentences` rows: corpus totals."""
     sums = sentences.map_batches(_count_batch, batch_format="pyarrow").sum(list(_COUNT_COLUMNS))
     return PairCounts(**{c: int(sums[f"sum({c})"] or 0) for c in _COUNT_COLUMNS})
 
@@ -349,7 +349,7 @@ def build_pairs(corpus: str, out: str, num_examples: int, seed: int = 0, *, fmt:
     s3://) and return the stats also saved in `out/_meta.json` (see module docstring).
 
     `fmt`, `text_column`, `id_column` choose how the corpus is read and `min_words`,
-    `max_words` which sentences are kept (`rayapp.corpus`)."""
+    `max_words` which sentences are kept (`rayapp.data.corpus`)."""
     if num_examples < 1:
         raise DataError(f"num_examples must be at least 1, got {num_examples}")
     if seed < 0:

@@ -17,8 +17,8 @@ import torch
 
 from rayapp import storage
 from rayapp.config import to_dict
-from rayapp.distill import mlm_batch
-from rayapp.engine import Engine, EngineConfig, Progress, checkpoint_uri, launch, report, restore, split_batch
+from rayapp.recipes.distill import mlm_batch
+from rayapp.train.engine import Engine, EngineConfig, Progress, checkpoint_uri, launch, report, restore, split_batch
 from rayapp.errors import ConfigError
 
 
@@ -71,7 +71,7 @@ def masked_accuracy(model, batches: list[dict], device) -> float:
 def train_loop(loop_cfg: dict) -> None:
     import ray.train
 
-    from rayapp.models import LogitsAt, load_mlm, load_tokenizer, local_model_dir
+    from rayapp.modeling.models import LogitsAt, load_mlm, load_tokenizer, local_model_dir
 
     cfg: PretrainConfig = loop_cfg["cfg"]
     ctx = ray.train.get_context()
@@ -119,7 +119,7 @@ def _held_out(text: str) -> bool:
 def run(cfg: PretrainConfig) -> dict:
     import ray
 
-    from rayapp.models import portable_model
+    from rayapp.modeling.models import portable_model
 
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)
     if not ray.is_initialized():
@@ -147,7 +147,7 @@ def make_student(teacher_dir: str, out_dir: str, layers: list[int] | None = None
     encoder layers (default every other one, DistilBERT's recipe)."""
     from transformers import AutoModelForMaskedLM
 
-    from rayapp.models import load_mlm, load_tokenizer
+    from rayapp.modeling.models import load_mlm, load_tokenizer
 
     teacher = load_mlm(teacher_dir)
     n = teacher.config.num_hidden_layers

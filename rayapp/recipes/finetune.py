@@ -24,15 +24,15 @@ import torch
 
 from rayapp import storage
 from rayapp.config import to_dict
-from rayapp.engine import (Engine, EngineConfig, Progress, checkpoint_uri, global_batch_indices, launch, report, restore,
+from rayapp.train.engine import (Engine, EngineConfig, Progress, checkpoint_uri, global_batch_indices, launch, report, restore,
                            shard, split_batch)
 from rayapp.errors import ConfigError
-from rayapp.fewshot import Example, FewShotSplit, load_lmbff
+from rayapp.data.fewshot import Example, FewShotSplit, load_lmbff
 from rayapp.losses import regression_kl
-from rayapp.metrics import compute_metric
-from rayapp.models import local_model_dir, portable_model
-from rayapp.prompts import (PromptEncoder, Task, class_logits, get_task, load_tasks, regression_prediction,
-                            regression_target)
+from rayapp.tasks.metrics import compute_metric
+from rayapp.modeling.models import local_model_dir, portable_model
+from rayapp.tasks.prompts import PromptEncoder, Task, class_logits, regression_prediction, regression_target
+from rayapp.tasks.registry import get_task, load_tasks
 
 
 @dataclass
@@ -174,7 +174,7 @@ def _snapshot(module: torch.nn.Module) -> dict:
 def train_loop(loop_cfg: dict) -> None:
     import ray.train
 
-    from rayapp.models import LogitsAt, load_classifier, load_mlm, load_tokenizer
+    from rayapp.modeling.models import LogitsAt, load_classifier, load_mlm, load_tokenizer
 
     cfg: FinetuneConfig = loop_cfg["cfg"]
     split: FewShotSplit = loop_cfg["split"]
