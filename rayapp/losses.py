@@ -251,59 +251,134 @@ def regression_kl(class_logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return kl.sum(-1).mean()
 
 
-def kd_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float) -> torch.Tensor:
-    """PD eq. 3/4: L_KD = mean_x CE(p_T(y|x) / alpha, p_S(y|x)) over classes.
+# --- Prompt-Distiller (PD eq. 1-8) -------------------------------------------------------
+# PD's losses work on distributions over the task's C labels ([B, C]), never over the
+# vocabulary: each model scores its own label words with its own tokenizer
+# (`PromptEncoder(tokenizer, task).label_word_ids`) and its own layer probes, so teacher and
+# student may have different tokenizers (the paper distils RoBERTa-large into BERT-small).
 
-    student_logits, teacher_logits [B, C] (verbalizer class scores). The paper divides the
-    teacher's probability vector by the "temperature factor" alpha; read literally p_T/alpha
-    is not a distribution (it sums to 1/alpha), so we read it as the usual temperature on
-    the teacher's scores, softmax(s_T / alpha). As eq. 3 writes p_S without alpha, the
-    student is not softened and there is no alpha^2 factor.
+PD_PARTS = ("mlm", "kd_x", "kd_xu", "cpd_x", "cpd_xu")  # eq. 8's terms, as logged
+
+
+def _check_alpha(alpha: float) -> None:
+    if not alpha > 0:
+        raise ConfigError(f"the KD temperature alpha must be > 0 (PD eq. 3-4), got {alpha}; the paper uses 10")
+
+
+def label_word_probs(scores: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """PD eq. 1: p(y|x) = exp(s(l(y)|x) / alpha) / sum_{y'} exp(s(l(y')|x) / alpha).
+
+    scores [..., C]: s_Θ(l(y)|x), the MLM logit of class y's label word at the mask, all from
+    ONE model (`prompts.class_logits`, or a layer probe's output). The paper's eq. 1 has Θ_T
+    in the numerator but Θ_S in the denominator, a typo: the vector would not sum to 1.
+    Both use the same model here. alpha is eq. 3-4's temperature; alpha = 1 is eq. 1 as printed.
     """
-    if student_logits.shape != teacher_logits.shape:
+    _check_alpha(alpha)
+    return torch.softmax(scores.float() / alpha, dim=-1)
+
+
+def kd_ce(student_scores: torch.Tensor, teacher_scores: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:
+    """PD eq. 3 (prompt-tuned teacher T on X) and eq. 4 (pre-trained teacher T' on X~):
+    L_KD = -mean_x sum_y p_T^alpha(y|x) log p_S(y|x).
+
+    student_scores, teacher_scores [B, C]: each model's label-word logits (eq. 1 scores, each
+    with its own tokenizer). How alpha is applied: the paper writes CE(p_T / alpha, p_S); read
+    literally p_T / alpha is not a distribution (it sums to 1/alpha), so alpha is read as the
+    temperature of the teacher's softmax over its label-word logits, p_T^alpha =
+    softmax(s_T / alpha) (`label_word_probs(s_T, alpha)`). The student's p_S is eq. 1 without
+    temperature, as eq. 3 writes it, so there is no alpha^2 factor (Hinton et al. soften both
+    sides and scale by T^2; PD does not).
+    """
+    if student_scores.shape != teacher_scores.shape:
         raise ConfigError(
-            f"kd_ce: student class scores {tuple(student_logits.shape)} and teacher "
-            f"{tuple(teacher_logits.shape)} differ; teacher and student must use the same "
-            "task verbalizer"
+            f"kd_ce: student class scores {tuple(student_scores.shape)} and teacher "
+            f"{tuple(teacher_scores.shape)} differ; both must be [B, C] scores of the same task's C labels"
         )
-    t = torch.softmax(teacher_logits.float() / alpha, dim=-1)
-    return -(t * torch.log_softmax(student_logits.float(), dim=-1)).sum(-1).mean()
+    t = label_word_probs(teacher_scores, alpha)
+    return -(t * torch.log_softmax(student_scores.float(), dim=-1)).sum(-1).mean()
+
+
+def probe_match(teacher_probe_probs: torch.Tensor, student_probe_probs: torch.Tensor) -> torch.Tensor:
+    """PD eq. 5: f_{T,S}(x) = exp( sum_{j,k} p_T^(j)(y|x) . p_S^(k)(y|x) / (N_T N_S) ).
+
+    teacher_probe_probs [..., N_T, C], student_probe_probs [..., N_S, C]: class probabilities of
+    each layer probe (`modeling.probes`). Leading dims broadcast, so the teacher's view of one
+    example against the student's view of another is probe_match(t[None], s[:, None]) ->
+    [B_s, B_t]. The double sum over probe pairs over N_T N_S is the dot product of the two
+    models' mean probe distributions, which is how it is computed.
+    """
+    t = teacher_probe_probs.float().mean(-2)
+    s = student_probe_probs.float().mean(-2)
+    return torch.exp((t * s).sum(-1))
 
 
 def contrastive_probe_loss(teacher_probe_probs: torch.Tensor, student_probe_probs: torch.Tensor,
-                           labels: torch.Tensor) -> torch.Tensor:
-    """PD eqs. 5-7: L_CPD = -mean_x f(x, x) / sum_{x' in N(x)} f(x, x').
+                           labels: torch.Tensor, bank_probe_probs: torch.Tensor | None = None,
+                           bank_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """PD eq. 6 (T, gold labels of X) and eq. 7 (T', pseudo-labels of X~):
+    L_CPD = -mean_x f(x) / sum_{x' in N(x)} f(x').
 
-    teacher_probe_probs [B, N_T, C], student_probe_probs [B, N_S, C]: class probabilities of
-    each layer probe; labels [B] (gold labels, or the pre-trained teacher's zero-shot
-    predictions for the unlabelled set, eq. 7).
+    teacher_probe_probs [B, N_T, C] (frozen teacher), student_probe_probs [B, N_S, C]: the layer
+    probes' class probabilities on the batch; labels [B]: gold labels (eq. 6) or the pre-trained
+    teacher's zero-shot predictions (eq. 7).
 
-    Eq. 5: f(x, x') = exp(sum_{j,k} p_T^(j)(x) . p_S^(k)(x') / (N_T N_S)), which factorises
-    into exp(mean_j p_T^(j)(x) . mean_k p_S^(k)(x')). Eq. 6 writes the negatives as
-    f_{T,S}(x'); following the contrastive distillation it cites ([16], CRD) a negative
-    pairs the teacher's view of x with the student's view of x'. (Read as teacher and
-    student both on x', the loss would push teacher-student agreement down on every
-    sample that is some other sample's negative, against the positive term.)
-    N(x) = batch samples with a different label; as in eq. 6 the denominator excludes the
-    positive and there is no log. Samples without negatives are skipped; since a sample
-    lacks negatives only when every label in the batch is equal, such a batch gives 0
-    (with a gradient path, for DDP).
+    Pairs. The numerator is eq. 5 with both models on x. For a negative x' eq. 6 writes
+    f_{T,S}(x'); read literally (both models on x') the loss would push teacher-student
+    agreement on x' down while x' 's own term pushes it up. We follow the contrastive
+    distillation eq. 6 cites ([16], CRD, Tian et al. 2020): a negative pairs the student's view
+    of the anchor with the teacher's view of the negative, f(T(x'), S(x)). The student learns
+    to agree with the teacher on x and to differ from the teacher on other-label examples;
+    gradients reach it through S(x) only.
+
+    Negatives. N(x) = the batch examples whose label differs from x's. At the paper's batch of 4
+    an example often has none; for such an example (only) N(x) = the rows of the bank with
+    another label: `bank_probe_probs` [M, N_T, C], `bank_labels` [M] are cached teacher probe
+    outputs of other examples of the same set (the teachers are frozen, so these are computed
+    once; the recipe draws the bank). As in eq. 6 the denominator excludes the positive and
+    there is no log. An example with no negative at all is left out of the mean; if no example
+    has one the loss is 0 (with a gradient path, for DDP).
     """
-    if (teacher_probe_probs.shape[0] != student_probe_probs.shape[0]
-            or teacher_probe_probs.shape[-1] != student_probe_probs.shape[-1]
-            or labels.shape != teacher_probe_probs.shape[:1]):
+    b, c = teacher_probe_probs.shape[0], teacher_probe_probs.shape[-1]
+    bank_ok = (bank_probe_probs is None) == (bank_labels is None) and (
+        bank_probe_probs is None or (bank_probe_probs.shape[1:] == teacher_probe_probs.shape[1:]
+                                     and bank_labels.shape == bank_probe_probs.shape[:1]))
+    if student_probe_probs.shape[0] != b or student_probe_probs.shape[-1] != c or labels.shape != (b,) or not bank_ok:
+        bank = "" if bank_probe_probs is None else f", bank {tuple(bank_probe_probs.shape)}"
+        bank += "" if bank_labels is None else f", bank labels {tuple(bank_labels.shape)}"
         raise ConfigError(
-            f"contrastive_probe_loss: teacher probes {tuple(teacher_probe_probs.shape)}, "
-            f"student probes {tuple(student_probe_probs.shape)} and labels {tuple(labels.shape)} "
-            "must be [B, N_T, C], [B, N_S, C] and [B] with the same B and C; probes of both "
-            "models must predict the task's label words"
+            f"contrastive_probe_loss: teacher probes {tuple(teacher_probe_probs.shape)}, student probes "
+            f"{tuple(student_probe_probs.shape)}, labels {tuple(labels.shape)}{bank} must be [B, N_T, C], "
+            "[B, N_S, C], [B] (and a bank [M, N_T, C] with labels [M]) with the same B and C; probes of "
+            "both models must predict the task's label words"
         )
-    t = teacher_probe_probs.float().mean(1)  # [B, C]
-    s = student_probe_probs.float().mean(1)
-    f = torch.exp(t @ s.T)  # f[i, j] = f(x_i, x_j)
-    negatives = labels[:, None] != labels[None, :]
-    has_neg = negatives.any(1)
-    # f >= 1, so a sample with negatives has a denominator >= 1; the others get 1 to stay finite.
-    denom = torch.where(has_neg, (f * negatives).sum(1), torch.ones_like(f[:, 0]))
-    ratio = f.diagonal() / denom
+    s = student_probe_probs[:, None]  # [B, 1, N_S, C]: the student's view of each anchor
+    pos = probe_match(teacher_probe_probs, student_probe_probs)  # [B]
+    neg = labels[:, None] != labels[None, :]  # [B, B]
+    denom = (probe_match(teacher_probe_probs[None], s) * neg).sum(1)
+    has_neg = neg.any(1)
+    if bank_probe_probs is not None:
+        bank_neg = (labels[:, None] != bank_labels[None, :]) & ~has_neg[:, None]  # [B, M]
+        denom = denom + (probe_match(bank_probe_probs[None].to(s.device), s) * bank_neg).sum(1)
+        has_neg = has_neg | bank_neg.any(1)
+    # f >= 1, so an example with negatives has a denominator >= 1; the others get 1 to stay finite
+    ratio = pos / torch.where(has_neg, denom, torch.ones_like(denom))
     return -(ratio * has_neg).sum() / has_neg.sum().clamp(min=1)
+
+
+def prompt_distiller_loss(mlm: torch.Tensor, kd_x: torch.Tensor | None = None, kd_xu: torch.Tensor | None = None,
+                          cpd_x: torch.Tensor | None = None, cpd_xu: torch.Tensor | None = None,
+                          lambda1: float = 0.2, lambda2: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PD eq. 8: L = L_MLM(X) + lambda1 (L_KD(X) + L_KD(X~)) + lambda2 (L_CPD(X) + L_CPD(X~)).
+
+    A term passed as None is not part of the objective: Table 2's ablations (w/o contrastive:
+    no cpd_x, cpd_xu; w/o unlabelled: no kd_xu, cpd_xu) and Table 1's Prompt-KD (mlm + kd_x).
+    Returns (total, parts): every key of `PD_PARTS`, detached for logging, an absent term as
+    exactly 0.
+    """
+    if lambda1 < 0 or lambda2 < 0:
+        raise ConfigError(f"PD eq. 8 weights must be >= 0, got lambda1={lambda1}, lambda2={lambda2}; the paper uses 0.2")
+    terms = {"mlm": mlm, "kd_x": kd_x, "kd_xu": kd_xu, "cpd_x": cpd_x, "cpd_xu": cpd_xu}
+    weights = {"mlm": 1.0, "kd_x": lambda1, "kd_xu": lambda1, "cpd_x": lambda2, "cpd_xu": lambda2}
+    total = sum(weights[k] * v.float() for k, v in terms.items() if v is not None)
+    zero = torch.zeros((), device=mlm.device)
+    return total, {k: zero if v is None else v.detach().float() for k, v in terms.items()}

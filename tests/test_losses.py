@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from rayapp.errors import ConfigError, DataError, PromptError
-from rayapp.losses import (attention_mse, contrastive_probe_loss, distilbert_loss, hidden_mse,
-                           kd_ce, layer_map, regression_kl, soft_ce,
+from rayapp.losses import (attention_mse, distilbert_loss, hidden_mse, layer_map, regression_kl, soft_ce,
                            soft_ce_topk, verbalizer_ce)
 
 ln = math.log
@@ -200,39 +199,3 @@ def test_regression_kl_needs_two_words():
     with pytest.raises(ConfigError, match="exactly two words"):
         regression_kl(torch.zeros(2, 3), torch.zeros(2, 3))
 
-
-# --- Prompt-Distiller (PD eq. 3-7) -------------------------------------------------------
-
-def test_kd_ce_tempers_teacher_only():
-    # alpha = 10: teacher [0, 10 ln 3] / 10 -> [1/4, 3/4]; student untempered [1/3, 2/3].
-    student = torch.tensor([[0.0, ln(2)]])
-    teacher = torch.tensor([[0.0, 10 * ln(3)]])
-    close(kd_ce(student, teacher, alpha=10.0), -(0.25 * ln(1 / 3) + 0.75 * ln(2 / 3)))
-
-
-def test_contrastive_probe_loss_hand_computed():
-    # Labels [0, 0, 1]; N_T = 2, N_S = 1, C = 2. Probe means: teacher [.5,.5], [1,0], [0,1];
-    # student [1,0], [.5,.5], [0,1]. f(x, x') = exp(tbar(x) . sbar(x')).
-    teacher = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],
-                            [[1.0, 0.0], [1.0, 0.0]],
-                            [[0.0, 1.0], [0.0, 1.0]]])
-    student = torch.tensor([[[1.0, 0.0]], [[0.5, 0.5]], [[0.0, 1.0]]])
-    labels = torch.tensor([0, 0, 1])
-    e = math.exp
-    r0 = e(0.5) / e(0.5)            # negatives of x0: {x2}
-    r1 = e(0.5) / e(0.0)            # negatives of x1: {x2}
-    r2 = e(1.0) / (e(0.0) + e(0.5))  # negatives of x2: {x0, x1}
-    close(contrastive_probe_loss(teacher, student, labels), -(r0 + r1 + r2) / 3)
-
-
-def test_contrastive_probe_loss_no_negatives_is_zero_with_grad():
-    student = torch.full((2, 1, 2), 0.5, requires_grad=True)
-    loss = contrastive_probe_loss(torch.full((2, 3, 2), 0.5), student, torch.tensor([1, 1]))
-    assert loss.item() == 0
-    loss.backward()
-    assert torch.equal(student.grad, torch.zeros_like(student))
-
-
-def test_contrastive_probe_loss_shape_error():
-    with pytest.raises(ConfigError, match="same B and C"):
-        contrastive_probe_loss(torch.zeros(2, 3, 2), torch.zeros(2, 1, 3), torch.tensor([0, 1]))
