@@ -1,6 +1,7 @@
 """Tasks, templates, verbalizers and prompt encoding with a WordPiece and a byte-level BPE tokenizer."""
 import copy
 import csv
+import dataclasses
 import re
 
 import pytest
@@ -310,6 +311,7 @@ GOOD = {"name": "t", "template": "{x0} It was {mask}.", "verbalizer": {"0": "bad
         ({"verbalizer": ["bad", "good"]}, "verbalizer must map labels to words"),
         ({"verbalizer": {"0": False, "1": True}}, r"label '0' must map .* got False: YAML reads unquoted"),
         ({"labels": ["0"]}, r"task 't' has unknown keys \['labels'\]"),
+        ({"lmbff_exact": "yes"}, "task 't': lmbff_exact must be true or false, got 'yes'"),
     ],
 )
 def test_task_from_dict_rejects(change, message):
@@ -328,3 +330,111 @@ def test_empty_sentence_renders_template_only(wordpiece_tokenizer):
     """LM-BFF's cr test set has a row with no text; it is scored on the bare prompt."""
     enc = PromptEncoder(wordpiece_tokenizer, get_task("cr"))
     assert enc.render(" ") == "[CLS] it was [MASK]. [SEP]"
+
+
+# --- lmbff_exact: LM-BFF's own tokenisation (src/dataset.py tokenize_multipart_input) -------
+
+_LMBFF_NLI = "*cls**sent-_0*?*mask*,*+sentl_1**sep+*"
+# task -> (LM-BFF's template from run_experiment.sh, text_a and text_b columns of its processor)
+LMBFF = {
+    "RTE": (_LMBFF_NLI, 1, 2),
+    "QNLI": (_LMBFF_NLI, 1, 2),
+    "SNLI": (_LMBFF_NLI, 7, 8),
+    "MNLI": (_LMBFF_NLI, 8, 9),
+    "MRPC": ("*cls**sent_0**mask*,*+sentl_1**sep+*", 3, 4),
+}
+# LM-BFF's sentence parts: name -> (space before, lowercase first letter, drop last character)
+LMBFF_SENTENCE = {
+    "sent": (False, False, False), "+sent": (True, False, False), "sent-": (False, False, True),
+    "sentl": (False, True, False), "+sentl": (True, True, False), "sentl-": (False, True, True),
+}
+# Measured on seed 13 train+dev at max_length 128: (examples whose default and exact ids differ,
+# examples where LM-BFF's tail cut loses the mask, i.e. LM-BFF fails; its RTE runs use 256)
+MEASURED = {
+    "wordpiece_tokenizer": {"RTE": (3, 8), "QNLI": (0, 0), "SNLI": (3, 0), "MNLI": (19, 0), "MRPC": (0, 0)},
+    "bpe_tokenizer": {"RTE": (3, 15), "QNLI": (2, 0), "SNLI": (3, 0), "MNLI": (26, 0), "MRPC": (0, 0)},
+}
+
+
+def lmbff_tokenize(template: str, texts: list[str], tok, max_length: int) -> list[int] | None:
+    """LM-BFF's prompt tokenisation without demonstrations, written from its code: parts
+    between '*', '_' in literals is a space, one-character literals are vocabulary lookups,
+    the whole sequence's tail is cut. None where LM-BFF fails (the cut loses the mask)."""
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    special = {"cls": tok.cls_token_id, "mask": tok.mask_token_id, "sep": tok.sep_token_id, "sep+": tok.sep_token_id}
+    ids = []
+    for part in template.split("*"):
+        name, _, index = part.partition("_")
+        if part in special:
+            ids.append(special[part])
+        elif name in LMBFF_SENTENCE and index.isdigit():
+            space, lower, drop = LMBFF_SENTENCE[name]
+            text = texts[int(index)]
+            text = text[:1].lower() + text[1:] if lower else text
+            text = text[:-1] if drop else text
+            ids += enc(" " + text if space else text)
+        else:
+            part = part.replace("_", " ")
+            ids += [tok.convert_tokens_to_ids(part)] if len(part) == 1 else enc(part)
+    ids = ids[:max_length]
+    return ids if tok.mask_token_id in ids else None
+
+
+def lmbff_rows(task: str, split: str) -> list[list[str]]:
+    """A k-shot TSV read as LM-BFF's processors read it (transformers' DataProcessor._read_tsv)."""
+    with open(asset("fewshot", "k-shot", task, "16-13", f"{split}.tsv"), encoding="utf-8-sig") as f:
+        return list(csv.reader(f, delimiter="\t", quotechar=None))[1:]
+
+
+@pytest.mark.parametrize("tok_name", TOKENIZERS)
+@pytest.mark.parametrize("task_name", list(LMBFF))
+def test_lmbff_exact_gives_lmbff_token_ids(task_name, tok_name, request):
+    """Every seed-13 train/dev example, at max_length 128 (long RTE pairs: the tail cut)."""
+    tok = request.getfixturevalue(tok_name)
+    template, a, b = LMBFF[task_name]
+    default = PromptEncoder(tok, get_task(task_name))
+    exact = PromptEncoder(tok, dataclasses.replace(get_task(task_name), lmbff_exact=True))
+    dev = "dev_matched" if task_name == "MNLI" else "dev"
+    rows = lmbff_rows(task_name, "train") + lmbff_rows(task_name, dev)
+    differ = cut = lmbff_fails = 0
+    for row in rows:
+        texts = [row[a], row[b]]
+        want, got = lmbff_tokenize(template, texts, tok, 128), exact.encode(*texts)["input_ids"]
+        if want is None:  # LM-BFF's cut loses the mask; rayapp cuts the sentences (encode keeps the mask)
+            lmbff_fails += 1
+        else:
+            assert got == want, (texts, tok.convert_ids_to_tokens(got), tok.convert_ids_to_tokens(want))
+        differ += got != default.encode(*texts)["input_ids"]
+        cut += len(got) == 128 and got[-1] != tok.sep_token_id
+    assert (differ, lmbff_fails) == MEASURED[tok_name][task_name]
+    assert cut > 0 or task_name != "RTE"  # RTE exercises LM-BFF's tail cut
+
+
+def test_lmbff_exact_rules(wordpiece_tokenizer, bpe_tokenizer):
+    mnli, mrpc = get_task("MNLI"), get_task("MRPC")
+    exact = PromptEncoder(wordpiece_tokenizer, dataclasses.replace(mnli, lmbff_exact=True))
+    assert exact.render("a girl wears black", "We Won!") == "[CLS] a girl wears blac? [MASK], we won! [SEP]"
+    default = PromptEncoder(wordpiece_tokenizer, mnli)
+    assert default.render("a girl wears black", "We Won!") == "[CLS] a girl wears black? [MASK], we won! [SEP]"
+    # no stripping: byte-level BPE keeps the data's trailing space as its own token
+    for task, expected in [(mrpc, ["<s>", "It", "Ġended", ".", "<mask>"]),
+                           (dataclasses.replace(mrpc, lmbff_exact=True), ["<s>", "It", "Ġended", ".", "Ġ"])]:
+        ids = PromptEncoder(bpe_tokenizer, task).encode("It ended. ", "Yes.")["input_ids"]
+        assert bpe_tokenizer.convert_ids_to_tokens(ids)[:5] == expected
+
+
+def test_lmbff_exact_truncation(wordpiece_tokenizer):
+    tok = wordpiece_tokenizer
+    exact = PromptEncoder(tok, dataclasses.replace(get_task("RTE"), lmbff_exact=True), max_length=16)
+    full = PromptEncoder(tok, dataclasses.replace(get_task("RTE"), lmbff_exact=True), max_length=512)
+    long_b = " ".join(["beta"] * 40)
+    assert exact.encode("A short one.", long_b)["input_ids"] == full.encode("A short one.", long_b)["input_ids"][:16]
+    # LM-BFF's cut would lose the mask here (it fails): exact mode cuts the sentences instead
+    out = exact.encode(" ".join(["alpha"] * 40) + ".", "Yes.")
+    assert out["input_ids"][-1] == tok.sep_token_id and len(out["input_ids"]) == 16
+    assert out["input_ids"][out["mask_pos"]] == tok.mask_token_id
+
+
+def test_lmbff_exact_from_yaml():
+    task = task_from_dict({**GOOD, "lmbff_exact": True})
+    assert task.lmbff_exact and not task_from_dict(GOOD).lmbff_exact

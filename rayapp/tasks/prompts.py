@@ -26,6 +26,24 @@ whitespace (``" It was"`` -> ``ĠIt Ġwas``). Label words are looked up as the t
 Truncation cuts only the input sentences, longest first, from the end of a sentence; the
 template and the mask always survive, and every sentence keeps at least one token.
 
+LM-BFF's exact tokenisation (``Task.lmbff_exact``)
+-------------------------------------------------
+By default two rules improve on LM-BFF's ``tokenize_multipart_input`` (src/dataset.py):
+input sentences are stripped of outer whitespace, and ``nopunct`` drops the final character
+only when it is punctuation (then strips the space before it). LM-BFF tokenises the sentence
+as read from the file and its ``*sent-_0*`` drops the last character whatever it is, so an
+unpunctuated premise loses its last letter ("... black" -> "... blac?") and, with byte-level
+BPE, a trailing space in the data becomes a lone ``Ġ`` token. With ``lmbff_exact=True`` both
+rules are LM-BFF's, and the built-in templates then give LM-BFF's token ids exactly, for
+WordPiece and byte-level BPE (tests/test_prompts.py checks every example of RTE, MRPC, QNLI, SNLI
+and MNLI against a direct implementation of LM-BFF's template language). Exact mode also
+truncates like LM-BFF: the tail of the whole sequence goes, [SEP] included; where that would
+cut the mask (LM-BFF fails there) it falls back to rayapp's rule. Not reproduced: LM-BFF's
+optional ``first_sent_limit`` (its RTE runs cap the premise at 240 tokens of 256), and
+special-token text inside a sentence stays text (LM-BFF would read "[MASK]" as a second
+mask). LM-BFF looks a one-character literal up as a vocabulary entry rather than tokenising
+it; for the built-in templates' ``? , . :`` the two give the same id.
+
 Regression (STS-B, SMASH §3.1): ``y`` in ``[l, u]`` is interpolated between the two label
 words: ``p_gold = [(u-y)/(u-l), (y-l)/(u-l)]`` and ``y_hat = l*p(low) + u*p(high)``.
 """
@@ -50,11 +68,16 @@ def _drop_final_punct(s: str) -> str:
     return s[:-1].rstrip() if s and s[-1] in string.punctuation else s
 
 
+def _drop_last_char(s: str) -> str:
+    return s[:-1]  # LM-BFF *sent-_i*
+
+
 def _lower_first(s: str) -> str:
     return s[:1].lower() + s[1:]
 
 
 MODIFIERS = {"nopunct": _drop_final_punct, "lowerfirst": _lower_first}
+LMBFF_MODIFIERS = {**MODIFIERS, "nopunct": _drop_last_char}  # Task.lmbff_exact
 
 
 @dataclass(frozen=True)
@@ -130,6 +153,7 @@ class Task:
     verbalizer: dict[str, str | list[str]]
     metric: str = "acc"
     bounds: tuple[float, float] | None = None  # regression: (l, u); labels = (low word, high word)
+    lmbff_exact: bool = False  # LM-BFF's own nopunct and whitespace rules (module docstring)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
@@ -141,6 +165,8 @@ class Task:
             parse_template(self.template)
         except PromptError as e:
             raise PromptError(f"{where}: {e}") from None
+        if not isinstance(self.lmbff_exact, bool):
+            raise PromptError(f"{where}: lmbff_exact must be true or false, got {self.lmbff_exact!r}")
         if self.metric not in METRICS:
             raise PromptError(
                 f"{where}: unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}"
@@ -286,8 +312,9 @@ class PromptEncoder:
 
     def _sentence_ids(self, segment: Segment, texts: list[str]) -> list[int]:
         text = texts[segment.slot]
+        modifiers = LMBFF_MODIFIERS if self.task.lmbff_exact else MODIFIERS
         for mod in segment.modifiers:
-            text = MODIFIERS[mod](text)
+            text = modifiers[mod](text)
         # split_special: a literal "[MASK]"/"<mask>" in user text is text, never a second mask
         return self._ids((" " if segment.space else "") + text, split_special=True)
 
@@ -305,11 +332,17 @@ class PromptEncoder:
             # cr) contain such rows and must keep their size
             if not isinstance(text, str):
                 raise DataError(f"input sentence x{i} for task {task.name!r} must be a string, got {text!r}")
-        texts = [t.strip() for t in texts]
+        if not task.lmbff_exact:
+            texts = [t.strip() for t in texts]
         parts = [self._sentence_ids(p, texts) if isinstance(p, Segment) else p for p in self._pieces]
-        sentences = [part for part, piece in zip(parts, self._pieces) if isinstance(piece, Segment)]
-        _truncate(sentences, self._budget)
         input_ids = self._prefix + [t for part in parts for t in part] + self._suffix
+        if len(input_ids) > self.max_length:
+            if task.lmbff_exact and self.mask_id in input_ids[: self.max_length]:
+                input_ids = input_ids[: self.max_length]  # LM-BFF cuts the tail, [SEP] included
+            else:  # (where LM-BFF's cut would lose the mask, LM-BFF fails; exact mode cuts here)
+                sentences = [part for part, piece in zip(parts, self._pieces) if isinstance(piece, Segment)]
+                _truncate(sentences, self._budget)
+                input_ids = self._prefix + [t for part in parts for t in part] + self._suffix
         assert input_ids.count(self.mask_id) == 1 and len(input_ids) <= self.max_length, "mask lost"
         mask_pos = input_ids.index(self.mask_id)
         return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "mask_pos": mask_pos}

@@ -61,11 +61,12 @@ def get_task(name: str) -> Task:
 
 
 _REQUIRED_KEYS = ("name", "template", "verbalizer")
-_OPTIONAL_KEYS = ("metric", "bounds")
+_OPTIONAL_KEYS = ("metric", "bounds", "lmbff_exact")
 
 
 def task_from_dict(d: dict) -> Task:
-    """A Task from a config mapping: name, template, verbalizer, optional metric and bounds."""
+    """A Task from a config mapping: name, template, verbalizer, optional metric, bounds and
+    lmbff_exact (LM-BFF's own tokenisation rules, see rayapp.tasks.prompts)."""
     keys = ", ".join(_REQUIRED_KEYS) + " (optional: " + ", ".join(_OPTIONAL_KEYS) + ")"
     if not isinstance(d, dict):
         raise PromptError(f"a task must be a mapping with keys {keys}, got {d!r}")
@@ -89,6 +90,7 @@ def task_from_dict(d: dict) -> Task:
         verbalizer={str(label).strip(): words for label, words in d["verbalizer"].items()},
         metric=d.get("metric", "acc"),
         bounds=bounds,
+        lmbff_exact=d.get("lmbff_exact", False),
     )
 
 
