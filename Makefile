@@ -4,10 +4,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
-export HF_HUB_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
+# Ray/HF flags for one machine without the hub, defined once in rayapp/env.py (stdlib only,
+# so it is read before the venv exists); values already in the environment win.
+ENV_FLAGS := $(shell $(PY) rayapp/env.py local)
+$(foreach kv,$(ENV_FLAGS),$(eval $(subst =, ?= ,$(kv))))
+export $(foreach kv,$(ENV_FLAGS),$(firstword $(subst =, ,$(kv))))
 
 .PHONY: install test demo clean
 

@@ -1,16 +1,34 @@
-"""Where the local assets live (the read-only `shared/data` folder beside the repo).
+"""Where models and datasets come from: a local path or URI, a mirror, the hub.
 
-Users with the hub never need this; tests, benchmarks and the demo read the LM-BFF splits,
-the Wikipedia corpus and the MiniLM weights in place from here.
+Every model or dataset reference resolves in one order:
+1. a local path or an `s3://` URI names itself;
+2. a hub reference (`roberta-large`, `org/name`, `hf://NAME[/CONFIG]?split=S`) is looked up
+   under the mirror root `$RAYAPP_ASSETS` (a local dir or `s3://` prefix, what an
+   air-gapped GPU cluster keeps): models at `ROOT/models/<id>` (an HF model dir), datasets
+   at `ROOT/datasets/<name>/<config or default>/<split>` (a `save_to_disk` folder);
+3. else the hub itself (unless `HF_HUB_OFFLINE=1`).
+A reference found nowhere is one error naming every place looked (`not_found`).
+`rayapp assets pull ID --to ROOT` fills a mirror on a machine that has the hub.
+
+`asset()`/`data_root()` are the repo's own local assets (`../shared/data`): tests, benchmarks
+and the demo read the LM-BFF splits, the Wikipedia corpus and the MiniLM weights from there.
 """
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from pathlib import Path
 
+from rayapp import storage
 from rayapp.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MIRROR_ENV = "RAYAPP_ASSETS"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# weights of other frameworks: a mirror keeps what transformers' PyTorch classes load
+_SKIP_FILES = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "*.mlmodel", "onnx/*", "openvino/*",
+               "coreml/*", "tf_model*", "flax_model*", "rust_model*"]
 
 
 def data_root() -> Path:
@@ -30,3 +48,90 @@ def asset(*parts: str) -> Path:
     if not path.exists():
         raise DataError(f"local asset {path} is missing (RAYAPP_DATA={data_root()})")
     return path
+
+
+# --- references: local path / URI, mirror, hub -------------------------------------------------
+
+def mirror_root() -> str | None:
+    return os.environ.get(MIRROR_ENV) or None
+
+
+def mirror_key(ref: str) -> str | None:
+    """Where a hub reference lives below a mirror root; None for local paths and URIs."""
+    if ref.startswith("hf://"):
+        name, config, split = storage.parse_hf_uri(ref)
+        return "/".join(["datasets", name, config or "default", split])
+    if storage.is_remote(ref) or Path(ref).expanduser().exists() or not _HUB_ID.match(ref):
+        return None
+    return f"models/{ref}"
+
+
+def resolve(ref: str) -> str:
+    """`ref` as something to load: itself (a local path or URI), its mirror copy (a local
+    dir or `s3://` URI) when `$RAYAPP_ASSETS` has one, else the hub reference unchanged."""
+    key, root = mirror_key(ref), mirror_root()
+    if key is not None and root is not None:
+        uri = storage.join(root, key)
+        if storage.exists(uri):
+            return uri
+    return ref
+
+
+def not_found(ref: str, detail: str = "") -> str:
+    """One line naming every place `ref` was looked for, and how to fix it."""
+    key, root = mirror_key(ref), mirror_root()
+    if key is None:
+        return f"{ref!r} does not exist (a local path{' or URI' if storage.is_remote(ref) else ''}); check the path"
+    places = [f"no local path {os.path.abspath(ref)}" if not ref.startswith("hf://") else None,
+              f"not in the mirror ({storage.join(root, key)})" if root else f"no mirror (${MIRROR_ENV} is not set)",
+              "not from the hub (HF_HUB_OFFLINE=1)" if _offline() else
+              f"not from the hub ({detail})" if detail else "not from the hub"]
+    return (f"cannot find {ref!r}: " + "; ".join(p for p in places if p)
+            + f". Fix the name, or on a machine with the hub run `rayapp assets pull {ref} --to ROOT` "
+            f"and set {MIRROR_ENV}=ROOT")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+# --- filling a mirror ---------------------------------------------------------------------------
+
+def pull(ref: str, root: str) -> list[str]:
+    """Copy a hub model (`org/name`) or dataset (`hf://NAME[/CONFIG][?split=S]`, every split
+    when none is named) from the hub into the mirror at `root`; returns the URIs written."""
+    key = mirror_key(ref)
+    if key is None:
+        raise DataError(f"{ref!r} is a local path or URI, not a hub reference; give a hub id "
+                        "(roberta-large, org/name) or hf://NAME[/CONFIG][?split=S]")
+    if ref.startswith("hf://"):
+        with tempfile.TemporaryDirectory() as tmp:
+            return _pull_dataset(ref, root, tmp)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:  # through the HF cache (a snapshot of symlinks to blobs), so a second pull is free
+        local = snapshot_download(ref, ignore_patterns=_SKIP_FILES)
+    except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError) as e:
+        raise DataError(f"cannot pull {ref!r} from the hub: {str(e).splitlines()[0]}") from None
+    storage.copy_dir(local, storage.join(root, key))
+    return [storage.join(root, key)]
+
+
+def _pull_dataset(ref: str, root: str, tmp: str) -> list[str]:
+    import datasets
+
+    name, config, split = storage.parse_hf_uri(ref)
+    split = split if "split=" in ref else None  # parse_hf_uri defaults to train; pull takes them all
+    try:
+        loaded = datasets.load_dataset(name, config, split=split)
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ValueError, ConnectionError) as e:
+        raise DataError(f"cannot pull {ref!r} from the hub: {str(e).splitlines()[0]}") from None
+    splits = {split: loaded} if split else dict(loaded)
+    written = []
+    for s, ds in splits.items():
+        local = os.path.join(tmp, s)
+        ds.save_to_disk(local)
+        written.append(storage.join(root, "datasets", name, config or "default", s))
+        storage.copy_dir(local, written[-1])
+    return written

@@ -7,6 +7,7 @@
     rayapp intermediate pairs|sentiment ...        SMASH intermediate examples (Ray Data)
     rayapp teacher-cache ...                       teacher top-k cache (Ray Data batch inference)
     rayapp distill --config FILE key=value ...     SMASH distillation (Ray Train, DeepSpeed/DDP)
+    rayapp assets pull ID --to ROOT                copy a hub model/dataset into a mirror (RAYAPP_ASSETS)
     rayapp demo                                    the pipeline end to end on local assets
 
 User mistakes print one line `error: ...` and exit 2; they are never tracebacks.
@@ -105,6 +106,13 @@ def cmd_distill(args) -> None:
     print(f"distilled student (HF dir): {record['model']}\nresults appended to {record['results']}")
 
 
+def cmd_assets(args) -> None:
+    from rayapp.assets import pull
+
+    for uri in pull(args.ref, args.to):
+        print(f"{args.ref} -> {uri}")
+
+
 def cmd_demo(args) -> None:
     from rayapp.demo import main as demo
 
@@ -170,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_teacher_cache)
 
     _recipe(sub, "distill", "SMASH distillation of a student from a teacher cache or online teacher", cmd_distill)
+
+    p = sub.add_parser("assets", help="fill an asset mirror (RAYAPP_ASSETS) from the hub, for clusters without it")
+    p.add_argument("action", choices=["pull"])
+    p.add_argument("ref", help="hub model id (roberta-large, org/name) or dataset hf://NAME[/CONFIG][?split=S]")
+    p.add_argument("--to", required=True, help="mirror root: a local dir or s3:// prefix")
+    p.set_defaults(func=cmd_assets)
 
     p = sub.add_parser("demo", help="the whole SMASH pipeline on this machine's CPU (local assets)", add_help=False)
     p.add_argument("demo_args", nargs=argparse.REMAINDER)

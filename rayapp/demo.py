@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from rayapp import storage
-from rayapp.train.engine import EngineConfig
+from rayapp import env
+
+env.apply(env.LOCAL)  # one machine, local assets: loopback-only Ray, no hub; before ray is imported
+
+from rayapp import storage  # noqa: E402
+from rayapp.train.engine import EngineConfig  # noqa: E402
 
 
 def _once(path: Path, build):
@@ -49,7 +52,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     engine = EngineConfig(num_workers=1)

@@ -6,20 +6,27 @@ filesystem layer Ray Data uses, so a stage hands `filesystem(uri)` straight to
 `ray.data.read_*`/`write_*` and one code path serves local disks, AWS S3 and
 S3-compatible servers (MinIO, the moto server in the tests).
 
-S3 honours `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL` (pyarrow does not read them itself)
-plus the usual AWS credential and region variables. Buckets are never created
-implicitly: a typo in a bucket name should fail loudly, not litter the account.
+S3 honours `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL` (S3-compatible servers) and
+`AWS_REGION`/`AWS_DEFAULT_REGION` (else the bucket's own region is looked up once).
+Buckets are never created implicitly: a typo in a bucket name should fail loudly, not
+litter the account.
 
-Inside Ray tasks, use a filesystem resolved on the driver: `filesystem(uri)` reads the
-environment of the process that calls it, and a worker's environment need not have the
-driver's AWS_* variables (a cluster started before they were set, another node). The
-returned S3 filesystem pickles with the driver's endpoint and keys.
+Credentials are never captured: the S3 filesystem handed to Ray pickles with its endpoint,
+region and retry policy only, and every process that unpickles it (a Ray Data task, a Ray
+Train worker on another node, hours later) asks the default AWS credential chain itself
+(environment, ~/.aws, the node's instance profile), so temporary credentials are refreshed
+where they are used instead of expiring inside a pickled copy of the driver's.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -34,33 +41,58 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+S3_ATTEMPTS = 10  # AWS "standard" retries with backoff: throttling (503 SlowDown) and resets over a long run
+
+
+def _s3_from_options(options: dict[str, Any]) -> "S3FileSystem":
+    return S3FileSystem(**options)
+
+
+class S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with rayapp's retry policy, pickled by its `options` only.
+
+    pyarrow pickles neither the retry strategy (an unpickled copy would fall back to 3
+    attempts) nor anything but what it was built with, so it is built without keys and
+    rebuilt from the same `options` wherever it is unpickled."""
+
+    def __init__(self, **options: Any):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS), **options)
+        self.options = options
+
+    def __reduce__(self):
+        return _s3_from_options, (self.options,)
+
+
 @lru_cache(maxsize=None)
-def _s3(endpoint: str | None, region: str | None, keys: tuple[str | None, ...]) -> pafs.S3FileSystem:
-    # Cached per settings: building an S3 client is not free. The instance pickles with
-    # its settings, so Ray workers (whose environment may predate the driver's AWS_*
-    # variables) reach the same endpoint with the same keys; with no keys in the
-    # environment each worker resolves its own (instance profile, ~/.aws).
-    access_key, secret_key, session_token = keys
-    kwargs: dict[str, Any] = {"region": region}
-    if access_key and secret_key:
-        kwargs.update(access_key=access_key, secret_key=secret_key, session_token=session_token)
+def _s3(endpoint: str | None, region: str | None) -> S3FileSystem:
+    # cached per settings: building an S3 client is not free
+    options: dict[str, Any] = {"region": region}
     if endpoint:
         parsed = urlparse(endpoint)
-        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
-    return pafs.S3FileSystem(**kwargs)
+        options.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+    return S3FileSystem(**options)
+
+
+@lru_cache(maxsize=None)
+def _bucket_region(bucket: str) -> str | None:
+    """The bucket's region, so workers on any node talk to it directly (no redirect)."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except (OSError, ValueError):  # no such bucket, no network: the first real request says so
+        return None
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """`(pyarrow filesystem, path inside it)` for a local path, `file://` or `s3://` URI."""
     if uri.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         path = uri[len("s3://"):].rstrip("/")
         if not path:
             raise DataError(f"{uri!r} names no bucket; use s3://BUCKET/PREFIX")
-        keys = tuple(os.environ.get(k) for k in
-                     ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
-        return _s3(endpoint, region, keys), path
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region is None and endpoint is None:
+            region = _bucket_region(path.split("/", 1)[0])
+        return _s3(endpoint, region), path
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     elif is_remote(uri):
@@ -201,6 +233,34 @@ def copy_dir(src_uri: str, dst_uri: str) -> None:
     src_fs, src = filesystem(src_uri)
     dst_fs, dst = filesystem(dst_uri)
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def local_copy(uri: str) -> str:
+    """A node-local copy of the remote directory `uri` (an `s3://` model, a mirrored
+    dataset) under `$RAYAPP_CACHE` (default `~/.cache/rayapp`), downloaded once per node.
+
+    Several Ray workers on one node ask at the same moment: under a file lock the first
+    copies into a temporary sibling and renames it into place, the others wait on the lock
+    and find it there. A download killed halfway leaves a temp dir, never half a model at
+    the final path. The copy is keyed by URI: write new weights to a new URI."""
+    if not is_remote(uri):
+        return filesystem(uri)[1]
+    root = Path(os.environ.get("RAYAPP_CACHE") or Path.home() / ".cache" / "rayapp") / "remote"
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    local = root / f"{name}-{hashlib.sha1(uri.encode()).hexdigest()[:12]}"
+    if local.is_dir():
+        return str(local)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(f"{local}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not local.is_dir():
+            tmp = tempfile.mkdtemp(dir=root, prefix=f"{local.name}.tmp-")
+            try:
+                copy_dir(uri, tmp)
+                os.rename(tmp, local)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return str(local)
 
 
 def parse_hf_uri(uri: str) -> tuple[str, str | None, str]:

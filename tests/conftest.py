@@ -1,21 +1,16 @@
 """Shared fixtures: one local Ray cluster per session, tiny models, a moto S3 server.
 
-Ray must bind to loopback only (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`), so it is set
-before anything imports ray.
+The tests run Ray with the same flags as `make` and `rayapp demo` (`rayapp.env.LOCAL`:
+loopback only, no hub), set before anything imports ray.
 """
 from __future__ import annotations
 
 import os
 import socket
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-# Ray Data's v2 parquet datasource starts helper actors that cost 6-11 s per read of even one
-# tiny file here; the v1 reader reads the same files in 0.1 s
-os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
+from rayapp import env
+
+env.apply(env.LOCAL)
 
 import pytest
 

@@ -1,4 +1,5 @@
 """rayapp.storage on local paths, file:// URIs and a moto S3 server."""
+import os
 import uuid
 
 import boto3
@@ -100,3 +101,64 @@ def test_join_and_unknown_scheme(tmp_path):
     assert storage.join(str(tmp_path), "x", "y.txt") == str(tmp_path / "x" / "y.txt")
     with pytest.raises(DataError, match=r"cannot open 'nosuch://x'"):
         storage.filesystem("nosuch://x")
+
+
+def test_s3_filesystem_pickles_without_credentials(bucket, monkeypatch):
+    """A pickled filesystem (what Ray ships to every task and Train worker) carries the
+    endpoint, region and retry policy, never keys: each process asks the default AWS
+    credential chain itself, so temporary credentials are refreshed where they are used."""
+    import pickle
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token-of-the-driver")
+    storage._s3.cache_clear()
+    storage.write_text(bucket + "/p/a.txt", "ok")
+    fs, path = storage.filesystem(bucket + "/p/a.txt")
+    blob = pickle.dumps(fs)
+    for secret in (b"testing", b"session-token-of-the-driver"):
+        assert secret not in blob
+    copy = pickle.loads(blob)
+    assert type(copy) is storage.S3FileSystem and copy.options == fs.options
+    assert copy.region == "us-east-1"
+    # a process with its own (different) keys reads through the unpickled filesystem
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "worker-key", "AWS_SECRET_ACCESS_KEY": "worker-secret"}
+    env.pop("AWS_SESSION_TOKEN")
+    code = ("import pickle, sys; fs = pickle.loads(sys.stdin.buffer.read()); "
+            f"print(fs.open_input_stream({path!r}).read().decode())")
+    out = subprocess.run([sys.executable, "-c", code], input=blob, env=env, capture_output=True, check=True)
+    assert out.stdout.decode().strip() == "ok"
+    storage._s3.cache_clear()
+
+
+def test_local_copy_downloads_once_per_node(bucket, tmp_path, monkeypatch):
+    """Four workers on one node ask for the same s3:// model at once: one download, and
+    nobody sees a half-copied folder."""
+    import threading
+
+    monkeypatch.setenv("RAYAPP_CACHE", str(tmp_path / "cache"))
+    for i in range(20):
+        storage.write_bytes(f"{bucket}/model/shard-{i}.bin", bytes([i]) * 10_000)
+    downloads, copy_dir = [], storage.copy_dir
+
+    def counted(src, dst):
+        downloads.append(dst)
+        copy_dir(src, dst)
+
+    monkeypatch.setattr(storage, "copy_dir", counted)
+    start, results = threading.Barrier(4), []
+
+    def worker():
+        start.wait()
+        local = storage.local_copy(bucket + "/model")
+        results.append(sorted(os.listdir(local)))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(downloads) == 1
+    assert results == [sorted(f"shard-{i}.bin" for i in range(20))] * 4
+    assert not [p for p in os.listdir(tmp_path / "cache" / "remote") if ".tmp-" in p]
+    assert storage.local_copy(str(tmp_path)) == str(tmp_path)  # local paths are already local

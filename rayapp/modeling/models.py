@@ -6,6 +6,8 @@ through `from_pretrained`. (Tiny random test models live in `tests/tiny.py`.)
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -14,39 +16,115 @@ from rayapp.errors import ConfigError
 
 
 def _from_pretrained(loader, name_or_path: str, what: str, **kwargs):
+    from rayapp import assets
+
+    src = local_model_dir(name_or_path)
     try:
-        return loader.from_pretrained(name_or_path, **kwargs)
+        return loader.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
-        hint = (
-            "it is not a local directory and could not be fetched as a hub id (offline, or no such model)"
-            if not Path(name_or_path).exists()
-            else "the directory exists but does not hold a usable HF model/tokenizer"
-        )
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigError(f"cannot load {what} {name_or_path!r}: {hint} ({type(e).__name__}: {detail})") from None
+        detail = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if not Path(src).exists():
+            raise ConfigError(f"cannot load {what}: {assets.not_found(name_or_path, detail)}") from None
+        raise ConfigError(f"cannot load {what} {name_or_path!r}: the directory {src} does not hold a "
+                          f"usable HF {what} ({detail})") from None
 
 
 def local_model_dir(name_or_path: str) -> str:
-    """Hub ids and local dirs pass through; an `s3://` model dir is downloaded once to
-    `~/.cache/rayapp/models/<hash>` so `from_pretrained` can read it."""
-    from rayapp import storage
+    """A model reference as `from_pretrained` reads it on this node: a local dir (made
+    absolute), a hub id, or for an `s3://` dir (given, or found in the `$RAYAPP_ASSETS`
+    mirror) a node-local copy, downloaded once per node however many workers ask."""
+    from rayapp import assets, storage
 
-    if not storage.is_remote(name_or_path):  # workers run elsewhere: make local paths absolute
-        return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
-    local = Path.home() / ".cache" / "rayapp" / "models" / hashlib.sha1(name_or_path.encode()).hexdigest()[:16]
-    if not (local / ".complete").exists():
-        storage.copy_dir(name_or_path, str(local))
-        (local / ".complete").touch()
-    return str(local)
+    ref = assets.resolve(name_or_path)
+    if storage.is_remote(ref):
+        return storage.local_copy(ref)
+    return str(Path(ref).resolve()) if Path(ref).exists() else ref
 
 
 def portable_model(name_or_path: str) -> str:
-    """The model as workers on any node can load it: local paths made absolute (workers do
-    not share the driver's working directory), hub ids and `s3://` URIs as given (each node
+    """The model as workers on any node can load it: resolved through the mirror on the
+    driver (workers need not see `$RAYAPP_ASSETS`), local paths made absolute (workers do
+    not share the driver's working directory), hub ids and `s3://` URIs as such (each node
     fetches them itself with `local_model_dir`)."""
+    from rayapp import assets, storage
+
+    ref = assets.resolve(name_or_path)
+    return ref if storage.is_remote(ref) else local_model_dir(ref)
+
+
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True) -> None:
+    """Driver-side check, before any Ray worker starts, that `name_or_path` is a model:
+    it resolves (local dir, `s3://`, mirror, hub), has a config (and weights, where files
+    can be listed), a masked-LM head class when `mlm`, and a tokenizer that loads.
+    Raises a one-line ConfigError naming the model and the fix."""
+    import fnmatch
+
+    from rayapp import assets, storage
+
+    ref = assets.resolve(name_or_path)
+    if storage.is_remote(ref) or Path(ref).is_dir():
+        files = _top_level_files(ref, name_or_path)
+        missing = [what for what, patterns in (("config.json", ["config.json"]), ("weights", _WEIGHTS))
+                   if not any(fnmatch.fnmatch(f, p) for f in files for p in patterns)]
+        if missing:
+            raise ConfigError(f"model {name_or_path!r} ({ref}) is not an HF model directory: no "
+                              f"{' and no '.join(missing)} ({', '.join(_WEIGHTS)}); give the folder written "
+                              "by save_pretrained, or a hub id")
+        if storage.is_remote(ref):  # config and tokenizer only: the weights are fetched where they are used
+            with tempfile.TemporaryDirectory() as tmp:
+                for f in files:
+                    if not any(fnmatch.fnmatch(f, p) for p in _WEIGHTS):
+                        storage.write_bytes(os.path.join(tmp, f), storage.read_bytes(storage.join(ref, f)))
+                return _check_loads(tmp, name_or_path, mlm, tokenizer)
+    elif Path(ref).exists():
+        raise ConfigError(f"model {name_or_path!r} is a file; give the model's directory or a hub id")
+    _check_loads(ref, name_or_path, mlm, tokenizer)
+
+
+def _top_level_files(uri: str, name: str) -> list[str]:
+    import pyarrow.fs as pafs
+
     from rayapp import storage
 
-    return name_or_path if storage.is_remote(name_or_path) else local_model_dir(name_or_path)
+    fs, path = storage.filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise ConfigError(f"model {name!r}: cannot list {uri} ({e})") from None
+    return [i.base_name for i in infos if i.type == pafs.FileType.File]
+
+
+def _check_loads(src: str, name: str, mlm: bool, tokenizer: bool) -> None:
+    config = load_model_config(src)
+    if mlm:
+        _mlm_class(config, name)
+    if tokenizer:
+        fix = "save it beside the weights (tokenizer.save_pretrained) or give a model that has one"
+        try:
+            tok = load_tokenizer(src)
+        except ConfigError as e:
+            raise ConfigError(f"model {name!r}: its tokenizer does not load ({e}); {fix}") from None
+        # transformers 5 builds an empty tokenizer (special tokens only) when the files are missing
+        if len(tok) <= len(tok.all_special_tokens):
+            raise ConfigError(f"model {name!r}: its tokenizer has no vocabulary (no tokenizer files); {fix}")
+        if len(tok) > config.vocab_size:
+            raise ConfigError(f"model {name!r}: its tokenizer has {len(tok)} tokens but the model's embedding "
+                              f"only {config.vocab_size}; the tokenizer belongs to another model, {fix}")
+
+
+def _mlm_class(config, name: str):
+    from transformers import AutoModelForMaskedLM
+
+    try:
+        return AutoModelForMaskedLM._model_mapping[type(config)]
+    except KeyError:
+        raise ConfigError(
+            f"model {name!r} ({config.model_type}) has no masked-LM head class; "
+            "prompt-based methods need an MLM such as BERT, RoBERTa or DistilRoBERTa"
+        ) from None
 
 
 def load_tokenizer(name_or_path: str):
@@ -67,14 +145,7 @@ def load_mlm(name_or_path: str, **kwargs):
     with a freshly initialised head."""
     from transformers import AutoModelForMaskedLM
 
-    config = load_model_config(name_or_path)
-    try:
-        AutoModelForMaskedLM._model_mapping[type(config)]
-    except KeyError:
-        raise ConfigError(
-            f"model {name_or_path!r} ({config.model_type}) has no masked-LM head class; "
-            "prompt-based methods need an MLM such as BERT, RoBERTa or DistilRoBERTa"
-        ) from None
+    _mlm_class(load_model_config(name_or_path), name_or_path)
     return _from_pretrained(AutoModelForMaskedLM, name_or_path, "masked LM", **kwargs)
 
 

@@ -1,0 +1,49 @@
+"""The environment flags rayapp runs Ray and Hugging Face with, defined here and nowhere else.
+
+Two sets:
+- `CLUSTER`: every rayapp process, on a laptop or a cloud cluster. `cluster/runtime_env.yaml`
+  carries exactly these (a test keeps it equal), and `python -m jobs.X` sets them too.
+- `LOCAL`: `CLUSTER` plus what only a single machine without the hub wants. `make`, the tests
+  (`tests/conftest.py`) and `rayapp demo` use it.
+
+`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` is for local clusters only: it makes Ray use the
+loopback address, so nothing listens on the machine's network address, and it refuses
+`ray start --address` (joining a multi-node cluster). Never set it on a real cluster.
+
+Stdlib only, so `make` can read it before any virtualenv exists:
+`python3 rayapp/env.py local` prints `KEY=VALUE` lines.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+CLUSTER: dict[str, str] = {
+    "RAY_TRAIN_V2_ENABLED": "1",          # the recipes use the Train V2 API; pinned against a user's 0
+    "TOKENIZERS_PARALLELISM": "false",    # fast tokenizers' threads do not survive Ray's worker forks
+    # parquet through the V1 reader: V2 starts helper actors that cost 6-11 s per read (measured
+    # on the 2-core test machine for a one-file cache); rayapp reads whole folders, never needs
+    # V2's ignore_missing_paths/skip_paths
+    "RAY_DATA_USE_DATASOURCE_V2": "0",
+}
+
+LOCAL: dict[str, str] = {
+    **CLUSTER,
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback only; see the module docstring
+    "HF_HUB_OFFLINE": "1",                     # local assets only: fail fast instead of retrying the hub
+    "HF_DATASETS_OFFLINE": "1",
+}
+
+
+def apply(flags: dict[str, str]) -> None:
+    """Set `flags` in this process's environment (before `import ray`), keeping values the
+    user already set, so `HF_HUB_OFFLINE=0 make demo` still means what it says."""
+    for key, value in flags.items():
+        os.environ.setdefault(key, value)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1] if len(sys.argv) > 1 else "local"
+    if which not in ("local", "cluster"):
+        sys.exit(f"usage: python3 rayapp/env.py [local|cluster]; got {which!r}")
+    print("\n".join(f"{k}={v}" for k, v in (LOCAL if which == "local" else CLUSTER).items()))
