@@ -15,6 +15,7 @@ from rayapp.assets import REPO_ROOT, asset
 from rayapp.errors import DataError
 from rayapp.data.fewshot import (
     SEEDS,
+    TEST_SOURCES,
     Columns,
     Example,
     _hf_table,
@@ -36,7 +37,7 @@ def write(path, text: str):
     return path
 
 
-@pytest.mark.parametrize("name", list(BUILTIN_TASKS))
+@pytest.mark.parametrize("name", [name for name in BUILTIN_TASKS if name != "MNLI-mm"])
 def test_load_lmbff_every_task_has_k_per_label(name, caplog):
     task = get_task(name)
     with caplog.at_level(logging.WARNING, logger="rayapp.data.fewshot"):
@@ -51,11 +52,34 @@ def test_load_lmbff_every_task_has_k_per_label(name, caplog):
         assert collections.Counter(ex.label for ex in split.train) == {label: 16 for label in task.labels}
         assert collections.Counter(ex.label for ex in split.dev) == {label: 16 for label in task.labels}
     assert all((ex.text_b is not None) == (task.num_inputs == 2) for ex in split.train + split.test)
-    # LM-BFF has no test file here for these: the pool's dev split stands in, loudly
-    fallback = name in ("MNLI", "MNLI-mm", "SNLI", "QQP")
-    assert (split.source["test_fallback"] is not None) == fallback
-    assert ("not the official test set" in caplog.text) == fallback
+    # LM-BFF has no test file here for these: the pool's dev split stands in, loudly and on record
+    fallback = name in ("MNLI", "SNLI", "QQP")
+    assert split.source["test_fallback"] == fallback
+    assert split.source["test_source"] == ("pool (not the original dev set)" if fallback else "original (LM-BFF test file)")
+    assert ("not the original dev set" in caplog.text) == fallback
     assert split.source["test"].endswith("dev.json" if fallback else ("tsv", "csv"))
+
+
+def test_mnli_mm_is_not_mnli():
+    """Without the mismatched test set MNLI-mm refuses: the pool (matched genres) would make it MNLI."""
+    message = r"MNLI/16-13/test_mismatched.tsv does not exist and task MNLI-mm has no stand-in .*mismatched genres.*dev_mismatched"
+    with pytest.raises(DataError, match=message):
+        load_lmbff(None, "MNLI-mm")
+
+
+def test_mnli_mm_reads_the_mismatched_test_file(tmp_path):
+    seed_dir = tmp_path / "MNLI" / "16-13"
+    seed_dir.mkdir(parents=True)
+    source = asset("fewshot", "k-shot", "MNLI", "16-13")
+    for name in ("train.tsv", "dev_matched.tsv"):
+        write(seed_dir / name, (source / name).read_text(encoding="utf-8"))
+    header = (source / "train.tsv").read_text(encoding="utf-8").splitlines()[0]
+    fields = ["0"] * (header.count("\t") + 1)
+    fields[8:10], fields[-1] = ["A letter from abroad.", "Nobody wrote."], "contradiction"
+    write(seed_dir / "test_mismatched.tsv", header + "\n" + "\t".join(fields) + "\n")
+    split = load_lmbff(tmp_path, "MNLI-mm")
+    assert split.test == [Example("A letter from abroad.", "Nobody wrote.", "contradiction")]
+    assert (split.source["test_source"], split.source["test_fallback"]) == ("original (LM-BFF test file)", False)
 
 
 def test_load_lmbff_reads_task_specific_columns():
@@ -82,7 +106,8 @@ def test_fallback_test_drops_examples_seen_in_train_or_dev(tmp_path):
     write(tmp_path / "pool" / "QQP" / "dev.json", json.dumps(pool))
     split = load_lmbff(tmp_path / "k-shot", "QQP")
     assert [ex.text_a for ex in split.test] == ["q7?", "q8?"]
-    assert "1 also in train/dev removed" in split.source["test_fallback"]
+    assert split.source["test_fallback"] and split.source["test_source"] == TEST_SOURCES["pool"]
+    assert "1 also in train/dev removed" in split.source["test_note"]
 
 
 def test_sample_fewshot_k_per_label_disjoint_and_reproducible(sst2_pool):
@@ -110,10 +135,12 @@ def test_make_splits_writes_and_load_lmbff_reads_back(tmp_path):
     splits = make_splits(pool, test, "RTE", k=2, seeds=(13, 21), out_dir=tmp_path)
     assert [s.seed for s in splits] == [13, 21] and splits[0].train != splits[1].train
     assert splits[0].source["empty_text_skipped"] == 1
+    assert splits[0].source["test_source"] == "given to make_splits" and not splits[0].source["test_fallback"]
     assert (tmp_path / "RTE" / "2-21" / "dev.jsonl").is_file()
     for split in splits:
         back = load_lmbff(tmp_path, "RTE", k=2, seed=split.seed)
         assert (back.train, back.dev, back.test) == (split.train, split.dev, test)
+        assert back.source["test_source"] == "given to make_splits"
     scores = [Example("a", "b", x / 2) for x in range(11)]
     (stsb,) = make_splits(scores, [Example("a", "b", 1.5)], "STS-B", k=2, seeds=(13,), out_dir=tmp_path)
     assert load_lmbff(tmp_path, "STS-B", k=2, seed=13).train == stsb.train  # float labels survive JSONL

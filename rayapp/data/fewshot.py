@@ -24,10 +24,13 @@ Decisions worth knowing:
   passed over in `source["empty_text_skipped"]`.
 - Regression (STS-B) has no labels to balance; like LM-BFF we bin scores at the midpoint of
   the task's range (2.5 for STS-B's 0..5) and draw K per bin, so K=16 gives 32 train and 32 dev.
-- Where LM-BFF's test file is absent (MNLI, MNLI-mm, SNLI, QQP in the local assets), the test
-  set falls back to the labelled pool `POOL/TASK/dev.json` with a warning, minus any example
-  that is also in the split's train/dev; `source["test_fallback"]` says so, so results.jsonl
-  records that those numbers are not on the official test set.
+- Where LM-BFF's test file is absent (MNLI, SNLI, QQP in the local assets), the test set
+  falls back to the labelled pool `POOL/TASK/dev.json` with a warning, minus any example that
+  is also in the split's train/dev. The pool is drawn from the original *train* set, so those
+  numbers are not on the original dev set: every split's `source["test_source"]` names where
+  its test set came from (`TEST_SOURCES`, a label a report prints beside such cells) and
+  `source["test_fallback"]` is True for the pool. MNLI-mm has no stand-in and refuses: it is
+  MNLI scored on genres MNLI's train set lacks, so a pool test set would silently make it MNLI.
 - Sampling uses `random.Random(seed)` over the pool in file order, so a split depends on the
   seed and the data only (not on PYTHONHASHSEED or dict order).
 """
@@ -163,19 +166,40 @@ def load_lmbff(
         if not files[split].is_file():
             raise _missing(files[split], hint)
     train, dev = (read_table(files[s], columns, task, header=header) for s in ("train", "dev"))
-    source = {"root": str(root), **{s: str(files[s]) for s in SPLITS}, "test_fallback": None}
+    own = files["test"].suffix == ".jsonl"  # rayapp's layout: make_splits wrote the test set
+    source = {"root": str(root), **{s: str(files[s]) for s in SPLITS},
+              "test_source": TEST_SOURCES["given" if own else "lmbff"], "test_fallback": False}
     if files["test"].is_file():
         test = read_table(files["test"], columns, task, header=header)
     else:
         pool_dir = Path(pool_root) if pool_root is not None else root.parent / "pool"
         pool_file = pool_dir / seed_dir.parent.name / "dev.json"
-        test, source["test_fallback"] = _fallback_test(files["test"], pool_file, task, train + dev)
-        source["test"] = str(pool_file)
+        test, note = _fallback_test(files["test"], pool_file, task, train + dev)
+        source.update(test=str(pool_file), test_source=TEST_SOURCES["pool"], test_fallback=True, test_note=note)
     return FewShotSplit(task.name, k, seed, train, dev, test, source)
+
+
+# `FewShotSplit.source["test_source"]`: where a split's test set came from
+TEST_SOURCES = {
+    "lmbff": "original (LM-BFF test file)",  # the task's original dev (GLUE) or test set
+    "given": "given to make_splits",
+    "pool": "pool (not the original dev set)",  # drawn from the original train set
+}
+# Tasks whose test set the pool cannot stand in for, and why
+NO_POOL_TEST = {
+    "MNLI-mm": "MNLI-mm is MNLI scored on the mismatched genres, which MNLI's train set (and so the "
+    "pool) does not contain: a pool test set would make it MNLI",
+}
 
 
 def _fallback_test(missing: Path, pool_file: Path, task: Task, seen: list[Example]) -> tuple[list[Example], str]:
     """Test set from the labelled pool's dev split when LM-BFF's test file is absent."""
+    if task.name in NO_POOL_TEST:
+        raise DataError(
+            f"{missing} does not exist and task {task.name} has no stand-in ({NO_POOL_TEST[task.name]}); "
+            "put the labelled mismatched set there (GLUE MNLI dev_mismatched.tsv, LM-BFF's test_mismatched.tsv), "
+            "or run task MNLI"
+        )
     if not pool_file.is_file():
         raise _missing(missing, f"put the task's labelled test file there (or a pool at {pool_file})")
     # the pool is drawn from the original train set, so drop what the split trains/selects on
@@ -184,7 +208,8 @@ def _fallback_test(missing: Path, pool_file: Path, task: Task, seen: list[Exampl
     test = [ex for ex in pool if (ex.text_a, ex.text_b) not in seen_texts]
     note = (
         f"{missing.name} is missing; test = labelled pool {pool_file} ({len(test)} examples, "
-        f"{len(pool) - len(test)} also in train/dev removed), not the official test set"
+        f"{len(pool) - len(test)} also in train/dev removed), drawn from the original train set, "
+        "not the original dev set"
     )
     log.warning("%s: %s", task.name, note)
     return test, note
@@ -454,7 +479,8 @@ def make_splits(
     task = _task(task)
     if not test:
         raise DataError(f"task {task.name}: the test set is empty; give the labelled original dev split as test")
-    source = {"pool_size": len(pool), "empty_text_skipped": sum(not _has_text(ex) for ex in pool)}
+    source = {"pool_size": len(pool), "empty_text_skipped": sum(not _has_text(ex) for ex in pool),
+              "test_source": TEST_SOURCES["given"], "test_fallback": False}
     splits = []
     for seed in seeds:
         train, dev = sample_fewshot(pool, task, k, seed)
