@@ -7,6 +7,8 @@
     rayapp intermediate pairs|sentiment ...        SMASH intermediate examples (Ray Data)
     rayapp teacher-cache ...                       teacher top-k cache (Ray Data batch inference)
     rayapp distill --config FILE key=value ...     SMASH distillation (Ray Train, DeepSpeed/DDP)
+    rayapp pretrain --config FILE key=value ...    further MLM pre-training (makes a teacher)
+    rayapp init-student --teacher DIR --out DIR    a student cut from every other teacher layer
     rayapp assets pull ID --to ROOT                copy a hub model/dataset into a mirror (RAYAPP_ASSETS)
     rayapp demo                                    the pipeline end to end on local assets
 
@@ -65,45 +67,64 @@ def cmd_fewshot(args) -> None:
     print(f"splits written under {args.out}")
 
 
-def cmd_finetune(args, method: str | None = None) -> None:
-    from rayapp.config import load_config
-    from rayapp.recipes.finetune import FinetuneConfig, run
+# what each recipe's command prints of its record
+_SHOWN = {
+    "finetune": ("name", "task", "method", "metric", "best_step", "best_dev", "test", "checkpoint"),
+    "distill": ("name", "setting", "objective", "steps", "first_loss", "last_loss", "restarts", "model"),
+    "pretrain": ("name", "steps", "masked_accuracy", "model"),
+}
 
-    overrides = list(args.overrides) + ([f"method={method}"] if method else [])
-    record = run(load_config(FinetuneConfig, args.config, overrides))
-    _print(record, ("name", "task", "method", "metric", "best_step", "best_dev", "test", "checkpoint"))
-    print(f"best checkpoint: {record['checkpoint']}\nresults appended to {record['results']}")
+
+def cmd_recipe(args, recipe: str, overrides: tuple[str, ...] = ()) -> None:
+    from rayapp.config import load_config
+    from rayapp.recipes import get_recipe
+
+    config_cls, run = get_recipe(recipe)
+    record = run(load_config(config_cls, args.config, [*args.overrides, *overrides]))
+    _print(record, _SHOWN.get(recipe, ("name",)))
+    print(f"run record: {record['record']}")
+
+
+def cmd_init_student(args) -> None:
+    from rayapp.recipes.pretrain import make_student
+
+    print(f"student written to {make_student(args.teacher, args.out, args.layers)}")
 
 
 def cmd_intermediate(args) -> None:
     from rayapp.data.pairs import build_pairs
-    from rayapp.data.sentiment import build_sentiment
 
-    if args.kind == "pairs":
-        stats = build_pairs(args.corpus, args.out, num_examples=args.num_examples, seed=args.seed)
-    else:
-        stats = build_sentiment(args.corpus, args.teacher, args.out, num_examples=args.num_examples,
-                                             threshold=args.threshold, seed=args.seed)
+    stats = build_pairs(args.corpus, args.out, num_examples=args.num_examples, seed=args.seed)
     print(json.dumps(stats, indent=1, default=str))
     print(f"examples written to {args.out}")
 
 
-def cmd_teacher_cache(args) -> None:
-    from rayapp.data.teacher_cache import build_cache
-
-    stats = build_cache(args.examples, args.teacher, args.out, task=args.task, top_k=args.top_k,
-                        batch_size=args.batch_size)
-    print(json.dumps(stats, indent=1, default=str))
-    print(f"teacher cache written to {args.out}")
-
-
-def cmd_distill(args) -> None:
+def _stage_config(cls, args, flags: tuple[str, ...]):
+    """A data stage's typed config: `--config FILE`, then the flags given, then `key=value`.
+    Flags travel as JSON scalars, which YAML reads back exactly (a path stays a string)."""
     from rayapp.config import load_config
-    from rayapp.recipes.distill import DistillConfig, run
 
-    record = run(load_config(DistillConfig, args.config, args.overrides))
-    _print(record, ("name", "setting", "objective", "steps", "first_loss", "last_loss", "restarts"))
-    print(f"distilled student (HF dir): {record['model']}\nresults appended to {record['results']}")
+    given = [f"{k}={json.dumps(getattr(args, k))}" for k in flags if getattr(args, k) is not None]
+    return load_config(cls, args.config, [*given, *args.overrides])
+
+
+def cmd_sentiment(args) -> None:
+    from rayapp.data.sentiment import SentimentConfig, run
+
+    cfg = _stage_config(SentimentConfig, args, ("corpus", "teacher", "out", "num_examples", "seed", "threshold",
+                                                "batch_size", "num_actors", "use_gpu"))
+    stats = run(cfg)
+    print(json.dumps({k: v for k, v in stats.items() if k != "files"}, indent=1, default=str))
+    print(f"examples written to {cfg.out}")
+
+
+def cmd_teacher_cache(args) -> None:
+    from rayapp.data.teacher_cache import CacheConfig, run
+
+    cfg = _stage_config(CacheConfig, args, ("examples", "teacher", "out", "task", "top_k",
+                                            "batch_size", "num_actors", "use_gpu"))
+    print(json.dumps(run(cfg), indent=1, default=str))
+    print(f"teacher cache written to {cfg.out}")
 
 
 def cmd_assets(args) -> None:
@@ -126,6 +147,16 @@ def _recipe(sub, name: str, help: str, func):
     p.add_argument("--config", help="YAML config file (see jobs/configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=2e-5 engine.num_workers=2")
     p.set_defaults(func=func)
+    return p
+
+
+def _data_stage(sub, name: str, help: str, func):
+    """A data stage's command: a typed config from `--config FILE key=value` (see
+    `_stage_config`), the actor-pool flags, and the stage's own flags added by the caller."""
+    p = _recipe(sub, name, help, func)
+    p.add_argument("--batch-size", type=int, help="examples per forward pass (default: sized for the device)")
+    p.add_argument("--num-actors", type=int, help="most scoring actors (default: as many as the cluster gives)")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per scoring actor")
     return p
 
 
@@ -154,30 +185,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="(make) output root (TASK/K-SEED/{train,dev,test}.jsonl)")
     p.set_defaults(func=cmd_fewshot)
 
-    _recipe(sub, "finetune", "few-shot fine-tuning (prompt or classifier) on Ray Train", cmd_finetune)
+    _recipe(sub, "finetune", "few-shot fine-tuning (prompt or classifier) on Ray Train",
+            lambda a: cmd_recipe(a, "finetune"))
     _recipe(sub, "evaluate", "zero-shot prompt evaluation of a model or checkpoint (dev + test)",
-            lambda a: cmd_finetune(a, method="zero-shot"))
+            lambda a: cmd_recipe(a, "finetune", ("method=zero-shot",)))
+    _recipe(sub, "pretrain", "further masked-LM pre-training on a corpus (how rayapp makes a teacher)",
+            lambda a: cmd_recipe(a, "pretrain"))
+    p = sub.add_parser("init-student", help="a student cut from a teacher: every other layer, same embeddings/head")
+    p.add_argument("--teacher", required=True, help="teacher MLM (HF id or local dir)")
+    p.add_argument("--out", required=True, help="output HF model dir")
+    p.add_argument("--layers", type=int, nargs="+", help="teacher layers to keep (default every other one)")
+    p.set_defaults(func=cmd_init_student)
 
     p = sub.add_parser("intermediate", help="build SMASH intermediate examples from a corpus (Ray Data)")
-    p.add_argument("kind", choices=["pairs", "sentiment"])
+    kinds = p.add_subparsers(dest="kind", required=True)
+    p = kinds.add_parser("pairs", help="sentence pairs: different documents / same document / adjacent")
     p.add_argument("--corpus", required=True, help="text/WikiExtractor/JSONL/parquet files, s3:// prefix or hf://")
     p.add_argument("--out", required=True, help="output dir or s3:// prefix (parquet shards)")
     p.add_argument("--num-examples", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher", help="(sentiment) teacher MLM that scores sentences")
-    p.add_argument("--threshold", type=float, default=0.5, help="(sentiment) keep sentences whose top class prob >= this")
     p.set_defaults(func=cmd_intermediate)
 
-    p = sub.add_parser("teacher-cache", help="cache the teacher's top-k logits at the mask (Ray Data)")
-    p.add_argument("--examples", required=True, help="intermediate examples (parquet dir or s3:// prefix)")
-    p.add_argument("--teacher", required=True, help="teacher MLM: HF id or local dir")
-    p.add_argument("--out", required=True)
-    p.add_argument("--task", default="smash-pairs", help="smash-pairs or smash-sentiment")
-    p.add_argument("--top-k", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.set_defaults(func=cmd_teacher_cache)
+    p = _data_stage(kinds, "sentiment", "corpus sentences the teacher labels confidently (resumable)", cmd_sentiment)
+    p.add_argument("--corpus", help="text/WikiExtractor/JSONL/parquet files, s3:// prefix or hf://")
+    p.add_argument("--teacher", help="teacher MLM that scores the sentences")
+    p.add_argument("--out", help="output dir or s3:// prefix")
+    p.add_argument("--num-examples", type=int, help="keep at most this many (seeded sample); default all")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threshold", type=float, help="keep sentences whose top class prob >= this (default 0.5)")
 
-    _recipe(sub, "distill", "SMASH distillation of a student from a teacher cache or online teacher", cmd_distill)
+    p = _data_stage(sub, "teacher-cache", "cache the teacher's top-k logits at the mask (resumable)",
+                    cmd_teacher_cache)
+    p.add_argument("--examples", help="finished intermediate examples folder (local or s3://)")
+    p.add_argument("--teacher", help="teacher MLM: HF id, local dir or s3://")
+    p.add_argument("--out", help="cache folder (local or s3://)")
+    p.add_argument("--task", help="smash-pairs (default) or smash-sentiment")
+    p.add_argument("--top-k", type=int, help="logits kept per example (default 64)")
+
+    _recipe(sub, "distill", "SMASH distillation of a student from a teacher cache or online teacher",
+            lambda a: cmd_recipe(a, "distill"))
 
     p = sub.add_parser("assets", help="fill an asset mirror (RAYAPP_ASSETS) from the hub, for clusters without it")
     p.add_argument("action", choices=["pull"])

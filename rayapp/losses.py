@@ -42,42 +42,61 @@ def _tempered_ce_rows(student_logits: torch.Tensor, teacher_scores: torch.Tensor
     return -(t * log_s).sum(-1) * temperature**2
 
 
-def soft_ce(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             temperature: float = 1.0) -> torch.Tensor:
     """SMASH eq. 1: L_ce = -sum_{i in V} t_i log s_i, averaged over the batch.
 
-    student_logits [..., V], teacher_probs [..., V] (rows sum to 1). With `temperature`
-    T != 1 both distributions are softened (t ∝ t^(1/T), s = softmax(z/T)) and the loss is
-    scaled by T^2 (Hinton et al.) so gradients keep their size; T = 1 (default, SMASH) is
-    eq. 1 unchanged.
+    student_logits [..., V], teacher_logits [..., V] (logits or log-probabilities: softmax is
+    shift-invariant). The temperature is applied here and only here: t = softmax(z_T / T),
+    s = softmax(z_S / T), and the loss is scaled by T^2 (Hinton et al.) so gradients keep
+    their size; T = 1 (default, SMASH) is eq. 1 unchanged.
     """
-    _check_vocab(student_logits.shape[-1], teacher_probs.shape[-1], "soft_ce")
-    # log(0) = -inf is fine here: softmax maps it back to a probability of exactly 0.
-    return _tempered_ce_rows(student_logits, teacher_probs.float().log(), temperature).mean()
+    _check_vocab(student_logits.shape[-1], teacher_logits.shape[-1], "soft_ce")
+    return _tempered_ce_rows(student_logits, teacher_logits, temperature).mean()
+
+
+TOPK_MODES = ("tail", "renormalize")
 
 
 def soft_ce_topk(student_logits: torch.Tensor, topk_values: torch.Tensor,
                  topk_indices: torch.Tensor, teacher_lse: torch.Tensor,
-                 renormalize: bool = True) -> torch.Tensor:
+                 mode: str = "tail", temperature: float = 1.0) -> torch.Tensor:
     """SMASH eq. 1 against a teacher distribution rebuilt from a top-k logit cache.
 
-    student_logits [B, V]; topk_values [B, k] teacher logits (fp16 is fine);
-    topk_indices [B, k] their vocabulary ids; teacher_lse [B] log-sum-exp of the teacher's
-    FULL logits. Kept entries have exact probabilities t_i = exp(v_i - lse); the missing
-    mass 1 - sum_kept t_i is unknown and gets no target:
-      renormalize=True  -> t_i = exp(v_i - lse) / covered mass = softmax(v)_i over the kept
-                           entries (the stored lse cancels), a proper distribution;
-      renormalize=False -> exact t_i; the missing entries' (non-negative) terms are
-                           dropped, so this is a lower bound on eq. 1.
-    With k = V both equal eq. 1 exactly (the covered mass is 1).
+    student_logits [B, V]; topk_values [B, k] teacher logits (fp16 is fine, any common
+    shift); topk_indices [B, k] their vocabulary ids; teacher_lse [B] log-sum-exp of the
+    teacher's FULL logits (same shift). Kept entries have exact probabilities
+    t_i = exp(v_i - lse); the cache does not say how the missing mass 1 - sum_k t_i is spread.
+      mode="tail" (default): the missing entries form one bucket on both sides,
+          L = -sum_k t_i log s_i - (1 - sum_k t_i) log(1 - sum_k s_i),
+        i.e. eq. 1 over the partition {kept ids..., everything else}. It keeps the teacher's
+        real confidence (a top-64 cache of a real teacher may cover only ~40% of the mass),
+        and its gradient follows eq. 1's closely (tests/test_losses.py measures it).
+      mode="renormalize": t_i = softmax(v)_i over the kept entries (the stored lse cancels):
+        a proper but sharper distribution than the teacher's.
+    `temperature` T softens teacher and student (x T^2, as `soft_ce`); the cache holds the
+    lse at T = 1 only, so T != 1 needs mode="renormalize". With k = V both modes equal eq. 1.
     """
     _check_vocab_ids(topk_indices, student_logits.shape[-1])
-    if renormalize:
-        t = torch.softmax(topk_values.float(), dim=-1)
-    else:
-        t = torch.exp(topk_values.float() - teacher_lse.float().unsqueeze(-1))
-    log_s = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, topk_indices.long())
-    return -(t * log_s).sum(-1).mean()
+    if mode not in TOPK_MODES:
+        raise ConfigError(f"top-k cache mode must be one of {TOPK_MODES}, got {mode!r}")
+    if mode == "tail" and temperature != 1.0:
+        raise ConfigError("the top-k cache stores the teacher's log-sum-exp at temperature 1, so its tail "
+                          "mass at another temperature is unknown: use temperature=1 or topk_mode=renormalize")
+    z = student_logits.float() / temperature
+    log_s = torch.log_softmax(z, dim=-1)
+    kept_log_s = log_s.gather(-1, topk_indices.long())
+    if mode == "renormalize":
+        t = torch.softmax(topk_values.float() / temperature, dim=-1)
+        return -(t * kept_log_s).sum(-1).mean() * temperature**2
+    t = torch.exp(topk_values.float() - teacher_lse.float().unsqueeze(-1))
+    tail_t = (1 - t.sum(-1)).clamp(min=0)
+    # log(1 - sum_k s_i) = logsumexp over the other ids - logsumexp over all: exact, no
+    # cancellation. Kept ids get a finite -1e4 (not -inf) so k = V stays finite in backward.
+    rest = z.scatter(-1, topk_indices.long(), -1e4)
+    log_tail_s = rest.logsumexp(-1) - z.logsumexp(-1)
+    tail = torch.where(tail_t > 1e-6, tail_t * log_tail_s, torch.zeros_like(tail_t))
+    return (-(t * kept_log_s).sum(-1) - tail).mean()
 
 
 def _check_vocab_ids(indices: torch.Tensor, vocab_size: int) -> None:
@@ -234,11 +253,12 @@ def regression_kl(class_logits: torch.Tensor, target: torch.Tensor) -> torch.Ten
     `prompts.regression_target`). Mean over the batch.
 
     The paper writes L_kl = KL(p_pred || p_gold), but p_gold has exact zeros whenever
-    y = l or y = u (STS-B scores 0 and 5 occur), where KL(p_pred || p_gold) =
-    sum p_pred log(p_pred / p_gold) is infinite. We therefore compute
-    KL(p_gold || p_pred) = sum p_gold (log p_gold - log p_pred) with 0 log 0 = 0, which
-    is finite everywhere and is what LM-BFF's code (which SMASH follows) computes:
-    `KLDivLoss(log_softmax(logits), p_gold)`.
+    y = l or y = u (STS-B scores 0 and 5 occur), where KL(p_pred || p_gold) is infinite. This
+    computes KL(p_gold || p_pred) = sum p_gold (log p_gold - log p_pred) with 0 log 0 = 0,
+    finite everywhere and minimised by the same p_pred = p_gold. It is not what LM-BFF's code
+    computes: LM-BFF passes the probabilities p_gold as the target of
+    `nn.KLDivLoss(log_target=True)`, which reads them as log-probabilities, i.e. it minimises
+    sum exp(p_gold) (p_gold - log p_pred), not a KL divergence; we do not reproduce that.
     """
     if class_logits.shape[-1] != 2 or target.shape != class_logits.shape:
         raise ConfigError(

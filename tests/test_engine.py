@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from rayapp.train.engine import EngineConfig, global_batch_indices, shard, split_batch
 from rayapp.errors import ConfigError
@@ -26,3 +27,64 @@ def test_engine_config_errors():
         EngineConfig(engine="deepspeed", zero_stage=3)
     with pytest.raises(ConfigError, match="fp16 needs engine=deepspeed"):
         EngineConfig(precision="fp16")
+
+
+def test_export_is_fp32_from_a_bf16_model(tiny_bert, tmp_path):
+    """A bf16 (DeepSpeed bf16) module exports fp32 weights that transformers loads as fp32."""
+    from transformers import AutoModelForMaskedLM
+
+    from rayapp.train.engine import save_hf
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_bert).to(torch.bfloat16)
+    save_hf(model, tmp_path / "out")
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "out")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+
+
+def test_checkpoint_weights_load_strictly(tiny_bert):
+    """Only tied weights may be missing from a checkpoint; anything else is an error."""
+    from transformers import AutoModelForMaskedLM
+
+    from rayapp.train.engine import load_hf_weights
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_bert)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "decoder.weight" not in k}
+    load_hf_weights(model, weights)  # the decoder is tied to the word embeddings
+    weights.pop(next(k for k in weights if "LayerNorm" in k))
+    with pytest.raises(ConfigError, match="checkpoint does not match the model: missing"):
+        load_hf_weights(model, weights)
+
+
+def test_deepspeed_load_weights_updates_the_fp32_master(ray_cluster, tmp_path):
+    """`Engine.load_weights` also refreshes ZeRO's fp32 master partition, so the next
+    checkpoint's optimizer shard holds the loaded (e.g. best-on-dev) weights."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    def _deepspeed_load_weights_loop(config):  # defined here: workers cannot import test modules
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from rayapp.train.engine import Engine
+        from rayapp.train.loop import snapshot
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        engine = Engine(model, EngineConfig(engine="deepspeed", use_gpu=False, zero_stage=2), lr=0.1, weight_decay=0.0,
+                        warmup_steps=0, total_steps=10, micro_batch=4, grad_accum=1)
+        batch = {"x": torch.randn(4, 4), "y": torch.tensor([0, 1, 0, 1])}
+        loss_fn = lambda m, b: (torch.nn.functional.cross_entropy(m(b["x"]), b["y"]), {})  # noqa: E731
+        engine.train_step([batch], loss_fn)
+        kept = snapshot(engine.module)
+        for _ in range(3):
+            engine.train_step([batch], loss_fn)
+        engine.load_weights(kept)
+        engine.model.save_checkpoint(config["dir"], tag="t")
+        master = get_fp32_state_dict_from_zero_checkpoint(config["dir"], tag="t")
+        diff = max(float((master[k] - v).abs().max()) for k, v in kept.items())
+        assert diff < 1e-6, f"fp32 master differs from the loaded weights by {diff}"
+
+    trainer = TorchTrainer(_deepspeed_load_weights_loop, train_loop_config={"dir": str(tmp_path / "ds")},
+                           torch_config=TorchConfig(backend="gloo"),
+                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                           run_config=RunConfig(name="ds", storage_path=str(tmp_path)))
+    trainer.fit()  # raises if the worker's assertion failed

@@ -6,7 +6,7 @@ import math
 import pytest
 from transformers import AutoModelForMaskedLM
 
-from rayapp import storage
+from rayapp.train.records import read_records
 from rayapp.train.engine import EngineConfig
 from rayapp.errors import ConfigError
 from rayapp.recipes.finetune import FinetuneConfig, run
@@ -24,9 +24,10 @@ def test_prompt_finetune_two_workers_loss_decreases(ray_cluster, tiny_bert, tmp_
     losses = [loss for _, loss in rec["loss_curve"]]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert [s for s, _ in rec["dev_curve"]] == [0, 2, 4]
-    assert rec["best_step"] in (0, 2, 4) and 0.0 <= rec["test"] <= 1.0
-    # one record per run, with config and split provenance
-    (line,) = storage.read_jsonl(str(tmp_path / "runs" / "results.jsonl"))
+    assert rec["best_step"] in (2, 4) and 0.0 <= rec["test"] <= 1.0
+    # one record file per run, with config and split provenance
+    (line,) = read_records(str(tmp_path / "runs"))
+    assert line["name"] == rec["name"] and rec["record"].endswith(f"records/{rec['name']}.json")
     assert line["config"]["engine"]["num_workers"] == 2 and line["split"]["train"].endswith("train.tsv")
     # the kept checkpoint is an HF dir in safetensors that from_pretrained loads
     assert (tmp_path / "runs").joinpath(rec["checkpoint"]).joinpath("model.safetensors").exists()
@@ -74,3 +75,32 @@ def test_batch_that_does_not_split_over_workers(ray_cluster, tiny_bert, tmp_path
 def test_init_that_is_not_a_model(tmp_path):
     with pytest.raises(ConfigError, match="neither an HF model directory nor a rayapp checkpoint"):
         run(_cfg("unused", tmp_path, init=str(tmp_path)))
+
+
+def test_step_zero_never_wins_the_selection(ray_cluster, tiny_bert, tmp_path):
+    """LM-BFF selects among evaluations during training: with an lr too small to change the
+    dev metric, every evaluation ties and the first one after step 0 is kept, not the
+    untrained weights (which a strict `>` against the step-0 evaluation used to keep)."""
+    rec = run(_cfg(tiny_bert, tmp_path, lr=1e-12, max_steps=4, eval_every=2, engine=EngineConfig(num_workers=1)))
+    dev = [d for _, d in rec["dev_curve"]]
+    assert dev[0] == dev[1] == dev[2]  # the weights did not move
+    assert rec["best_step"] == 2
+
+
+def test_same_config_resumes_the_finished_run(ray_cluster, tiny_bert, tmp_path):
+    """Run names derive from the config: running it again finds the run and trains nothing."""
+    cfg = _cfg(tiny_bert, tmp_path, max_steps=2, eval_every=2, engine=EngineConfig(num_workers=1))
+    first, again = run(cfg), run(cfg)
+    assert first["name"] == again["name"] and first["name"].startswith("prompt-SST-2-16-13-")
+    assert again["test"] == first["test"] and again["loss_curve"] == first["loss_curve"]
+
+
+def test_kd_from_teacher_during_prompt_ft(ray_cluster, tiny_roberta, tmp_path):
+    rec = run(_cfg(tiny_roberta, tmp_path, teacher=tiny_roberta, kd_weight=0.5, max_steps=2, eval_every=2,
+                   engine=EngineConfig(num_workers=1)))
+    assert rec["config"]["teacher"] == tiny_roberta and 0.0 <= rec["test"] <= 1.0
+
+
+def test_kd_teacher_with_another_vocabulary(tiny_bert, tiny_roberta, tmp_path):
+    with pytest.raises(ConfigError, match="different vocabularies"):
+        run(_cfg(tiny_roberta, tmp_path, teacher=tiny_bert))

@@ -24,15 +24,10 @@ def test_student_keeps_the_chosen_teacher_layers(tmp_path):
 
 
 def test_mlm_pretraining_learns(ray_cluster, tiny_bert, tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    data = tmp_path / "text"
-    data.mkdir()
-    sentences = [f"the cat sat on the mat number {i % 5} today ." for i in range(400)]
-    pq.write_table(pa.table({"text_a": sentences, "text_b": [None] * 400}), data / "part-0.parquet")
+    data = tmp_path / "corpus.txt"  # a plain-text corpus: one document per blank-line-separated block
+    data.write_text("\n\n".join(f"the cat sat on the mat number {i % 5} today ." for i in range(400)) + "\n")
     rec = run(PretrainConfig(model=tiny_bert, data=str(data), max_length=16, batch_size=16, lr=3e-3,
-                             max_steps=30, checkpoint_every=30, output_dir=str(tmp_path / "runs"),
+                             max_steps=30, eval_every=30, output_dir=str(tmp_path / "runs"),
                              engine=EngineConfig(num_workers=1)))
     (_, before), (_, after) = rec["masked_accuracy"]
     assert after > before + 0.2  # a tiny model learns this repetitive text's masked tokens

@@ -5,6 +5,8 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
+import torch
+
 from rayapp.errors import ConfigError
 
 def _builtin_label_words() -> list[str]:

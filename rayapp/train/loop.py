@@ -1,0 +1,171 @@
+"""The one training loop every recipe runs on each Ray Train worker.
+
+A recipe is its config, a `setup` and its objectives (torchtune's shape): `setup(cfg, inputs,
+device)` builds what this loop needs (`Setup`: the model to train, the objective, the batch
+stream, an optional evaluation and a final evaluation), and the loop does the rest once for
+all recipes: engine, resume, steps, curves, evaluation, best-checkpoint selection, progress,
+checkpoints and the final report.
+
+Checkpoints. A recipe with a selection metric (`Setup.select`, e.g. few-shot dev accuracy)
+reports a checkpoint whenever that metric improves, so the run's storage keeps the best
+model and a restart resumes from it (later steps are recomputed: their data order is a
+function of the step). Selection is among the evaluations *during training* (steps >= 1), as
+in LM-BFF: the untrained model is evaluated at step 0 for the curve only. Recipes without a
+selection metric checkpoint every `checkpoint_every` steps. The final report holds the kept
+model (the best, or the last) and the recipe's final metrics (e.g. test).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from rayapp.errors import DataError
+from rayapp.train.config import TrainConfig
+from rayapp.train.engine import Engine, split_batch
+from rayapp.train.launch import report, restore
+
+Batches = Iterator[list[dict]]  # one list of `grad_accum` micro-batches per optimizer step
+
+
+@dataclass
+class Setup:
+    """What a recipe's setup hands the loop (built on each worker)."""
+    model: torch.nn.Module                                  # the module the engine trains
+    objective: Callable[[torch.nn.Module, dict], tuple]     # (model, batch) -> (loss, parts)
+    batches: Callable[[int, int, int], Batches]             # (first step, micro, accum) -> steps' batches
+    evaluate: Callable[[torch.nn.Module], dict] | None = None  # held-out metrics of the model
+    select: str | None = None                               # metric of `evaluate` that picks the kept model
+    finish: Callable[[torch.nn.Module], dict] | None = None   # final metrics of the kept model
+    tokenizer: Any = None                                   # saved with every checkpoint
+    desc: str = "train"
+
+
+class Progress:
+    """Rank 0's progress bar, rendered by the driver (`ray.experimental.tqdm_ray`) so a run
+    started with `ray job submit` shows one live bar instead of a log line per update."""
+
+    def __init__(self, desc: str, total: int, initial: int = 0):
+        import ray.train
+        from ray.experimental.tqdm_ray import tqdm
+
+        self.desc = desc
+        self.bar = tqdm(desc=desc, total=total) if ray.train.get_context().get_world_rank() == 0 else None
+        if self.bar is not None and initial:
+            self.bar.update(initial)
+
+    def update(self, **postfix) -> None:
+        if self.bar is None:
+            return
+        if postfix:
+            self.bar.set_description(" ".join([self.desc, *(f"{k}={v}" for k, v in postfix.items())]))
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def stream_batches(to_batch: Callable[[dict], dict], micro: int, accum: int, first_step: int,
+                   what: str) -> Batches:
+    """This worker's Ray Data shard ("train") as `accum` micro-batches per step; epochs re-read
+    the shard. After a restart the rows the first `first_step` steps consumed are skipped as
+    rows: they are read, never tokenised or batched again."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    skip, pending = first_step * accum * micro, []
+    while True:
+        empty = True
+        for rows in shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True):
+            empty = False
+            if skip > 0:
+                skip -= len(next(iter(rows.values())))
+                continue
+            pending.append(to_batch(rows))
+            if len(pending) == accum:
+                yield pending
+                pending = []
+        if empty:
+            raise DataError(f"{what} gives no full batch of {micro} rows per worker; lower batch_size "
+                            "or build more examples")
+
+
+def snapshot(module: torch.nn.Module) -> dict:
+    """A copy of the weights that later optimizer steps do not change."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def train_loop(loop_cfg: dict) -> None:
+    """Ray Train's per-worker function: `loop_cfg` = {"cfg": TrainConfig, "setup": fn, ...inputs}."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: TrainConfig = loop_cfg["cfg"]
+    torch.manual_seed(cfg.train_seed)
+    micro, accum = split_batch(cfg.batch_size, ray.train.get_context().get_world_size(), cfg.engine.max_device_batch)
+    setup: Setup = loop_cfg["setup"](cfg, loop_cfg, ray.train.torch.get_device())
+    steps = cfg.max_steps
+    engine = Engine(setup.model, cfg.engine, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                    warmup_steps=int(cfg.warmup_ratio * steps), total_steps=max(1, steps),
+                    micro_batch=micro, grad_accum=accum)
+    state = restore(engine)
+    if state is not None:
+        if not state["done"]:
+            state["restarts"].append(state["step"])  # resumed here after a failure or re-submission
+        # with a selection metric the checkpoint holds the best model so far
+        best_weights = snapshot(engine.module) if setup.select and state["best"] is not None else None
+    else:
+        state = {"step": 0, "done": False, "best": None, "best_step": None, "evals": [], "loss_curve": [],
+                 "throughput": [], "restarts": []}
+        best_weights = None
+
+    def evaluate(step: int) -> dict:
+        metrics = setup.evaluate(engine.module)
+        state["evals"].append([step, metrics])
+        return metrics
+
+    if not state["done"]:
+        if state["step"] == 0 and setup.evaluate is not None:
+            metrics = evaluate(0)
+            if steps == 0 and setup.select:  # nothing is trained: the model as it is is the result
+                state.update(best=metrics[setup.select], best_step=0)
+        bar = Progress(setup.desc, steps, state["step"])
+        batches = setup.batches(state["step"], micro, accum)
+        window, tokens, started = [], 0, time.perf_counter()
+        for step in range(state["step"] + 1, steps + 1):
+            step_batches = next(batches)
+            logs = engine.train_step(step_batches, setup.objective)
+            tokens += sum(int(b["attention_mask"].sum()) for b in step_batches if "attention_mask" in b)
+            window.append(logs)
+            if step % cfg.log_every == 0 or step == steps:
+                # throughput includes data loading: it is what a user's run gets (ranks see equal shares)
+                world = ray.train.get_context().get_world_size()
+                state["throughput"].append([step, tokens * world / (time.perf_counter() - started)])
+                state["loss_curve"].append([step, sum(w["loss"] for w in window) / len(window)])
+                window, tokens, started = [], 0, time.perf_counter()
+            bar.update(loss=f"{logs['loss']:.4f}")
+            metrics, checkpoint = {}, False
+            if setup.evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
+                metrics = evaluate(step)
+                if setup.select and (state["best"] is None or metrics[setup.select] > state["best"]):
+                    state.update(best=metrics[setup.select], best_step=step)
+                    best_weights, checkpoint = snapshot(engine.module), True
+            if not setup.select and (step % cfg.checkpoint_every == 0 or step == steps):
+                checkpoint = True
+            if metrics or checkpoint:
+                if checkpoint:
+                    state["step"] = step
+                report({"step": step, "loss": logs["loss"], **metrics, "best": state["best"]},
+                       engine if checkpoint else None, dict(state), setup.tokenizer)
+        bar.close()
+        if best_weights is not None:
+            engine.load_weights(best_weights)  # the kept model is the best on the selection metric
+        state.update(step=steps, done=True)
+    final = setup.finish(engine.module) if setup.finish is not None else {}
+    selected = {setup.select: state["best"]} if setup.select else {}
+    report({"final": True, **selected, **final, **{k: state[k] for k in
+            ("step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts")}},
+           engine, dict(state), setup.tokenizer)

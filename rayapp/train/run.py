@@ -1,0 +1,46 @@
+"""The driver side of every recipe run: name, launch, record. Written once for all recipes."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+from rayapp import storage
+from rayapp.config import to_dict
+from rayapp.train.launch import checkpoint_uri, launch
+from rayapp.train.loop import train_loop
+from rayapp.train.records import run_name, write_record
+
+# what the loop's final report carries besides the recipe's own final metrics
+_LOOP_KEYS = ("final", "step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts")
+
+
+def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, prefix: str | None = None,
+               datasets: dict | None = None, callbacks: Sequence = (), keep_checkpoints: int = 2,
+               derive: Callable[[dict], dict] | None = None) -> dict:
+    """Run `setup`'s recipe on Ray Train as `<output_dir>/<name>` and write its record.
+
+    The name is `cfg.name` or `<prefix>-<config hash>` (stable: a re-submission resumes).
+    The record = `extra` + the loop's curves and final metrics (+ `derive(record)`), written
+    to `<output_dir>/records/<name>.json`; returned with `record["record"]` = that URI."""
+    name = cfg.name or run_name(prefix or recipe, cfg)
+    started = time.time()
+    result = launch(train_loop, {"cfg": cfg, "setup": setup, **inputs}, cfg.engine, storage=cfg.output_dir,
+                    name=name, datasets=datasets, callbacks=callbacks, keep_checkpoints=keep_checkpoints)
+    metrics = dict(result.metrics)
+    record = {"recipe": recipe, "name": name, "config": to_dict(cfg), **extra,
+              **{k: metrics.pop(k) for k in _LOOP_KEYS if k in metrics},
+              "metrics": metrics,  # the recipe's final metrics (e.g. test)
+              "checkpoint": checkpoint_uri(cfg.output_dir, result.checkpoint, "model"),
+              "seconds": round(time.time() - started, 1)}
+    if derive is not None:
+        record.update(derive(record))
+    record["record"] = write_record(cfg.output_dir, record)
+    return record
+
+
+def export_model(output_dir: str, record: dict, what: str) -> dict:
+    """Copy the final checkpoint's HF model to `<run>/<what>` (what `init=`/`model=` load)."""
+    uri = storage.join(output_dir, record["name"], what)
+    storage.copy_dir(record["checkpoint"], uri)
+    curve = record["loss_curve"]
+    return {"model": uri, "first_loss": curve[0][1] if curve else None, "last_loss": curve[-1][1] if curve else None}
