@@ -1,7 +1,11 @@
-"""SMASH sentiment intermediate task: teacher-scored, thresholded, seeded cap."""
+"""SMASH sentiment intermediate task: teacher-scored, thresholded, seeded cap, resumable."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -9,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from rayapp.cli import _stage_config, build_parser
+from rayapp.data.sentiment import TASK, SentimentConfig, build_sentiment, label_confident, sentence_key
 from rayapp.errors import ConfigError, DataError
 from rayapp.modeling.models import load_mlm, load_tokenizer
 from rayapp.tasks.prompts import PromptEncoder, class_logits
-from rayapp.data.sentiment import TASK, BottomN, build_sentiment, label_confident, sentence_key
 
 DOCS = [
     "The film was a delight from start to finish. The actors clearly loved their roles. "
@@ -21,6 +26,7 @@ DOCS = [
     "The council rebuilt the bridge two years later. Trade slowly returned to the market.",
     "He wrote three novels about the sea. None of them sold well during his life.",
 ]
+COLUMNS = ["text_a", "label", "prob", "probs", "doc_id", "sent", "key"]
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +65,30 @@ def test_label_confident_labels_by_argmax_and_filters_by_threshold():
     assert label_confident(batch.slice(0, 0), threshold=0.0, seed=7).num_rows == 0
 
 
-def test_bottom_n_keeps_the_smallest_keys_in_order():
-    keys = np.random.default_rng(0).permutation(100).astype(np.uint64)
-    bottom = BottomN(7)
-    for chunk in np.array_split(keys, 13):
-        bottom.add(pa.table({"key": chunk, "x": chunk * 2}))
-        assert bottom.rows < 2 * 7 + 8  # never much more than 2n rows held
-    assert bottom.result()["key"].to_pylist() == list(range(7))
+def test_sentiment_does_not_reach_into_later_or_sibling_stages():
+    """It imported teacher_cache (backwards in the pipeline) and counted with pairs' count_pairs."""
+    code = ("import sys, rayapp.data.sentiment; "
+            "print(sorted(m for m in sys.modules if m in ('rayapp.data.teacher_cache', 'rayapp.data.pairs')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_config_from_flags_and_overrides():
+    args = build_parser().parse_args(["intermediate", "sentiment", "--corpus", "c", "--teacher", "t", "--out", "o",
+                                      "--use-gpu", "--batch-size", "128", "threshold=0.7", "num_actors=3"])
+    cfg = _stage_config(SentimentConfig, args, ("corpus", "teacher", "out", "num_examples", "seed", "threshold",
+                                                "batch_size", "num_actors", "use_gpu"))
+    assert cfg == SentimentConfig(corpus="c", teacher="t", out="o", threshold=0.7, batch_size=128,
+                                  num_actors=3, use_gpu=True)
+    with pytest.raises(ConfigError, match=r"threshold=1.5 must be a probability in \[0, 1\]"):
+        SentimentConfig(corpus="c", teacher="t", out="o", threshold=1.5)
 
 
 # --- build_sentiment ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def keep_all(ray_cluster, tiny_bert, corpus, tmp_path_factory):
+    """9 sentences in one block: table shards of 4, 4 and 1 sentences."""
     out = tmp_path_factory.mktemp("sentiment") / "all"
     return build_sentiment(corpus, tiny_bert, str(out), threshold=0.0, rows_per_shard=4), out
 
@@ -79,9 +96,10 @@ def keep_all(ray_cluster, tiny_bert, corpus, tmp_path_factory):
 def test_threshold_zero_keeps_every_sentence_with_teacher_labels(keep_all, tiny_bert):
     stats, out = keep_all
     table = read_output(out)
-    assert table.column_names == ["text_a", "label", "prob", "probs", "doc_id", "sent"]
+    assert table.column_names == COLUMNS
     assert stats["scored"] == stats["kept"] == stats["examples"] == table.num_rows == 9
     assert stats["files"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert sorted(pq.read_table(out / f).num_rows for f in stats["files"]) == [1, 4, 4]
 
     probs = np.stack(table["probs"].to_numpy(zero_copy_only=False))
     expected = teacher_probs(tiny_bert, table["text_a"].to_pylist()).numpy()
@@ -91,33 +109,64 @@ def test_threshold_zero_keeps_every_sentence_with_teacher_labels(keep_all, tiny_
 
     meta = json.loads((out / "_meta.json").read_text())
     labels = table["label"].to_pylist()
+    assert meta["stage"] == "sentiment" and meta["files"] == stats["files"]
     assert meta["counts"] == {str(c): labels.count(c) for c in range(5)}
     assert meta["kept"] == meta["scored"] == 9 and meta["template"] == "{x0} It was {mask}."
+    assert meta["threshold"] == 0.0 and meta["kept_fraction"] == 1.0
+
+
+def test_resume_skips_finished_shards(keep_all, tiny_bert, corpus, tmp_path):
+    """A re-run into a folder with a missing shard scores that shard only (it used to refuse
+    the folder, and a crash lost every shard scored so far)."""
+    stats, done = keep_all
+    out = tmp_path / "resumed"
+    shutil.copytree(done, out)
+    before = pq.read_table(out / "part-00001.parquet")
+    os.remove(out / "part-00001.parquet")
+    os.remove(out / "_meta.json")  # killed before the end
+    mtimes = {n: os.stat(out / n).st_mtime_ns for n in ("part-00000.parquet", "part-00002.parquet")}
+
+    again = build_sentiment(corpus, tiny_bert, str(out), threshold=0.0, rows_per_shard=4)
+    assert (again["shards_written"], again["shards_skipped"], again["scored_this_run"]) == (1, 2, 4)
+    assert {n: os.stat(out / n).st_mtime_ns for n in mtimes} == mtimes
+    after = pq.read_table(out / "part-00001.parquet")
+    assert after.drop_columns(["probs", "prob"]).equals(before.drop_columns(["probs", "prob"]))
+    assert {k: again[k] for k in ("examples", "kept", "counts", "files")} == \
+        {k: stats[k] for k in ("examples", "kept", "counts", "files")}
+    with pytest.raises(DataError, match=r"other settings \(threshold differ\).*new folder"):
+        build_sentiment(corpus, tiny_bert, str(out), threshold=0.3, rows_per_shard=4)
 
 
 def test_cap_takes_the_seeded_smallest_keys(keep_all, tiny_bert, corpus, tmp_path):
     everything = read_output(keep_all[1]).to_pylist()
-    stats = build_sentiment(corpus, tiny_bert, str(tmp_path / "cap"), threshold=0.0, num_examples=4, seed=3)
+    stats = build_sentiment(corpus, tiny_bert, str(tmp_path / "cap"), threshold=0.0, num_examples=4, seed=3,
+                            rows_per_shard=4)
     chosen = read_output(tmp_path / "cap").to_pylist()
     expected = sorted(everything, key=lambda r: sentence_key(3, r["doc_id"], r["sent"]))[:4]
-    assert [(r["doc_id"], r["sent"]) for r in chosen] == [(r["doc_id"], r["sent"]) for r in expected]
+    assert sorted((r["doc_id"], r["sent"]) for r in chosen) == sorted((r["doc_id"], r["sent"]) for r in expected)
     assert (stats["examples"], stats["kept"], stats["num_examples"]) == (4, 9, 4)
+    again = build_sentiment(corpus, tiny_bert, str(tmp_path / "cap"), threshold=0.0, num_examples=4, seed=3,
+                            rows_per_shard=4)  # the cap is idempotent, and kept counts survive it
+    assert (again["examples"], again["kept"], again["shards_written"]) == (4, 9, 0)
 
 
 def test_threshold_one_keeps_nothing_and_says_so(ray_cluster, tiny_bert, corpus, tmp_path):
     with pytest.raises(DataError, match=r"none of the 9 sentences of .* reached threshold=1.0 .*lower the threshold"):
-        build_sentiment(corpus, tiny_bert, str(tmp_path / "none"), threshold=1.0)
+        build_sentiment(corpus, tiny_bert, str(tmp_path / "none"), threshold=1.0, rows_per_shard=4)
     assert not (tmp_path / "none" / "_meta.json").exists()
+    assert not list((tmp_path / "none").glob("part-*"))
+    # the same folder takes the lower threshold, and reuses the sentence table
+    table = sorted((tmp_path / "none" / "_sentences").iterdir())
+    stats = build_sentiment(corpus, tiny_bert, str(tmp_path / "none"), threshold=0.0, rows_per_shard=4)
+    assert stats["examples"] == 9 and sorted((tmp_path / "none" / "_sentences").iterdir()) == table
 
 
 def test_bad_input_is_refused_with_a_clear_message(ray_cluster, tiny_bert, corpus, tmp_path):
-    with pytest.raises(ConfigError, match=r"threshold=1.5 must be a probability in \[0, 1\]"):
-        build_sentiment(corpus, tiny_bert, str(tmp_path / "a"), threshold=1.5)
     fragments = tmp_path / "fragments.txt"
     fragments.write_text("Heading\n\nToo short.\n")
     with pytest.raises(DataError, match=r"has no usable sentence to score .* 2 fragments"):
         build_sentiment(str(fragments), tiny_bert, str(tmp_path / "b"))
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "part-00000.parquet").write_bytes(b"")
-    with pytest.raises(DataError, match=r"already holds parquet files"):
+    with pytest.raises(DataError, match=r"already holds parquet files or _meta.json but no _plan.json"):
         build_sentiment(corpus, tiny_bert, str(tmp_path / "c"))

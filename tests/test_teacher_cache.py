@@ -1,7 +1,9 @@
-"""Teacher top-k cache: exact probabilities from top-k + lse, resume, S3, bad input."""
+"""Teacher top-k cache: exact probabilities from top-k + lse, the scorer, the actor pool,
+resume, S3, metadata (covered mass, vocabulary fingerprint), bad input."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -11,10 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from rayapp.cli import _stage_config, build_parser
+from rayapp.data import shards
+from rayapp.data.teacher_cache import CacheConfig, build_cache, cache_meta, plan_shards, read_cache, read_range
 from rayapp.errors import ConfigError, DataError
-from rayapp.modeling.models import load_mlm, load_tokenizer
+from rayapp.modeling.models import LogitsAt, load_mlm, load_tokenizer, mlm_head, vocab_fingerprint
+from rayapp.modeling.scorer import TeacherScorer, actor_device, length_batches, pool_args, topk_summary
 from rayapp.tasks.prompts import PromptEncoder
-from rayapp.data.teacher_cache import TeacherScorer, assemble_shards, build_cache, cache_meta, mask_logits, plan_shards, read_cache, read_range, topk_summary
 from rayapp.tasks.registry import INTERMEDIATE_TASKS
 
 PAIRS = INTERMEDIATE_TASKS["smash-pairs"]
@@ -27,12 +32,16 @@ def pair_rows(n: int) -> list[dict]:
     return [{"text_a": sentence(), "text_b": sentence(), "label": i % 3, "doc_a": f"d{i}"} for i in range(n)]
 
 
-def write_examples(folder, rows: list[dict], files: int = 2, row_group_size: int = 3) -> str:
+def write_examples(folder, rows: list[dict], files: int = 2, row_group_size: int = 3, meta: bool = True) -> str:
+    """A finished examples folder, as the pairs stage writes one (`_meta.json` last)."""
     folder.mkdir(parents=True, exist_ok=True)
     step = -(-len(rows) // files)
-    for f in range(files):
-        pq.write_table(pa.Table.from_pylist(rows[f * step:(f + 1) * step]), folder / f"part-{f:05d}.parquet",
+    names = [shards.shard_name(f) for f in range(files)]
+    for f, name in enumerate(names):
+        pq.write_table(pa.Table.from_pylist(rows[f * step:(f + 1) * step]), folder / name,
                        row_group_size=row_group_size)
+    if meta:
+        shards.write_meta(str(folder), {"task": "smash-pairs", "files": names})
     return str(folder)
 
 
@@ -57,47 +66,129 @@ def test_topk_summary_gives_exact_probabilities_and_covered_mass():
     torch.testing.assert_close(topk_summary(logits, 50)["covered"], torch.ones(4))
 
 
-def test_mask_logits_equal_the_full_forward_pass(tiny_bert, tiny_roberta):
+def test_scorer_logits_equal_the_full_forward_pass(tiny_bert, tiny_roberta, tmp_path):
     from transformers import DistilBertConfig, DistilBertForMaskedLM
 
-    distil = DistilBertForMaskedLM(DistilBertConfig(vocab_size=99, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
-    models = [load_mlm(tiny_bert), load_mlm(tiny_roberta), distil]  # head at the mask; full-pass fallback
-    for model in models:
-        model.eval()
+    distil = tmp_path / "distil"  # no `cls`/`lm_head`: LogitsAt's full-pass fallback
+    DistilBertForMaskedLM(DistilBertConfig(vocab_size=30522, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+                          ).save_pretrained(distil)
+    load_tokenizer(tiny_bert).save_pretrained(distil)
+    for teacher in (tiny_bert, tiny_roberta, str(distil)):
+        scorer = TeacherScorer(teacher, PAIRS, 128)
+        assert isinstance(scorer.model, LogitsAt)
+        model = load_mlm(teacher).eval()
         ids = torch.randint(5, 99, (3, 9))
         attention = torch.ones_like(ids)
         attention[0, 6:] = 0
         pos = torch.tensor([2, 8, 0])
         with torch.no_grad():
             full = model(input_ids=ids, attention_mask=attention).logits[torch.arange(3), pos]
-        torch.testing.assert_close(mask_logits(model, ids, attention, pos), full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scorer.logits(ids, attention, pos), full, atol=1e-5, rtol=1e-5)
 
 
-def test_plan_and_assembly_keep_every_row_in_order(tmp_path):
-    shards = plan_shards([("a", 7), ("b", 0), ("c", 3)], rows_per_shard=3)
-    assert [(s.name, s.path, s.start, s.stop) for s in shards] == [
+def test_scorer_keeps_the_vocabulary_head_in_float32_under_autocast(tiny_bert):
+    """On a GPU the encoder runs in bf16 but the logits the cache stores are not rounded to
+    bf16: the head runs in float32 (checked here with CPU autocast, which behaves the same)."""
+    scorer = TeacherScorer(tiny_bert, PAIRS, 128)
+    scorer.half = torch.bfloat16  # what a GPU actor sets
+    ids, attention, pos = torch.randint(5, 99, (4, 11)), torch.ones(4, 11, dtype=torch.long), torch.tensor([1, 3, 5, 7])
+    logits = scorer.logits(ids, attention, pos)
+    model = load_mlm(tiny_bert).eval()
+    rows = torch.arange(4)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model.base_model(input_ids=ids, attention_mask=attention).last_hidden_state[rows, pos]
+            all_half = mlm_head(model)(hidden).float()
+        fp32_head = mlm_head(model)(hidden.float())
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, fp32_head, atol=1e-5, rtol=1e-5)
+    assert (logits - all_half).abs().max() > 1e-3  # what a bf16 head would have stored
+
+
+def test_length_batches_put_similar_lengths_together_longest_first():
+    batches = length_batches([3, 9, 1, 7, 9, 2], 4)
+    assert [b.tolist() for b in batches] == [[1, 4, 3, 0], [5, 2]]
+
+
+def test_pool_autoscales_and_is_not_sized_from_the_cluster(monkeypatch):
+    """Issue 17: the pool was sized by the GPUs up when the job started (0 on a cluster that
+    scales from zero), so it ran one actor. Now it is an autoscaling pool, one GPU each."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    def no_snapshot(*args, **kwargs):
+        raise AssertionError("the pool must not be sized from what the cluster has now")
+
+    monkeypatch.setattr(ray, "cluster_resources", no_snapshot)
+    monkeypatch.setattr(ray, "available_resources", no_snapshot)
+    gpu = pool_args(8, use_gpu=True)
+    assert isinstance(gpu["compute"], ActorPoolStrategy)
+    assert (gpu["compute"].min_size, gpu["compute"].max_size) == (1, 8)
+    assert gpu["compute"].max_tasks_in_flight_per_actor == 1
+    assert (gpu["num_gpus"], gpu["num_cpus"], gpu["batch_size"]) == (1, 1, 1)
+    cpu = pool_args(None, use_gpu=False, cpus_per_actor=2)
+    assert (cpu["compute"].min_size, cpu["compute"].max_size) == (1, float("inf"))
+    assert (cpu["num_gpus"], cpu["num_cpus"]) == (0, 2)
+
+
+def test_actor_device_follows_the_gpus_ray_assigned(monkeypatch, ray_cluster):
+    import ray
+
+    # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone in zero-GPU workers: only get_gpu_ids tells
+    assert ray.get(ray.remote(num_gpus=0)(lambda: str(actor_device())).remote()) == "cpu"
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: ["3"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # Ray's default: the actor sees its GPU only
+    assert actor_device() == torch.device("cuda", 0)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES
+    assert actor_device() == torch.device("cuda", 3)
+
+
+def test_vocab_fingerprint_tells_vocabularies_of_one_size_apart(tiny_bert, tiny_roberta):
+    class Vocab:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    assert vocab_fingerprint(Vocab({"a": 0, "b": 1})) != vocab_fingerprint(Vocab({"a": 1, "b": 0}))
+    assert vocab_fingerprint(Vocab({"a": 0, "b": 1})) == vocab_fingerprint(Vocab({"b": 1, "a": 0}))
+    assert vocab_fingerprint(load_tokenizer(tiny_bert)) != vocab_fingerprint(load_tokenizer(tiny_roberta))
+
+
+def test_plan_shards_cuts_each_input_file_into_fixed_row_ranges():
+    shards_ = plan_shards([("a", 7), ("b", 0), ("c", 3)], rows_per_shard=3)
+    assert [(s.name, s.uri, s.start, s.stop) for s in shards_] == [
         ("part-00000-00000.parquet", "a", 0, 3), ("part-00000-00001.parquet", "a", 3, 6),
         ("part-00000-00002.parquet", "a", 6, 7), ("part-00002-00000.parquet", "c", 0, 3)]
 
+
+def test_read_range_reads_rows_across_row_groups(tmp_path):
     pq.write_table(pa.table({"x": list(range(10))}), tmp_path / "t.parquet", row_group_size=3)
     fs = pa.fs.LocalFileSystem()
     assert read_range(fs, str(tmp_path / "t.parquet"), 4, 8, ["x"])["x"].to_pylist() == [4, 5, 6, 7]
 
-    # rows of two shards arrive interleaved and out of order, in uneven batches
-    rows = [{"_shard": s, "_row": r, "x": f"{s}{r}"} for s in "ab" for r in range(5)]
-    random.Random(0).shuffle(rows)
-    batches = [pa.Table.from_pylist(rows[i:i + 3]) for i in range(0, 10, 3)]
-    out = dict(assemble_shards(batches, {"a": 5, "b": 5}))
-    assert {k: v.column_names for k, v in out.items()} == {"a": ["x"], "b": ["x"]}
-    assert out["a"]["x"].to_pylist() == [f"a{r}" for r in range(5)]
-
 
 def test_scorer_with_the_full_vocabulary_covers_all_mass(tiny_bert):
-    rows = pair_rows(3)
+    table = pa.Table.from_pylist(pair_rows(3))
     vocab = load_mlm(tiny_bert).config.vocab_size
-    out = TeacherScorer(tiny_bert, PAIRS, 128, top_k=vocab)(pa.Table.from_pylist(rows))
+    out = TeacherScorer(tiny_bert, PAIRS, 128).topk(table, vocab, batch_size=2)
     assert out["covered"].to_pylist() == pytest.approx([1.0] * 3, abs=1e-5)
     assert out["topk_values"].type == pa.list_(pa.float16(), vocab)
+
+
+def test_config_from_file_flags_and_overrides(tmp_path):
+    path = tmp_path / "cache.yaml"
+    path.write_text("examples: s3://b/pairs\nteacher: roberta-large\nout: s3://b/cache\ntop_k: 32\n")
+    args = build_parser().parse_args(["teacher-cache", "--config", str(path), "--use-gpu", "--num-actors", "4",
+                                      "--out", "s3://b/other: cache", "batch_size=512"])
+    cfg = _stage_config(CacheConfig, args, ("examples", "teacher", "out", "task", "top_k",
+                                            "batch_size", "num_actors", "use_gpu"))
+    assert cfg == CacheConfig(examples="s3://b/pairs", teacher="roberta-large", out="s3://b/other: cache",
+                              top_k=32, batch_size=512, num_actors=4, use_gpu=True)
+    args = build_parser().parse_args(["teacher-cache", "--config", str(path), "rows_per_shard=0"])
+    with pytest.raises(ConfigError, match="rows_per_shard must be >= 1, got 0"):
+        _stage_config(CacheConfig, args, ("use_gpu",))
 
 
 # --- build_cache -----------------------------------------------------------------------------
@@ -116,10 +207,11 @@ def test_cache_reproduces_teacher_probabilities(built, tiny_bert):
     rows, _, cache_dir, stats = built
     assert stats["examples"] == stats["computed"] == 11
     assert (stats["shards_written"], stats["shards_skipped"]) == (4, 0)
-    shards = sorted(cache_dir.glob("part-*.parquet"))
-    assert [p.name for p in shards] == ["part-00000-00000.parquet", "part-00000-00001.parquet",
-                                        "part-00001-00000.parquet", "part-00001-00001.parquet"]
-    tables = [pq.read_table(p) for p in shards]
+    assert stats["tokens"] > 11 and stats["tokens_per_s"] > 0
+    shards_ = sorted(cache_dir.glob("part-*.parquet"))
+    assert [p.name for p in shards_] == ["part-00000-00000.parquet", "part-00000-00001.parquet",
+                                         "part-00001-00000.parquet", "part-00001-00001.parquet"]
+    tables = [pq.read_table(p) for p in shards_]
     assert tables[0].schema.field("topk_values").type.value_type == pa.float16()
     assert tables[0].schema.field("topk_indices").type.value_type == pa.int32()
     cache = pa.concat_tables(tables).to_pandas()
@@ -136,12 +228,15 @@ def test_cache_reproduces_teacher_probabilities(built, tiny_bert):
         assert row["covered"] == pytest.approx(top.values.sum().item(), abs=1e-5)
 
     meta = cache_meta(str(cache_dir))
-    assert meta["complete"] and meta["examples"] == 11 and meta["plan"]["top_k"] == 16
+    assert meta["stage"] == "teacher-cache" and meta["examples"] == 11 and meta["plan"]["top_k"] == 16
+    assert meta["files"] == [p.name for p in shards_]
     assert meta["vocab_size"] == probs.shape[1] and meta["plan"]["template"] == PAIRS.template
+    assert meta["vocab_fingerprint"] == vocab_fingerprint(load_tokenizer(tiny_bert))
     assert meta["mean_covered"] == pytest.approx(cache["covered"].mean(), abs=1e-6)
+    assert read_cache(str(cache_dir)).count() == 11
 
 
-def test_rerun_recomputes_only_missing_shards(built, tiny_bert, tmp_path):
+def test_rerun_recomputes_only_missing_shards(built, tiny_bert, tmp_path, caplog):
     _, examples, cache_dir, _ = built
     out = tmp_path / "cache"
     shutil.copytree(cache_dir, out)
@@ -151,18 +246,37 @@ def test_rerun_recomputes_only_missing_shards(built, tiny_bert, tmp_path):
     os.remove(out / names[1])
     mtimes = {n: os.stat(out / n).st_mtime_ns for n in names if n != names[1]}
 
-    stats = build_cache(examples, tiny_bert, str(out), **args)
+    with caplog.at_level(logging.WARNING, logger="rayapp.data.teacher_cache"):
+        stats = build_cache(examples, tiny_bert, str(out), warn_covered=0.999, **args)
     assert (stats["shards_written"], stats["shards_skipped"], stats["computed"]) == (1, 3, 2)
-    assert stats["examples"] == 11 and cache_meta(str(out))["complete"]
+    assert stats["examples"] == 11 and cache_meta(str(out))["examples"] == 11
     assert {n: os.stat(out / n).st_mtime_ns for n in mtimes} == mtimes
     after = pq.read_table(out / names[1])
     assert after.drop_columns(["topk_values", "lse", "covered"]).equals(
         before.drop_columns(["topk_values", "lse", "covered"]))  # floats: other batch padding
     assert after["covered"].to_pylist() == pytest.approx(before["covered"].to_pylist(), rel=1e-4)
     assert not list(out.glob("*.tmp"))
+    # a random teacher's top-16 of 30k words covers far less than 99.9%: said, not hidden
+    assert any("top-16 cache" in r.getMessage() and "warn_covered=0.999" in r.getMessage() for r in caplog.records)
 
-    with pytest.raises(DataError, match=r"other settings \(top_k differ\).*new out_uri"):
+    with pytest.raises(DataError, match=r"other settings \(top_k differ\).*new folder"):
         build_cache(examples, tiny_bert, str(out), **{**args, "top_k": 5})
+
+
+def test_consumers_refuse_a_folder_without_meta(built, tiny_bert, tmp_path):
+    """A killed build leaves shards that look like data: the cache refuses examples without
+    `_meta.json`, and `read_cache` (what distill reads) a cache without it, naming the folder."""
+    rows, _, cache_dir, _ = built
+    unfinished = write_examples(tmp_path / "unfinished", rows, meta=False)
+    with pytest.raises(DataError, match=rf"{unfinished} has no _meta.json: it is not a finished rayapp data folder"):
+        build_cache(unfinished, tiny_bert, str(tmp_path / "c"))
+    killed = tmp_path / "killed"
+    shutil.copytree(cache_dir, killed)
+    os.remove(killed / "_meta.json")
+    with pytest.raises(DataError, match=rf"{killed} has no _meta.json"):
+        read_cache(str(killed))
+    with pytest.raises(DataError, match=r"is a finished data folder but not a teacher cache"):
+        read_cache(built[1])
 
 
 def test_cache_from_and_to_s3(ray_cluster, tiny_bert, s3_server, tmp_path):
@@ -171,13 +285,15 @@ def test_cache_from_and_to_s3(ray_cluster, tiny_bert, s3_server, tmp_path):
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="kd-cache")
     local = write_examples(tmp_path / "examples", pair_rows(5), files=1)
-    s3.upload_file(f"{local}/part-00000.parquet", "kd-cache", "examples/part-00000.parquet")
+    for name in ("part-00000.parquet", "_meta.json"):
+        s3.upload_file(f"{local}/{name}", "kd-cache", f"examples/{name}")
 
     stats = build_cache("s3://kd-cache/examples", tiny_bert, "s3://kd-cache/cache", top_k=8, rows_per_shard=3)
     assert (stats["examples"], stats["shards_written"]) == (5, 2)
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="kd-cache", Prefix="cache/")["Contents"])
-    assert keys == ["cache/_meta.json", "cache/part-00000-00000.parquet", "cache/part-00000-00001.parquet"]
-    assert json.loads(s3.get_object(Bucket="kd-cache", Key="cache/_meta.json")["Body"].read())["complete"]
+    assert keys == ["cache/_meta.json", "cache/_plan.json", "cache/part-00000-00000.parquet",
+                    "cache/part-00000-00001.parquet"]
+    assert json.loads(s3.get_object(Bucket="kd-cache", Key="cache/_meta.json")["Body"].read())["examples"] == 5
     assert read_cache("s3://kd-cache/cache").count() == 5
     again = build_cache("s3://kd-cache/examples", tiny_bert, "s3://kd-cache/cache", top_k=8, rows_per_shard=3)
     assert (again["shards_skipped"], again["computed"]) == (2, 0)
@@ -195,15 +311,13 @@ def test_bad_input_is_refused_with_a_clear_message(tiny_bert, tmp_path):
         build_cache(examples, tiny_bert, str(tmp_path / "c2"), top_k=40_000)
     with pytest.raises(ConfigError, match=r"unknown intermediate task 'nli'; choose one of smash-pairs"):
         build_cache(examples, tiny_bert, str(tmp_path / "c3"), task="nli")
+    with pytest.raises(ConfigError, match=r"warn_covered=2 must be a probability mass"):
+        build_cache(examples, tiny_bert, str(tmp_path / "c3"), warn_covered=2)
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DataError, match=r"no \.parquet files under .*build examples first"):
-        build_cache(str(empty), tiny_bert, str(tmp_path / "c4"))
     pq.write_table(pa.table({"text_a": pa.array([], pa.string()), "text_b": pa.array([], pa.string())}),
-                   empty / "part-0.parquet")
+                   empty / "part-00000.parquet")
+    shards.write_meta(str(empty), {"files": ["part-00000.parquet"]})
     with pytest.raises(DataError, match=r"holds no examples"):
         build_cache(str(empty), tiny_bert, str(tmp_path / "c5"))
-
-    with pytest.raises(DataError, match=r"not a teacher cache"):
-        read_cache(str(tmp_path / "ok"))

@@ -3,67 +3,104 @@
 SMASH §3.2: the teacher scores every corpus sentence x with `x It was <mask>.` over the
 verbalizer [terrible, bad, okay, good, great]; sentences whose top class probability
 (softmax over those five label words) is below a threshold are dropped, and the student
-is then distilled on the rest with the same template (`teacher_cache.build_cache(...,
-task="smash-sentiment")`). The 5-class argmax is kept as a hard label for SMASH's
-hard-label baseline (§4.4, setting 7).
+is then distilled on the rest with the same template (`rayapp teacher-cache
+task=smash-sentiment`). The 5-class argmax is kept as a hard label for SMASH's hard-label
+baseline (§4.4, setting 7).
 
-Pipeline (Ray Data, streaming):
+Pipeline (two Ray Data jobs; nothing but counts reaches the driver):
 
-    corpus ─► sentences ─► TeacherScorer actor pool ─► label + threshold ─► driver writes
-              (rayapp.data.corpus)  (probs over the 5 words,  (Ray tasks)          part-NNNNN.parquet
-                                GPU when present)
+    corpus ─► sentences ─► OUT/_sentences/  ─► autoscaling actor pool, one table shard per call:
+    (rayapp.data.corpus)   sentence table      read ─► teacher ─► label + threshold ─► write
+                           (Ray tasks)         OUT/part-NNNNN.parquet (shard NNNNN of the table)
 
-- Counting: like `build_pairs`, a first cheap pass (read and split, no teacher) counts the
-  documents and usable sentences, so an empty corpus fails before any teacher loads and
-  `_meta.json` can report kept / scored.
+1. Sentence table: the corpus is read and split once, by Ray tasks, into shards of at most
+   `rows_per_shard` sentences (`text_a, doc_id, sent`), each named by a digest of its
+   content; its `_meta.json` lists them (in name order) and holds the corpus counts, so an
+   empty corpus fails before any teacher loads. The table is the stage's record of what
+   each output shard was scored from: it is kept, and rebuilt only if the reading
+   settings change before any output shard exists.
+2. Scoring: output shard `part-NNNNN.parquet` holds the confident sentences of table shard
+   NNNNN, written whole by the actor that scored it, with the shard's scored / kept counts
+   in its parquet metadata. The names depend only on the table, so a re-run into the same
+   folder with the same settings skips the shards that exist (a crash after hours of GPU
+   scoring loses at most the shards in flight); other settings are refused.
+3. Cap: every sentence has a seeded key, blake2b(seed, doc_id, position). With
+   `num_examples` the output is the kept sentences with the smallest keys, a uniform seeded
+   sample that does not depend on how Ray scheduled the work: the driver gathers the keys
+   (8 bytes a sentence) and Ray tasks rewrite the shards holding larger ones. Keeping the n
+   smallest keys of what is left is idempotent, so a crash during the cap resumes too. A
+   corpus that yields fewer than `num_examples` writes what it has, with a warning, rather
+   than throwing the teacher's work away.
+4. `_meta.json` last: threshold, scored / kept and the kept fraction, counts per label.
+
 - Threshold in [0, 1]: 0 keeps every sentence. If no sentence reaches it, DataError and no
-  `_meta.json`: an empty intermediate task cannot be distilled on.
-- Cap: every sentence has a seeded key, blake2b(seed, doc_id, position). With
-  `num_examples` the output is the kept sentences with the smallest keys, a uniform seeded
-  sample that does not depend on how Ray batched or scheduled the work; the driver keeps a
-  running bottom-n (memory O(num_examples), not O(corpus)) and writes it in key order,
-  i.e. shuffled. Scoring can only tell afterwards how many sentences pass, so a corpus that
-  yields fewer than `num_examples` writes what it has, with a warning, rather than throwing
-  the teacher's work away. Without a cap kept sentences are written as they arrive (the
-  set is deterministic, the order across shards is not).
-- Output: `part-NNNNN.parquet` with `text_a, label, prob, probs, doc_id, sent` (`sent` = the
-  sentence's position in its document, see `rayapp.data.corpus`), then `_meta.json` (written
-  last: it marks a finished run) with counts per label and kept / scored.
+  `_meta.json` (the empty shards are removed, so the same folder takes a lower threshold).
+- Output columns `text_a, label, prob, probs, doc_id, sent, key` (`sent` = the sentence's
+  position in its document, see `rayapp.data.corpus`; `key` the sampling key). Rows are in
+  document order within a shard; the distill stream shuffles.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from rayapp import storage
+from rayapp.data import shards
 from rayapp.data.corpus import read_sentences
 from rayapp.errors import ConfigError, DataError
-from rayapp.data.pairs import META, check_out_dir, count_pairs
-from rayapp.modeling.models import portable_model
-from rayapp.data.teacher_cache import TeacherScorer, scorer_pool, write_table
+from rayapp.modeling.models import load_tokenizer, local_model_dir, portable_model
+from rayapp.modeling.scorer import TeacherScorer, actor_device, default_batch_size, pool_args
+from rayapp.tasks.prompts import PromptEncoder
 from rayapp.tasks.registry import INTERMEDIATE_TASKS
 
 log = logging.getLogger(__name__)
 
+STAGE = "sentiment"
 TASK = INTERMEDIATE_TASKS["smash-sentiment"]
-COLUMNS = ["text_a", "label", "prob", "probs", "doc_id", "sent"]
+COLUMNS = ["text_a", "label", "prob", "probs", "doc_id", "sent", "key"]
+TABLE = "_sentences"  # sub-folder of the output: the sentence table
+_COUNTS = ("documents", "sentences", "fragments", "long", "undecodable")
 
 
-def _explode(batch: pa.Table) -> pa.Table:
-    """`read_sentences` rows (one per document) -> one row per usable sentence."""
-    sentences = batch["sentences"].combine_chunks()
-    return pa.table({
-        "text_a": pc.list_flatten(sentences),
-        "doc_id": pc.take(batch["doc_id"], pc.list_parent_indices(sentences)),
-        "sent": pc.list_flatten(batch["positions"].combine_chunks()),
-    })
+@dataclass
+class SentimentConfig:
+    """`rayapp intermediate sentiment --config FILE key=value ...`"""
+
+    corpus: str  # text / WikiExtractor / JSONL / parquet files, s3:// prefix or hf://
+    teacher: str  # teacher MLM that scores the sentences
+    out: str  # output folder, local or s3://
+    num_examples: int | None = None  # cap on the sentences kept; None: every confident one
+    threshold: float = 0.5  # keep sentences whose top class probability is >= this
+    seed: int = 0
+    max_length: int = 64  # SMASH App. A.1
+    fmt: str = "auto"  # the corpus reader's settings (rayapp.data.corpus)
+    text_column: str = "text"
+    id_column: str | None = None
+    min_words: int = 4
+    max_words: int = 40  # a sentence plus ` It was <mask>.` fits SMASH's 64 tokens
+    batch_size: int | None = None  # sentences per forward pass; None: sized for the device
+    num_actors: int | None = None  # most scoring actors; None: as many as the cluster gives
+    use_gpu: bool = False  # one GPU per actor
+    cpus_per_actor: int = 1
+    rows_per_shard: int = 10_000  # sentences per table shard: the unit of scoring and resume
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold={self.threshold} must be a probability in [0, 1] (0 keeps every sentence)")
+        if self.num_examples is not None and self.num_examples < 1:
+            raise ConfigError(f"num_examples must be at least 1 (or None for no cap), got {self.num_examples}")
+        for key in ("rows_per_shard", "cpus_per_actor", "batch_size", "num_actors"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
 def sentence_key(seed: int, doc_id: str, sent: int) -> int:
@@ -88,137 +125,175 @@ def label_confident(batch: pa.Table, threshold: float, seed: int) -> pa.Table:
             .append_column("key", pa.array(keys, pa.uint64())))
 
 
-class BottomN:
-    """The n rows with the smallest `key` of all rows added; holds at most ~2n rows."""
+# --- 1. the sentence table ------------------------------------------------------------------
 
-    def __init__(self, n: int):
-        self.n, self.tables, self.rows = n, [], 0
-
-    def add(self, table: pa.Table) -> None:
-        self.tables.append(table)
-        self.rows += table.num_rows
-        if self.rows >= 2 * self.n:
-            self._trim()
-
-    def _trim(self) -> None:
-        table = pa.concat_tables(self.tables).sort_by("key").slice(0, self.n)
-        self.tables, self.rows = [table], table.num_rows
-
-    def result(self) -> pa.Table:
-        self._trim()
-        return self.tables[0]
+def _explode(batch: pa.Table) -> pa.Table:
+    """`read_sentences` rows (one per document) -> one row per usable sentence."""
+    sentences = batch["sentences"].combine_chunks()
+    return pa.table({
+        "text_a": pc.list_flatten(sentences),
+        "doc_id": pc.take(batch["doc_id"], pc.list_parent_indices(sentences)),
+        "sent": pc.list_flatten(batch["positions"].combine_chunks()),
+    })
 
 
-class ShardWriter:
-    """Writes the rows added, in order, as `part-NNNNN.parquet` files of `rows` rows."""
-
-    def __init__(self, out: str, rows: int):
-        self.out, self.rows = out, rows
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        self.files: list[str] = []
-        self.counts = np.zeros(len(TASK.labels), dtype=np.int64)
-
-    def add(self, table: pa.Table) -> None:
-        self.buffer.append(table.select(COLUMNS))
-        self.buffered += table.num_rows
-        while self.buffered >= self.rows:
-            self._flush(self.rows)
-
-    def close(self) -> None:
-        if self.buffered:
-            self._flush(self.buffered)
-
-    def _flush(self, n: int) -> None:
-        table = pa.concat_tables(self.buffer)
-        shard, rest = table.slice(0, n), table.slice(n)
-        name = f"part-{len(self.files):05d}.parquet"
-        write_table(storage.join(self.out, name), shard)
-        self.files.append(name)
-        self.counts += np.bincount(shard["label"].to_numpy(), minlength=len(self.counts))
-        self.buffer, self.buffered = [rest], rest.num_rows
+def _write_sentences(batch: pa.Table, table: str, rows_per_shard: int) -> pa.Table:
+    """Ray Data fn: a block of documents -> table shards named by their content; returns
+    one row with the names and the block's corpus counts."""
+    sentences, names = _explode(batch), []
+    for start in range(0, sentences.num_rows, rows_per_shard):
+        part = sentences.slice(start, rows_per_shard)
+        ends = [f"{part['doc_id'][i]}/{part['sent'][i]}" for i in (0, part.num_rows - 1)]
+        digest = hashlib.blake2b("|".join([*ends, str(part.num_rows)]).encode("utf-8"), digest_size=8).hexdigest()
+        names.append(f"s-{digest}.parquet")
+        shards.write_table(storage.join(table, names[-1]), part)
+    counts = {c: [int(pc.sum(batch[c]).as_py() or 0)] for c in ("fragments", "long", "undecodable")}
+    return pa.table({"names": [names], "documents": [batch.num_rows], "sentences": [sentences.num_rows], **counts})
 
 
-def build_sentiment(
-    corpus: str,
-    teacher: str,
-    out: str,
-    *,
-    num_examples: int | None = None,
-    threshold: float = 0.5,
-    seed: int = 0,
-    max_length: int = 64,
-    fmt: str = "auto",
-    text_column: str = "text",
-    id_column: str | None = None,
-    min_words: int = 4,
-    max_words: int = 40,
-    batch_size: int = 64,
-    num_actors: int | None = None,
-    use_gpu: bool | None = None,
-    rows_per_shard: int = 100_000,
-) -> dict[str, Any]:
-    """Score `corpus` sentences with `teacher` and write the confident ones to `out` (local
-    or s3://); returns the stats also saved in `out/_meta.json` (see module docstring).
+def sentence_table(cfg: SentimentConfig, settings: dict, scored: set[str]) -> dict:
+    """Build (or reuse, if built with the same `settings`) the sentence table; its meta.
+    `scored`: the output shards that exist, which name shards of the table."""
+    table = storage.join(cfg.out, TABLE)
+    meta = shards.read_meta(table)
+    if meta is not None and meta["settings"] == settings:
+        return meta
+    if scored:
+        raise DataError(f"{cfg.out} holds scored shards but its sentence table {table} is gone, so "
+                        "they cannot be matched to their sentences; write to a new folder")
+    if storage.exists(table):  # another try's or other settings' shards must not be listed
+        shards.remove(table, [f.rsplit("/", 1)[-1] for f in storage.list_files(table)])
+    sentences = read_sentences(cfg.corpus, fmt=cfg.fmt, text_column=cfg.text_column,
+                               id_column=cfg.id_column, min_words=cfg.min_words, max_words=cfg.max_words)
+    blocks = sentences.map_batches(_write_sentences, batch_format="pyarrow",
+                                   fn_kwargs={"table": table, "rows_per_shard": cfg.rows_per_shard}).take_all()
+    meta = {"stage": "sentence-table", "settings": settings,
+            "files": sorted(name for b in blocks for name in b["names"]),
+            "counts": {c: sum(int(b[c]) for b in blocks) for c in _COUNTS}}
+    shards.write_meta(table, meta)
+    return meta
 
-    `max_words` defaults to 40 so a sentence plus ` It was <mask>.` fits SMASH's 64 tokens;
-    `fmt`, `text_column`, `id_column`, `min_words` go to `rayapp.data.corpus.read_sentences`.
-    """
-    if not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"threshold={threshold} must be a probability in [0, 1] (0 keeps every sentence)")
-    if num_examples is not None and num_examples < 1:
-        raise ConfigError(f"num_examples must be at least 1 (or None for no cap), got {num_examples}")
-    if rows_per_shard < 1:
-        raise ConfigError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
-    check_out_dir(out)
-    sentences = read_sentences(corpus, fmt=fmt, text_column=text_column, id_column=id_column,
-                               min_words=min_words, max_words=max_words)
-    counts = count_pairs(sentences)
-    if counts.sentences == 0:
-        raise DataError(
-            f"corpus {corpus} has no usable sentence to score ({counts.documents} documents; dropped "
-            f"{counts.fragments} fragments, {counts.long} longer than max_words={max_words}, "
-            f"{counts.undecodable} undecodable); check the corpus format or lower min_words / raise max_words")
 
+# --- 2. scoring -----------------------------------------------------------------------------
+
+class SentimentWriter:
+    """Ray Data actor: scores whole table shards and writes each one's confident sentences.
+
+    Input rows: `{"name": output shard, "source": table shard URI}`; output one row per
+    shard: `name`, `scored`, `kept`."""
+
+    def __init__(self, teacher: str, max_length: int, batch_size: int, threshold: float, seed: int, out: str):
+        self.scorer = TeacherScorer(teacher, TASK, max_length, actor_device())
+        self.batch_size, self.threshold, self.seed, self.out = batch_size, threshold, seed, out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        done = {"name": [], "scored": [], "kept": []}
+        for unit in batch.to_pylist():
+            fs, path = storage.filesystem(unit["source"])
+            sentences = pq.read_table(path, filesystem=fs)
+            scored = sentences.append_column("probs", self.scorer.label_probs(sentences, self.batch_size))
+            kept = label_confident(scored, self.threshold, self.seed).select(COLUMNS)
+            kept = kept.replace_schema_metadata({"scored": str(sentences.num_rows), "kept": str(kept.num_rows)})
+            shards.write_table(storage.join(self.out, unit["name"]), kept)
+            done["name"].append(unit["name"])
+            done["scored"].append(sentences.num_rows)
+            done["kept"].append(kept.num_rows)
+        return pa.table(done)
+
+
+# --- 3. cap -----------------------------------------------------------------------------------
+
+def _cap_shards(batch: pa.Table, limit: int) -> pa.Table:
+    """Ray Data fn: rewrite shards keeping the rows with key <= limit (schema metadata,
+    i.e. the shard's scored / kept counts, rides along)."""
+    for uri in batch["uri"].to_pylist():
+        fs, path = storage.filesystem(uri)
+        table = pq.read_table(path, filesystem=fs)
+        shards.write_table(uri, table.filter(pc.less_equal(table["key"], pa.scalar(limit, pa.uint64()))))
+    return pa.table({"rewritten": [batch.num_rows]})
+
+
+def _cap(out: str, names: list[str], num_examples: int) -> None:
+    import ray
+
+    keys = {name: pq.read_table(path, columns=["key"], filesystem=fs)["key"].to_numpy()
+            for name, (fs, path) in ((n, storage.filesystem(storage.join(out, n))) for n in names)}
+    every = np.concatenate(list(keys.values()))
+    if len(every) <= num_examples:
+        return
+    limit = int(np.partition(every, num_examples - 1)[num_examples - 1])
+    over = [storage.join(out, n) for n, k in keys.items() if len(k) and k.max() > limit]
+    ray.data.from_items([{"uri": u} for u in over], override_num_blocks=len(over)).map_batches(
+        _cap_shards, fn_kwargs={"limit": limit}, batch_format="pyarrow").take_all()
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+def run(cfg: SentimentConfig) -> dict[str, Any]:
+    """Score `cfg.corpus` sentences with `cfg.teacher` and write the confident ones to
+    `cfg.out` (local or s3://); returns the stats also saved in `_meta.json` (module doc)."""
+    import ray
+
+    PromptEncoder(load_tokenizer(local_model_dir(cfg.teacher)), TASK, cfg.max_length)  # fail before any work
+    settings = {"corpus": cfg.corpus, "fmt": cfg.fmt, "text_column": cfg.text_column, "id_column": cfg.id_column,
+                "min_words": cfg.min_words, "max_words": cfg.max_words, "rows_per_shard": cfg.rows_per_shard}
+    plan = {"stage": STAGE, "teacher": cfg.teacher, "template": TASK.template, "verbalizer": TASK.verbalizer,
+            "threshold": cfg.threshold, "seed": cfg.seed, "num_examples": cfg.num_examples,
+            "max_length": cfg.max_length, **settings}
+    done = shards.begin(cfg.out, plan, "sentiment build")
     start = time.perf_counter()
-    confident = sentences.map_batches(_explode, batch_format="pyarrow").map_batches(
-        TeacherScorer,
-        fn_constructor_kwargs={"teacher": portable_model(teacher), "task": TASK, "max_length": max_length,
-                               "label_probs": True},
-        batch_size=batch_size, batch_format="pyarrow", udf_modifying_row_count=False,
-        **scorer_pool(num_actors, use_gpu),
-    ).map_batches(label_confident, batch_format="pyarrow", fn_kwargs={"threshold": threshold, "seed": seed})
+    table = sentence_table(cfg, settings, done)
+    counts = table["counts"]
+    if counts["sentences"] == 0:
+        raise DataError(
+            f"corpus {cfg.corpus} has no usable sentence to score ({counts['documents']} documents; dropped "
+            f"{counts['fragments']} fragments, {counts['long']} longer than max_words={cfg.max_words}, "
+            f"{counts['undecodable']} undecodable); check the corpus format or lower min_words / raise max_words")
 
-    writer = ShardWriter(out, rows_per_shard)
-    sample = BottomN(num_examples) if num_examples else None
-    target = writer if sample is None else sample
-    kept = 0
-    for batch in confident.iter_batches(batch_size=None, batch_format="pyarrow"):
-        kept += batch.num_rows
-        target.add(batch)
+    names = [shards.shard_name(i) for i in range(len(table["files"]))]
+    todo = [{"name": n, "source": storage.join(cfg.out, TABLE, f)}
+            for n, f in zip(names, table["files"]) if n not in done]
+    log.info("sentiment %s: %d shards to score, %d already written", cfg.out, len(todo), len(names) - len(todo))
+    written = []
+    if todo:
+        written = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            SentimentWriter,
+            fn_constructor_kwargs={"teacher": portable_model(cfg.teacher), "max_length": cfg.max_length,
+                                   "batch_size": cfg.batch_size or default_batch_size(cfg.use_gpu),
+                                   "threshold": cfg.threshold, "seed": cfg.seed, "out": cfg.out},
+            **pool_args(cfg.num_actors, cfg.use_gpu, cfg.cpus_per_actor),
+        ).take_all()
+    scoring_seconds = time.perf_counter() - start
+
+    uris = [storage.join(cfg.out, n) for n in names]
+    per_shard = [pq.read_schema(path, filesystem=fs).metadata for fs, path in map(storage.filesystem, uris)]
+    kept = sum(int(m[b"kept"]) for m in per_shard)
     if kept == 0:
-        raise DataError(f"none of the {counts.sentences} sentences of {corpus} reached threshold={threshold} "
-                        f"(top class probability under teacher {teacher}); lower the threshold")
-    if sample is not None:
-        if kept < num_examples:
+        shards.remove(cfg.out, names)
+        raise DataError(f"none of the {counts['sentences']} sentences of {cfg.corpus} reached threshold="
+                        f"{cfg.threshold} (top class probability under teacher {cfg.teacher}); lower the threshold")
+    if cfg.num_examples:
+        if kept < cfg.num_examples:
             log.warning("only %d of %d sentences passed threshold %s; writing all %d", kept,
-                        counts.sentences, threshold, kept)
-        writer.add(sample.result())
-    writer.close()
-    seconds = time.perf_counter() - start
-
+                        counts["sentences"], cfg.threshold, kept)
+        _cap(cfg.out, names, cfg.num_examples)
+    labels = np.concatenate([pq.read_table(path, columns=["label"], filesystem=fs)["label"].to_numpy()
+                             for fs, path in map(storage.filesystem, uris)])
+    by_label = np.bincount(labels, minlength=len(TASK.labels))
     stats = {
-        "task": TASK.name, "template": TASK.template, "verbalizer": TASK.verbalizer,
-        "teacher": teacher, "corpus": corpus, "threshold": threshold, "seed": seed,
-        "num_examples": num_examples, "examples": int(writer.counts.sum()),
-        "scored": counts.sentences, "kept": kept, "keep_rate": kept / counts.sentences,
-        "counts": {label: int(n) for label, n in zip(TASK.labels, writer.counts)},
-        "files": writer.files,
-        "corpus_counts": {k: getattr(counts, k)
-                          for k in ("documents", "sentences", "fragments", "long", "undecodable")},
-        "settings": {"fmt": fmt, "text_column": text_column, "id_column": id_column, "min_words": min_words,
-                     "max_words": max_words, "max_length": max_length, "rows_per_shard": rows_per_shard},
-        "seconds": seconds, "sentences_per_s": counts.sentences / seconds,
+        "stage": STAGE, "task": TASK.name, "template": TASK.template, "verbalizer": TASK.verbalizer,
+        "teacher": cfg.teacher, "corpus": cfg.corpus, "threshold": cfg.threshold, "seed": cfg.seed,
+        "num_examples": cfg.num_examples, "examples": int(by_label.sum()),
+        "scored": counts["sentences"], "kept": kept, "kept_fraction": kept / counts["sentences"],
+        "counts": {label: int(n) for label, n in zip(TASK.labels, by_label)},
+        "files": names, "corpus_counts": counts, "settings": settings,
+        "shards_written": len(todo), "shards_skipped": len(names) - len(todo),
+        "scored_this_run": sum(r["scored"] for r in written), "seconds": scoring_seconds,
     }
-    storage.write_text(storage.join(out, META), json.dumps(stats, indent=2))
+    shards.write_meta(cfg.out, stats)
     return stats
+
+
+def build_sentiment(corpus: str, teacher: str, out: str, **settings) -> dict[str, Any]:
+    """`run(SentimentConfig(corpus, teacher, out, **settings))`, for Python callers."""
+    return run(SentimentConfig(corpus=corpus, teacher=teacher, out=out, **settings))

@@ -6,6 +6,7 @@ through `from_pretrained`. (Tiny random test models live in `tests/tiny.py`.)
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -131,6 +132,14 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     return _from_pretrained(AutoTokenizer, name_or_path, "tokenizer")
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary (its sorted token -> id items, added tokens
+    included). Distillation over the vocabulary (SMASH eq. 1) pairs the teacher's and the
+    student's logits id by id, so they must share the vocabulary, not just its size."""
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def load_model_config(name_or_path: str):
