@@ -9,6 +9,8 @@
     rayapp distill --config FILE key=value ...     SMASH distillation (Ray Train, DeepSpeed/DDP)
     rayapp pretrain --config FILE key=value ...    further MLM pre-training (makes a teacher)
     rayapp init-student --teacher DIR --out DIR    a student cut from every other teacher layer
+    rayapp sweep --config FILE key=value ...       methods x tasks x splits x grid on Ray Tune (--resume DIR)
+    rayapp report DIR... [--out DIR]               tables (Markdown/CSV), plots and report.html from run records
     rayapp assets pull ID --to ROOT                copy a hub model/dataset into a mirror (RAYAPP_ASSETS)
     rayapp demo                                    the pipeline end to end on local assets
 
@@ -127,6 +129,34 @@ def cmd_teacher_cache(args) -> None:
     print(f"teacher cache written to {cfg.out}")
 
 
+def cmd_sweep(args) -> None:
+    from rayapp.config import load_config
+    from rayapp.errors import ConfigError
+    from rayapp.sweep import tune
+    from rayapp.sweep.spec import SweepConfig
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError("--resume DIR continues a sweep with the config it started with; drop --config/key=value")
+        summary = tune.resume(args.resume)
+    elif args.config is None:
+        raise ConfigError("give --config FILE (e.g. jobs/configs/sweep-smash-table2_local.yaml) or --resume DIR")
+    else:
+        summary = tune.run(load_config(SweepConfig, args.config, args.overrides))
+    print(json.dumps(summary, indent=1))
+    print(f"report: rayapp report {summary['experiment']}")
+
+
+def cmd_report(args) -> None:
+    from rayapp import storage
+    from rayapp.sweep import report
+
+    out = args.out or ("report" if storage.is_remote(args.dirs[0]) else storage.join(args.dirs[0], "report"))
+    written = report.write(args.dirs, out)
+    print(written["markdown"])
+    print(f"written: {', '.join(written['files'])}")
+
+
 def cmd_assets(args) -> None:
     from rayapp.assets import pull
 
@@ -224,6 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     _recipe(sub, "distill", "SMASH distillation of a student from a teacher cache or online teacher",
             lambda a: cmd_recipe(a, "distill"))
+
+    p = sub.add_parser("sweep", help="few-shot sweep on Ray Tune: methods x tasks x splits x grid (SMASH Table 2)")
+    p.add_argument("--config", help="sweep YAML (see jobs/configs/sweep-*.yaml)")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted sweep in DIR (<storage>/<name>)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tasks=[RTE] seeds=[13]")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="tables, plots and report.html from sweep or run directories")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep dirs, run output dirs or records/ folders (local or s3://)")
+    p.add_argument("--out", help="local output dir (default: DIR/report for a local DIR, else ./report)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("assets", help="fill an asset mirror (RAYAPP_ASSETS) from the hub, for clusters without it")
     p.add_argument("action", choices=["pull"])

@@ -148,5 +148,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return _build(cls, _merge(data, parse_overrides(list(overrides))))
 
 
+def build(cls: type[T], data: dict) -> T:
+    """Build `cls` from a nested dict, with the same checks as `load_config`."""
+    return _build(cls, data)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)

@@ -1,0 +1,348 @@
+"""`rayapp sweep`: one Ray Tune experiment over methods x tasks x splits x grid (SMASH §4, App. A.1).
+
+Each trial is one recipe run on Ray Train, started from a Tune function trainable (the Ray
+2.60 pattern for Train V2 inside Tune): the trainer's RunConfig gets Tune's
+`TuneReportCallback`, so every evaluation the run reports (`dev` every `eval_every` steps and
+in the final report) reaches Tune, its schedulers and its TensorBoard/JSON/CSV loggers. The
+run's name is derived from the trial id, so a trial restarted by `--resume` finds its own
+Ray Train run directory and resumes from that run's checkpoint.
+
+Layout of an experiment `<storage>/<name>` (local or `s3://`):
+    sweep.json          the config the sweep runs with (`--resume` and `rayapp report` read it)
+    tune-<phase>/       Ray Tune's experiment (trial results, TensorBoard events, state)
+    <run name>/         each trial's Ray Train run (checkpoints)
+    records/<run>.json  one record per run: written by the run itself, so concurrent trials
+                        never share a file; failed or early-stopped trials get one from the
+                        sweep's driver (status failed/stopped) so the report can mark the gap
+    students/<name>/    students cut from a teacher before the trials (`students:`)
+
+Resources. A trial's driver (the Tune actor) only waits on its Train run, so it reserves
+memory but no CPU: on a 2-CPU machine two trials of one 1-CPU worker each then run side by
+side, where Tune's default (1 CPU per trial driver) leaves no CPU for the workers and the
+trials wait forever. The Train workers are placed by Ray Train itself (its own placement
+group; reserving them in Tune's group too would count them twice), so
+`max_concurrent_trials` (default: from the cluster's CPUs/GPUs and the engine config)
+keeps Tune from starting trials whose workers cannot be placed.
+
+Phases. Methods that read another method's best runs (`{best:teacher}`) run in a later
+Tune experiment of the same sweep, once those runs exist.
+
+ASHA (`asha:`) stops grid points early, but only compares trials of the same (method, task,
+split): dev metrics of different tasks or splits say nothing about each other.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+import time
+
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+from rayapp import storage
+from rayapp.config import to_dict
+from rayapp.errors import ConfigError, DataError, find_user_error
+from rayapp.sweep import spec as sweep_spec
+from rayapp.recipes import get_recipe
+from rayapp.sweep.results import parse_run, read_runs, select_split, point_key
+from rayapp.sweep.spec import SweepConfig
+
+log = logging.getLogger(__name__)
+
+DRIVER_MEMORY = 256 * 1024 ** 2  # what a trial's driver reserves (it holds no model)
+RECORDS = "records"
+
+
+# --- names and placeholders -----------------------------------------------------------------
+
+def run_name(trial: dict, trial_id: str) -> str:
+    """The trial's Ray Train run and record name: readable, and unique by the trial id."""
+    raw = f"{trial['method']}-{trial['task']}-s{trial['seed']}-{trial_id}"
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", raw)
+
+
+def record_uri(experiment: str, name: str) -> str:
+    return storage.join(experiment, RECORDS, f"{name}.json")
+
+
+def best_checkpoint(cfg: SweepConfig, method: str, task: str, seed: int) -> str:
+    """Checkpoint of `method`'s best-dev run on (task, split): what `{best:METHOD}` means."""
+    root = storage.join(cfg.experiment, RECORDS)
+    runs = read_runs([cfg.experiment]) if storage.exists(root) else []
+    mine = [r for r in runs if (r.method, r.task, r.seed) == (method, task, seed)]
+    split = select_split(seed, mine, [point_key(p) for p in cfg.method(method).points()])
+    if split.chosen is None:
+        raise DataError(f"{{best:{method}}} on {task} seed {seed}: no best run yet ({'; '.join(split.gaps)})")
+    if not split.chosen.checkpoint:
+        raise DataError(f"{{best:{method}}} on {task} seed {seed}: its best run {split.chosen.name} kept no checkpoint")
+    return split.chosen.checkpoint
+
+
+def _filler(cfg: SweepConfig, trial: dict):
+    def fill(placeholder: str) -> str:
+        kind, _, arg = placeholder.partition(":")
+        if kind == "best":
+            return best_checkpoint(cfg, arg, trial["task"], trial["seed"])
+        if kind == "student":
+            return storage.join(cfg.experiment, "students", arg)
+        return {"task": trial["task"], "seed": trial["seed"], "k": cfg.k, "experiment": cfg.experiment}[kind]
+    return fill
+
+
+def _unfilled(placeholder: str) -> str:
+    """A stand-in for checks before the trials: the keys and types of a config do not depend on
+    which checkpoint `{best:...}` will be."""
+    return f"<{placeholder}>"
+
+
+def _annotation(experiment: str, k: int, trial: dict, trial_id: str) -> dict:
+    return {"experiment": experiment, "trial_id": trial_id, "k": k, **trial}
+
+
+# --- the trial (runs in a Tune actor) --------------------------------------------------------
+
+def trial_fn(config: dict) -> None:
+    """Tune function trainable: one recipe run on Ray Train for `config["trial"]`."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = sweep_spec.load(config["experiment"])
+    trial, trial_id = config["trial"], tune.get_context().get_trial_id()
+    name = run_name(trial, trial_id)
+    uri = record_uri(cfg.experiment, name)
+    if storage.exists(uri):  # finished before an interruption: keep it, tell Tune its result
+        run = parse_run(json.loads(storage.read_text(uri)), uri)
+        if run.status == "done":
+            tune.report({"dev": run.best_dev, "test": run.test, "step": run.dev_curve[-1][0] if run.dev_curve else 0,
+                             "final": True})
+            return
+    recipe_cfg = cfg.recipe_config(trial, name, _filler(cfg, trial))
+    _, run = get_recipe(cfg.method(trial["method"]).recipe)
+    record = run(recipe_cfg, callbacks=[TuneReportCallback()])
+    record.update(status="done", sweep=_annotation(cfg.experiment, cfg.k, trial, trial_id))
+    storage.write_text(uri, json.dumps(record, indent=1, sort_keys=True, default=str))
+
+
+def _trial_name(trial) -> str:
+    return run_name(trial.config["trial"], trial.trial_id)
+
+
+# --- driver side: records for trials that did not write their own ----------------------------
+
+def _error_line(trial) -> str:
+    """One line saying why a trial failed (the user error when there is one)."""
+    try:
+        exc = trial.get_pickled_error()
+    except Exception:  # noqa: BLE001 - an unreadable error file must not stop the sweep
+        exc = None
+    err = find_user_error(exc)
+    if err is not None:
+        return str(err)
+    text = str(exc) if exc is not None else ""
+    if not text:
+        try:
+            text = str(trial.get_error() or "")
+        except Exception:  # noqa: BLE001
+            text = ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else "the trial's actor died (no error recorded)")[:500]
+
+
+class GapRecords(tune.Callback):
+    """Writes a record for a trial that failed or that ASHA stopped, so the report shows a
+    marked gap (failed) or a finished non-candidate (stopped) instead of nothing."""
+
+    def __init__(self, experiment: str, k: int):
+        self.experiment, self.k = experiment, k
+
+    def _write(self, trial, status: str, **extra) -> None:
+        spec, name = trial.config["trial"], run_name(trial.config["trial"], trial.trial_id)
+        uri = record_uri(self.experiment, name)
+        if storage.exists(uri) and json.loads(storage.read_text(uri)).get("status", "done") == "done":
+            return  # the run finished and wrote its own record
+        last = trial.last_result or {}
+        record = {"name": name, "status": status, "task": spec["task"], "seed": spec["seed"],
+                  "best_dev": last.get("best", last.get("dev")), "step": last.get("step"),
+                  "sweep": _annotation(self.experiment, self.k, spec, trial.trial_id), **extra}
+        storage.write_text(uri, json.dumps(record, indent=1, sort_keys=True, default=str))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._write(trial, "failed", error=_error_line(trial))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._write(trial, "stopped")
+
+
+class GroupedASHA(FIFOScheduler):
+    """One ASHA per (method, task, split): only the grid points of one split compete."""
+
+    def __init__(self, grace_period: int, reduction_factor: float, max_t: int):
+        super().__init__()
+        self._asha = dict(grace_period=grace_period, reduction_factor=reduction_factor,
+                          # past the last step: ASHA stops a trial that reaches max_t, and stopping
+                          # it at its final report would kill it before it writes its record
+                          max_t=max_t + 1)
+        self._groups = {}
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        self._metric, self._mode = metric, mode
+        return True
+
+    def _of(self, trial) -> AsyncHyperBandScheduler:
+        t = trial.config["trial"]
+        key = (t["method"], t["task"], t["seed"])
+        if key not in self._groups:
+            self._groups[key] = AsyncHyperBandScheduler(time_attr="step", metric=self._metric, mode=self._mode,
+                                                        **self._asha)
+        return self._groups[key]
+
+    def on_trial_add(self, tune_controller, trial):
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return f"GroupedASHA over {len(self._groups)} (method, task, split) groups"
+
+
+# --- before the trials ------------------------------------------------------------------------
+
+def check(cfg: SweepConfig) -> None:
+    """Every method x task x split x grid point builds its recipe config, every task is known,
+    every split loads and every named model is one, before a single trial starts."""
+    from rayapp.data.fewshot import load_lmbff
+    from rayapp.modeling.models import check_model
+    from rayapp.tasks.registry import get_task
+
+    def fill(placeholder: str) -> str:  # best runs and students do not exist yet: checked by type only
+        return _unfilled(placeholder) if ":" in placeholder else _filler(cfg, trial)(placeholder)
+
+    loaded, models = set(), set()
+    for trial in cfg.trials():
+        rcfg = cfg.recipe_config(trial, "check", fill)
+        task = rcfg.resolve_task() if hasattr(rcfg, "resolve_task") else get_task(trial["task"])
+        data_dir = getattr(rcfg, "data_dir", None)
+        if (data_dir, task.name, trial["seed"]) not in loaded:
+            try:
+                load_lmbff(data_dir, task, k=cfg.k, seed=trial["seed"])
+            except DataError as e:
+                raise DataError(f"task {trial['task']} split seed {trial['seed']}: {e}") from None
+            loaded.add((data_dir, task.name, trial["seed"]))
+        for key in ("model", "init", "teacher"):
+            ref = getattr(rcfg, key, None)
+            if ref and "<" not in ref:
+                models.add(ref)
+    for ref in sorted(models):
+        check_model(ref, mlm=False)
+
+
+def make_students(cfg: SweepConfig) -> None:
+    """Cut the `students:` from their teachers once (kept across resumes)."""
+    from rayapp.modeling.models import local_model_dir
+    from rayapp.recipes.pretrain import make_student
+
+    for name, s in cfg.student_specs.items():
+        out = storage.join(cfg.experiment, "students", name)
+        if storage.exists(storage.join(out, "config.json")):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            make_student(local_model_dir(s.teacher), tmp, s.layers)
+            storage.copy_dir(tmp, out)
+        print(f"student {name}: {s.teacher} layers {s.layers or 'every other'} -> {out}")
+
+
+def trial_resources(cfg: SweepConfig) -> dict[str, float]:
+    """What the largest trial's Train workers take (the engine config of every trial)."""
+    need = {"CPU": 0.0, "GPU": 0.0}
+    for trial in cfg.trials():
+        engine = cfg.recipe_config(trial, "check", _unfilled).engine
+        need["GPU"] = max(need["GPU"], engine.num_workers if engine.use_gpu else 0)
+        need["CPU"] = max(need["CPU"], 0 if engine.use_gpu else engine.num_workers * engine.cpus_per_worker)
+    return need
+
+
+def concurrency(cfg: SweepConfig) -> int:
+    """`max_concurrent_trials`, or as many trials as the cluster's CPUs/GPUs hold now."""
+    import ray
+
+    if cfg.max_concurrent_trials:
+        return cfg.max_concurrent_trials
+    have, need = ray.cluster_resources(), trial_resources(cfg)
+    fits = [int(have.get(r, 0) // n) for r, n in need.items() if n > 0]
+    return max(1, min(fits)) if fits else 1
+
+
+# --- running ------------------------------------------------------------------------------
+
+def _tune_storage(experiment: str):
+    fs, path = storage.filesystem(experiment)
+    if storage.is_remote(experiment):
+        return path, fs
+    storage.makedirs(experiment)
+    return path, None
+
+
+def _phase(cfg: SweepConfig, phase: int, max_concurrent: int) -> None:
+    path, fs = _tune_storage(cfg.experiment)
+    name = f"tune-{phase}"
+    trainable = tune.with_resources(trial_fn, {"memory": DRIVER_MEMORY})
+    exp_path = f"{path.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        # finished trials stay finished; unfinished and errored ones run again (their Train runs
+        # resume from their checkpoints)
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        max_t = max(cfg.recipe_config(t, "check", _unfilled).max_steps for t in cfg.trials(phase))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"experiment": cfg.experiment, "trial": tune.grid_search(cfg.trials(phase))},
+            tune_config=tune.TuneConfig(
+                metric="dev", mode="max", max_concurrent_trials=max_concurrent,
+                scheduler=GroupedASHA(cfg.asha.grace_period, cfg.asha.reduction_factor, max_t) if cfg.asha else None,
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name=name, storage_path=path, storage_filesystem=fs, callbacks=[GapRecords(cfg.experiment, cfg.k)],
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+        )
+    tuner.fit()
+
+
+def run(cfg: SweepConfig, resume: bool = False) -> dict:
+    """Run (or continue) the sweep; returns {"experiment", "trials", "done", "failed", "stopped", "seconds"}."""
+    import ray
+
+    started = time.time()
+    stored = storage.join(cfg.experiment, sweep_spec.SPEC_FILE)
+    if storage.exists(stored) and not resume:
+        if json.loads(storage.read_text(stored)) != json.loads(json.dumps(to_dict(cfg))):
+            raise ConfigError(f"sweep {cfg.experiment} exists with another config; continue it with "
+                              f"`rayapp sweep --resume {cfg.experiment}` or choose another name=")
+    check(cfg)
+    if not storage.exists(stored):
+        sweep_spec.save(cfg)
+    make_students(cfg)
+    if not ray.is_initialized():
+        ray.init()  # the embedded default: a local cluster on this machine
+    n = concurrency(cfg)
+    print(f"sweep {cfg.experiment}: {len(cfg.trials())} trials, up to {n} at a time "
+          f"(phases: {cfg.phases}); tensorboard --logdir {cfg.experiment}")
+    for phase in range(len(cfg.phases)):
+        _phase(cfg, phase, n)
+    runs = [r for r in read_runs([cfg.experiment]) if r.method in cfg.method_names] \
+        if storage.exists(storage.join(cfg.experiment, RECORDS)) else []
+    counts = {s: sum(r.status == s for r in runs) for s in ("done", "failed", "stopped")}
+    return {"experiment": cfg.experiment, "trials": len(cfg.trials()), **counts,
+            "seconds": round(time.time() - started, 1)}
+
+
+def resume(experiment: str) -> dict:
+    """Continue an interrupted sweep from its directory: finished trials are not run again."""
+    return run(sweep_spec.load(experiment), resume=True)
