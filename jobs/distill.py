@@ -1,6 +1,5 @@
-"""`ray job submit -- python jobs/distill.py --config jobs/configs/distill-smash-pairs.yaml key=value ...`"""
-import sys
+"""`python -m jobs.distill --config jobs/configs/distill-smash-pairs.yaml key=value ...`: SMASH distillation (Ray Train)."""
+from jobs import run
 
-from rayapp.cli import main
-
-sys.exit(main(["distill", *sys.argv[1:]]))
+if __name__ == "__main__":
+    run("distill")

@@ -1,6 +1,5 @@
-"""`ray job submit -- python jobs/evaluate.py --config jobs/configs/finetune-sst2.yaml key=value ...`"""
-import sys
+"""`python -m jobs.evaluate --config jobs/configs/finetune-rte.yaml key=value ...`: zero-shot prompt evaluation."""
+from jobs import run
 
-from rayapp.cli import main
-
-sys.exit(main(["evaluate", *sys.argv[1:]]))
+if __name__ == "__main__":
+    run("evaluate")

@@ -1,6 +1,5 @@
-"""`ray job submit -- python jobs/finetune.py --config jobs/configs/finetune-sst2.yaml key=value ...`"""
-import sys
+"""`python -m jobs.finetune --config jobs/configs/finetune-rte.yaml key=value ...`: few-shot prompt fine-tuning (Ray Train)."""
+from jobs import run
 
-from rayapp.cli import main
-
-sys.exit(main(["finetune", *sys.argv[1:]]))
+if __name__ == "__main__":
+    run("finetune")

@@ -1,6 +1,5 @@
-"""`ray job submit -- python jobs/intermediate.py pairs --corpus s3://... --out s3://... --num-examples 2560000`"""
-import sys
+"""`python -m jobs.intermediate pairs|sentiment --config jobs/configs/intermediate-<kind>.yaml key=value ...`: SMASH intermediate examples (Ray Data)."""
+from jobs import run
 
-from rayapp.cli import main
-
-sys.exit(main(["intermediate", *sys.argv[1:]]))
+if __name__ == "__main__":
+    run("intermediate")

@@ -1,6 +1,5 @@
-"""`ray job submit -- python jobs/teacher_cache.py --examples s3://... --teacher roberta-large --out s3://...`"""
-import sys
+"""`python -m jobs.teacher_cache --config jobs/configs/teacher-cache-pairs.yaml key=value ...`: the teacher's top-k cache (Ray Data, GPU actors)."""
+from jobs import run
 
-from rayapp.cli import main
-
-sys.exit(main(["teacher-cache", *sys.argv[1:]]))
+if __name__ == "__main__":
+    run("teacher-cache")

@@ -6,7 +6,9 @@ loopback only, no hub), set before anything imports ray.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+from pathlib import Path
 
 from rayapp import env
 
@@ -33,6 +35,86 @@ def ray_cluster(s3_server):
              log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+class RayHead:
+    """A real head node started by `ray start --head` (see the `ray_head` fixture)."""
+
+    def __init__(self, address: str, env: dict[str, str], log: str):
+        self.address, self.env, self.log = address, env, log  # dashboard URL, env for clients
+
+    def api(self, path: str) -> dict:
+        """GET the dashboard's REST API (jobs: /api/jobs/<id>) with the cluster's token."""
+        import json
+        import urllib.request
+
+        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+        request = urllib.request.Request(self.address + path, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server):
+    """A head node as users start one, on loopback: `ray start --head --block` with free ports,
+    token authentication (Ray 2.60's default for new clusters; clients need RAY_AUTH_MODE=token)
+    and its own temp dir, so no `ray.init()` of this or another process on the machine finds it.
+    It runs in its own process group and inherits the S3 server's endpoint and test keys, as a
+    cluster node has its instance profile. Stopped by SIGTERM (Ray drains the node), then
+    SIGKILL to its group; never `ray stop`, which would stop every Ray on the machine."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.error
+
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    # `python` in a job is this venv's, as after `source .venv/bin/activate; ray start ...`
+    head_env = {**os.environ, **env.LOCAL, "RAY_AUTH_MODE": "token",
+                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    if not (Path.home() / ".ray" / "auth_token").exists():
+        subprocess.run([ray_cli, "get-auth-token", "--generate"], env=head_env, check=True, capture_output=True)
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: socket paths live below it
+    dashboard = free_port()
+    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    log = os.path.join(temp_dir, "ray-start.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+             "--num-cpus", "4", "--temp-dir", temp_dir, "--disable-usage-stats",
+             *(str(a) for kv in ports.items() for a in kv)],
+            env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    head = RayHead(f"http://127.0.0.1:{dashboard}", {**head_env}, log)
+
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{Path(log).read_text()[-3000:]}")
+        try:
+            return head.api("/api/version")
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return None
+
+    try:
+        wait_until(ready, timeout=120, what="the head node's dashboard")
+        yield head
+    finally:
+        # SIGTERM to `ray start` itself: it drains the node through the GCS (~1 s when idle, at
+        # most 30 s) and then stops the processes of its group. The same signal to the whole
+        # group would stop the GCS under the drain, which then waits out its 30 s timeout.
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever outlived the drain
+        except ProcessLookupError:  # the whole group is gone already
+            pass
+        proc.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
