@@ -114,7 +114,7 @@ def test_pool_autoscales_and_is_not_sized_from_the_cluster(monkeypatch):
     """Issue 17: the pool was sized by the GPUs up when the job started (0 on a cluster that
     scales from zero), so it ran one actor. Now it is an autoscaling pool, one GPU each."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, DataContext
 
     def no_snapshot(*args, **kwargs):
         raise AssertionError("the pool must not be sized from what the cluster has now")
@@ -123,12 +123,15 @@ def test_pool_autoscales_and_is_not_sized_from_the_cluster(monkeypatch):
     monkeypatch.setattr(ray, "available_resources", no_snapshot)
     gpu = pool_args(8, use_gpu=True)
     assert isinstance(gpu["compute"], ActorPoolStrategy)
-    assert (gpu["compute"].min_size, gpu["compute"].max_size) == (1, 8)
-    assert gpu["compute"].max_tasks_in_flight_per_actor == 1
+    assert (gpu["compute"].min_size, gpu["compute"].max_size, gpu["compute"].initial_size) == (1, 8, 8)
     assert (gpu["num_gpus"], gpu["num_cpus"], gpu["batch_size"]) == (1, 1, 1)
     cpu = pool_args(None, use_gpu=False, cpus_per_actor=2)
-    assert (cpu["compute"].min_size, cpu["compute"].max_size) == (1, float("inf"))
+    assert (cpu["compute"].min_size, cpu["compute"].max_size, cpu["compute"].initial_size) == (1, float("inf"), 1)
     assert (cpu["num_gpus"], cpu["num_cpus"]) == (0, 2)
+    # Ray Data adds actors only when calls in flight per actor reach this threshold: a pool
+    # allowed fewer would never grow past its first actor
+    threshold = DataContext.get_current().autoscaling_config.actor_pool_util_upscaling_threshold
+    assert cpu["compute"].max_tasks_in_flight_per_actor >= threshold
 
 
 def test_actor_device_follows_the_gpus_ray_assigned(monkeypatch, ray_cluster):

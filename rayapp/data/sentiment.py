@@ -56,7 +56,7 @@ from rayapp import storage
 from rayapp.data import shards
 from rayapp.data.corpus import read_sentences
 from rayapp.errors import ConfigError, DataError
-from rayapp.modeling.models import load_tokenizer, local_model_dir, portable_model
+from rayapp.modeling.models import check_model, load_tokenizer, local_model_dir, portable_model
 from rayapp.modeling.scorer import TeacherScorer, actor_device, default_batch_size, pool_args
 from rayapp.tasks.prompts import PromptEncoder
 from rayapp.tasks.registry import INTERMEDIATE_TASKS
@@ -214,6 +214,7 @@ def _cap_shards(batch: pa.Table, limit: int) -> pa.Table:
 
 
 def _cap(out: str, names: list[str], num_examples: int) -> None:
+    """Keep the `num_examples` smallest keys over all shards (module docstring, step 3)."""
     import ray
 
     keys = {name: pq.read_table(path, columns=["key"], filesystem=fs)["key"].to_numpy()
@@ -234,6 +235,7 @@ def run(cfg: SentimentConfig) -> dict[str, Any]:
     `cfg.out` (local or s3://); returns the stats also saved in `_meta.json` (module doc)."""
     import ray
 
+    check_model(cfg.teacher)  # a path that is not a model: one line, before Ray starts
     PromptEncoder(load_tokenizer(local_model_dir(cfg.teacher)), TASK, cfg.max_length)  # fail before any work
     settings = {"corpus": cfg.corpus, "fmt": cfg.fmt, "text_column": cfg.text_column, "id_column": cfg.id_column,
                 "min_words": cfg.min_words, "max_words": cfg.max_words, "rows_per_shard": cfg.rows_per_shard}

@@ -37,6 +37,7 @@ equal sizes do not prove equal vocabularies.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -47,7 +48,8 @@ import pyarrow.parquet as pq
 from rayapp import storage
 from rayapp.data import shards
 from rayapp.errors import ConfigError, DataError
-from rayapp.modeling.models import load_model_config, load_tokenizer, local_model_dir, portable_model, vocab_fingerprint
+from rayapp.modeling.models import (check_model, load_model_config, load_tokenizer, local_model_dir, portable_model,
+                                    vocab_fingerprint)
 from rayapp.modeling.scorer import TeacherScorer, actor_device, default_batch_size, pool_args
 from rayapp.tasks.prompts import PromptEncoder
 from rayapp.tasks.registry import resolve_intermediate
@@ -120,7 +122,8 @@ class CacheWriter:
     """Ray Data actor: scores whole shards with the teacher and writes each one.
 
     Input rows are `Shard`s; output one row per shard: `name`, `rows`, `tokens` (the
-    prompt tokens scored, padding excluded)."""
+    prompt tokens scored, padding excluded), `start` and `end` (wall clock, seconds), `actor`
+    (its process id)."""
 
     def __init__(self, teacher: str, task, max_length: int, top_k: int, batch_size: int,
                  columns: list[str], out: str):
@@ -128,8 +131,9 @@ class CacheWriter:
         self.top_k, self.batch_size, self.columns, self.out = top_k, batch_size, columns, out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        done = {"name": [], "rows": [], "tokens": []}
+        done = {"name": [], "rows": [], "tokens": [], "start": [], "end": [], "actor": []}
         for shard in batch.to_pylist():
+            done["start"].append(time.time())
             fs, path = storage.filesystem(shard["uri"])
             table = read_range(fs, path, shard["start"], shard["stop"], self.columns)
             for name, column in self.scorer.topk(table, self.top_k, self.batch_size).items():
@@ -138,6 +142,8 @@ class CacheWriter:
             done["name"].append(shard["name"])
             done["rows"].append(table.num_rows)
             done["tokens"].append(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
+            done["end"].append(time.time())
+            done["actor"].append(os.getpid())
         return pa.table(done)
 
 
@@ -165,13 +171,18 @@ def run(cfg: CacheConfig) -> dict:
     """Score every example with the teacher and write its top-k cache to `cfg.out`.
 
     Resumable (see module doc). Returns stats: examples (in the whole cache), computed (this
-    run), shards_written, shards_skipped, mean_covered, examples_per_s, tokens_per_s, seconds.
+    run), shards_written, shards_skipped, actors (that scored them), mean_covered, tokens
+    (prompt tokens scored this run), seconds (the Ray job: actor start-up, scoring,
+    writing), examples_per_s and tokens_per_s over those seconds, and scoring_tokens_per_s
+    (first shard's start to last shard's end: without the start-up, which a corpus-scale
+    build amortises).
     """
     import ray
 
     task, default_length = resolve_intermediate(cfg.task)
     max_length = cfg.max_length or default_length
     batch_size = cfg.batch_size or default_batch_size(cfg.use_gpu)
+    check_model(cfg.teacher)  # a path that is not a model: one line, before Ray starts
     local = local_model_dir(cfg.teacher)
     tokenizer = load_tokenizer(local)
     PromptEncoder(tokenizer, task, max_length)  # bad label words / template fail here, not in an actor
@@ -220,9 +231,12 @@ def run(cfg: CacheConfig) -> dict:
     })
     return {
         "examples": len(covered), "computed": computed, "shards_written": len(todo),
-        "shards_skipped": len(planned) - len(todo), "mean_covered": mean_covered,
+        "shards_skipped": len(planned) - len(todo), "actors": len({r["actor"] for r in written}),
+        "mean_covered": mean_covered,
         "examples_per_s": computed / seconds if computed else 0.0,
         "tokens_per_s": tokens / seconds if tokens else 0.0, "tokens": tokens, "seconds": seconds,
+        "scoring_tokens_per_s": tokens / (max(r["end"] for r in written) - min(r["start"] for r in written))
+        if tokens else 0.0,
     }
 
 

@@ -52,13 +52,17 @@ def actor_device() -> torch.device:
 def pool_args(num_actors: int | None, use_gpu: bool, cpus_per_actor: int = 1) -> dict:
     """`map_batches` arguments for an actor pool that scores one whole shard per call.
 
-    `num_actors=None` lets the pool grow with the cluster; nothing here asks the cluster
-    what it has now. One call in flight per actor: a call is a shard (minutes), and a second
-    one queued behind it would wait while another actor idles."""
+    Nothing here asks the cluster what it has now. With `num_actors` the pool asks for that
+    many actors at once (an autoscaling cluster sees the whole demand and starts the nodes)
+    and starts work as soon as one is up; without, it grows from one actor as long as its
+    actors are busy and the cluster gives more. Two calls in flight per actor: Ray Data
+    grows a pool only when its utilisation (calls in flight per actor) reaches 1.75, so with
+    one a pool would never grow; the second call also hides the gap between two shards."""
     from ray.data import ActorPoolStrategy
 
     return {
-        "compute": ActorPoolStrategy(min_size=1, max_size=num_actors, max_tasks_in_flight_per_actor=1),
+        "compute": ActorPoolStrategy(min_size=1, max_size=num_actors, initial_size=num_actors,
+                                     max_tasks_in_flight_per_actor=2),
         "num_gpus": 1 if use_gpu else 0,
         "num_cpus": cpus_per_actor,
         "batch_size": 1,
