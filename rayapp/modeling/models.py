@@ -59,8 +59,9 @@ _WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True) -> None:
     """Driver-side check, before any Ray worker starts, that `name_or_path` is a model:
     it resolves (local dir, `s3://`, mirror, hub), has a config (and weights, where files
-    can be listed), a masked-LM head class when `mlm`, and a tokenizer that loads.
-    Raises a one-line ConfigError naming the model and the fix."""
+    can be listed), a masked-LM head class when `mlm`, and a tokenizer that loads. A rayapp
+    checkpoint counts by its `model/` folder. Raises a one-line ConfigError naming the
+    model and the fix."""
     import fnmatch
 
     from rayapp import assets, storage
@@ -68,10 +69,13 @@ def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True) 
     ref = assets.resolve(name_or_path)
     if storage.is_remote(ref) or Path(ref).is_dir():
         files = _top_level_files(ref, name_or_path)
+        if "config.json" not in files and "config.json" in _top_level_files(storage.join(ref, "model"), name_or_path):
+            ref, files = storage.join(ref, "model"), _top_level_files(storage.join(ref, "model"), name_or_path)
         missing = [what for what, patterns in (("config.json", ["config.json"]), ("weights", _WEIGHTS))
                    if not any(fnmatch.fnmatch(f, p) for f in files for p in patterns)]
         if missing:
-            raise ConfigError(f"model {name_or_path!r} ({ref}) is not an HF model directory: no "
+            where = "" if ref == name_or_path else f" ({ref})"
+            raise ConfigError(f"model {name_or_path!r}{where} is not an HF model directory: no "
                               f"{' and no '.join(missing)} ({', '.join(_WEIGHTS)}); give the folder written "
                               "by save_pretrained, or a hub id")
         if storage.is_remote(ref):  # config and tokenizer only: the weights are fetched where they are used

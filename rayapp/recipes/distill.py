@@ -33,7 +33,7 @@ from rayapp import storage
 from rayapp.errors import ConfigError
 from rayapp.losses import TOPK_MODES
 from rayapp.modeling.batches import MLMBatcher, cache_batch, prompt_batch
-from rayapp.modeling.models import LogitsAt, load_mlm, load_tokenizer, local_model_dir, portable_model
+from rayapp.modeling.models import LogitsAt, check_model, load_mlm, load_tokenizer, local_model_dir, portable_model
 from rayapp.recipes import objectives
 from rayapp.tasks.prompts import PromptEncoder
 from rayapp.tasks.registry import INTERMEDIATE_TASKS, MAX_LENGTH
@@ -145,8 +145,10 @@ def run(cfg: DistillConfig, callbacks=()) -> dict:
     from rayapp.data.mlm_text import read_text_chunks
 
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)
-    if not ray.is_initialized():
-        ray.init()
+    # user mistakes fail here, as one line, before Ray starts
+    check_model(cfg.student)
+    if cfg.objective in NEEDS_TEACHER and not cfg.uses_cache:
+        check_model(cfg.teacher)
     task_name = cfg.task
     if cfg.uses_cache:
         from rayapp.data.teacher_cache import cache_meta, read_cache
@@ -154,6 +156,9 @@ def run(cfg: DistillConfig, callbacks=()) -> dict:
         meta = cache_meta(cfg.data)
         task_name = meta["plan"]["task"]
         check_cache_vocabulary(cfg.student, meta, cfg.data)
+    if not ray.is_initialized():
+        ray.init()
+    if cfg.uses_cache:
         dataset = read_cache(cfg.data)
     elif cfg.objective == "distilbert":
         dataset = read_text_chunks(cfg.data, cfg.max_length or DISTILBERT_MAX_LENGTH)

@@ -26,8 +26,8 @@ import torch
 from rayapp import storage
 from rayapp.data.fewshot import Example, FewShotSplit, load_lmbff
 from rayapp.errors import ConfigError
-from rayapp.modeling.models import (LogitsAt, load_classifier, load_mlm, load_tokenizer, local_model_dir,
-                                    portable_model)
+from rayapp.modeling.models import (LogitsAt, check_model, load_classifier, load_mlm, load_tokenizer,
+                                    local_model_dir, portable_model)
 from rayapp.recipes import objectives
 from rayapp.tasks.metrics import compute_metric
 from rayapp.tasks.prompts import PromptEncoder, Task, class_logits, regression_prediction
@@ -201,6 +201,9 @@ def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) ->
     """Fine-tune (or evaluate) one task/split on Ray Train; returns the run's record."""
     task = cfg.resolve_task()
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)  # fail before launching
+    check_model(cfg.init or cfg.model, mlm=cfg.method != "classifier")
+    if cfg.teacher:
+        check_model(cfg.teacher)
     split = split or load_lmbff(cfg.data_dir, task, k=cfg.k, seed=cfg.seed)
     if cfg.teacher:
         check_same_vocabulary(cfg.init or cfg.model, cfg.teacher)

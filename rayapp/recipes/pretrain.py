@@ -17,7 +17,7 @@ import torch
 from rayapp.data.mlm_text import held_out, read_text_chunks
 from rayapp.errors import ConfigError
 from rayapp.modeling.batches import MLMBatcher
-from rayapp.modeling.models import LogitsAt, load_mlm, load_tokenizer, local_model_dir, portable_model
+from rayapp.modeling.models import LogitsAt, check_model, load_mlm, load_tokenizer, local_model_dir, portable_model
 from rayapp.recipes import objectives
 from rayapp.train.config import TrainConfig
 from rayapp.train.engine import split_batch
@@ -78,6 +78,7 @@ def run(cfg: PretrainConfig, callbacks=()) -> dict:
     import ray
 
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)
+    check_model(cfg.model)  # before Ray starts
     if not ray.is_initialized():
         ray.init()
     text = read_text_chunks(cfg.data, cfg.max_length)
