@@ -93,12 +93,13 @@ def cmd_init_student(args) -> None:
     print(f"student written to {make_student(args.teacher, args.out, args.layers)}")
 
 
-def cmd_intermediate(args) -> None:
-    from rayapp.data.pairs import build_pairs
+def cmd_pairs(args) -> None:
+    from rayapp.data.pairs import PairsConfig, run
 
-    stats = build_pairs(args.corpus, args.out, num_examples=args.num_examples, seed=args.seed)
-    print(json.dumps(stats, indent=1, default=str))
-    print(f"examples written to {args.out}")
+    cfg = _stage_config(PairsConfig, args, ("corpus", "out", "num_examples", "seed"))
+    stats = run(cfg)
+    print(json.dumps({k: v for k, v in stats.items() if k != "files"}, indent=1, default=str))
+    print(f"examples written to {cfg.out}")
 
 
 def _stage_config(cls, args, flags: tuple[str, ...]):
@@ -229,12 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("intermediate", help="build SMASH intermediate examples from a corpus (Ray Data)")
     kinds = p.add_subparsers(dest="kind", required=True)
-    p = kinds.add_parser("pairs", help="sentence pairs: different documents / same document / adjacent")
-    p.add_argument("--corpus", required=True, help="text/WikiExtractor/JSONL/parquet files, s3:// prefix or hf://")
-    p.add_argument("--out", required=True, help="output dir or s3:// prefix (parquet shards)")
-    p.add_argument("--num-examples", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_intermediate)
+    p = _recipe(kinds, "pairs", "sentence pairs: different documents / same document / adjacent", cmd_pairs)
+    p.add_argument("--corpus", help="text/WikiExtractor/JSONL/parquet files, s3:// prefix or hf://")
+    p.add_argument("--out", help="output dir or s3:// prefix (parquet shards)")
+    p.add_argument("--num-examples", type=int)
+    p.add_argument("--seed", type=int)
 
     p = _data_stage(kinds, "sentiment", "corpus sentences the teacher labels confidently (resumable)", cmd_sentiment)
     p.add_argument("--corpus", help="text/WikiExtractor/JSONL/parquet files, s3:// prefix or hf://")

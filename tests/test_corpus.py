@@ -1,4 +1,6 @@
-"""rayapp.data.corpus: the sentence splitter and filter, every reader (local and s3://), bad input."""
+"""rayapp.data.corpus and .formats: the sentence splitter and filter, every reader (local and
+s3://), reading in bounded pieces, bad input."""
+import io
 import json
 import uuid
 
@@ -8,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayapp.assets import asset
-from rayapp.data.corpus import (document_sentences, read_documents, read_sentences,
-                           split_sentences)
+from rayapp.data.corpus import document_sentences, is_heading, plan_sources, read_documents, read_sentences, split_sentences
+from rayapp.data.formats import first_line, iter_lines
 from rayapp.errors import DataError
 
 
@@ -38,15 +40,40 @@ def test_split_sentences(text, expected):
 
 def test_document_sentences_filters_counts_and_keeps_positions():
     text = ("Title Without Period\n"
-            "Etymology and terminology.\n"  # WikiExtractor heading: 3 words
+            "Etymology and terminology.\n"  # WikiExtractor heading, 3 words: a fragment
+            "History of atomic theory.\n"  # WikiExtractor heading, 4 words
             "The first sentence is fine here. The second one is fine too.\n"
             "A bad \ufffd byte sits in this sentence. Long" + " word" * 80 + " ends here.\n"
             "The last sentence is fine as well.")
     doc = document_sentences(text, min_words=4, max_words=80)
     assert doc.sentences == ["The first sentence is fine here.", "The second one is fine too.",
                              "The last sentence is fine as well."]
-    assert doc.positions == [2, 3, 6]  # dropped sentences keep their place
-    assert (doc.fragments, doc.long, doc.undecodable) == (2, 1, 1)
+    assert doc.positions == [3, 4, 7]  # dropped sentences keep their place
+    assert (doc.fragments, doc.headings, doc.long, doc.undecodable) == (2, 1, 1, 1)
+
+
+# WikiExtractor section headings of the local Wikipedia sample (period added by WikiExtractor)
+# and one-sentence paragraphs of it that are real sentences
+HEADINGS = ["Etymology and terminology.", "Early life and work.", "History of atomic theory.",
+            "Status of African Americans.", "Twin towns and sister cities.", "Types of alternative medicine.",
+            "Examples of terrestrial albedo effects.", "Political struggles in the Empire.",
+            "Mitigation of effects of petroleum shortages.", "1989–1997: Early years and breakthrough."]
+SENTENCES = ["Typewriter art was also called keyboard art.", "Apollo turned Cephissus into a sea monster.",
+             "The Rijksmuseum possesses the largest and most important collection of classical Dutch art.",
+             "Psychoacoustics explains how humans respond to sounds.", "Foreign media refer to her as Ms. Suu Kyi, or Miss Suu Kyi.",
+             "He also lent his voice to the following movies.", "AMOS could also include inline Assembly Language.",
+             "A typical performance runs approximately 40 minutes in length.",
+             "5.98% of the population were Hispanic or Latino of any race."]
+
+
+def test_headings_are_not_sentences():
+    assert [s for s in HEADINGS if not is_heading(s)] == []
+    assert [s for s in SENTENCES if is_heading(s)] == []
+    # only a paragraph that is one sentence can be a heading
+    doc = document_sentences("\n".join(HEADINGS + SENTENCES) + "\nEarly life and work. He was born in 1900.")
+    assert doc.sentences == SENTENCES + ["Early life and work.", "He was born in 1900."]
+    assert (doc.headings, doc.fragments) == (len(HEADINGS) - 1, 1)  # 3 words: a fragment first
+    assert doc.positions[0] == len(HEADINGS)
 
 
 # --- readers -------------------------------------------------------------------------------
@@ -59,17 +86,31 @@ def test_wikiextractor_real_slice(ray_cluster):
     rows = read_sentences(str(asset("corpus", "wikipedia-en", "AA", "wiki_00"))).take_all()
     row = next(r for r in rows if r["doc_id"] == "12")
     assert row["sentences"][0].startswith("Anarchism is a political philosophy that advocates")
-    assert "Etymology and terminology." not in row["sentences"]  # heading dropped
-    assert row["fragments"] > 0 and len(row["sentences"]) == len(row["positions"]) > 100
+    assert "Etymology and terminology." not in row["sentences"]  # heading: 3 words, a fragment
+    assert "Internal issues and debates." not in row["sentences"] and row["headings"] == 5
+    assert row["fragments"] > 0
+    assert len(row["sentences"]) == len(row["positions"]) > 100
+
+
+def test_wikiextractor_in_pieces_reads_every_document_once():
+    """Cut into ~64 KB pieces (packed across files, split inside them), the local
+    Wikipedia reads as it does whole."""
+    root = str(asset("corpus", "wikipedia-en"))
+    pieces = plan_sources(root, chunk_bytes=1 << 16)
+    whole = plan_sources(root, chunk_bytes=1 << 40)
+    assert len(whole) == 1 and len(pieces) > 300
+    assert [d for s in pieces for d in s.docs()] == list(whole[0].docs())
 
 
 def test_text_blocks_and_per_file(ray_cluster, tmp_path):
-    (tmp_path / "a.txt").write_text("First doc line one.\nStill first doc.\n\n  \nSecond doc here.\n")
+    text = "First doc line one.\nStill first doc.\n\n  \nSecond doc here.\n"
+    (tmp_path / "a.txt").write_text(text)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.txt").write_text("Only doc of b.\n")
     (tmp_path / "_SUCCESS").write_text("")  # not a corpus file
+    # ids: file + the byte where the document starts
     assert docs_of(read_documents(str(tmp_path))) == {
-        "a.txt#0": "First doc line one.\nStill first doc.", "a.txt#1": "Second doc here.\n",
+        "a.txt#0": "First doc line one.\nStill first doc.", f"a.txt#{text.index('Second')}": "Second doc here.\n",
         "sub/b.txt#0": "Only doc of b.\n"}
     assert set(docs_of(read_documents(str(tmp_path), fmt="text", per_file=True))) == {"a.txt", "sub/b.txt"}
 
@@ -78,8 +119,9 @@ def test_jsonl_text_and_id_columns(ray_cluster, tmp_path):
     lines = [{"body": "Doc one text.", "key": 7}, {"body": "Doc two text.", "key": 8}, {"key": 9}]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     uri = str(tmp_path / "c.jsonl")
+    line = [len(json.dumps(r)) + 1 for r in lines]  # ids: file + the byte where the line starts
     assert docs_of(read_documents(uri, text_column="body")) == {
-        "c.jsonl#1": "Doc one text.", "c.jsonl#2": "Doc two text.", "c.jsonl#3": ""}
+        "c.jsonl#0": "Doc one text.", f"c.jsonl#{line[0]}": "Doc two text.", f"c.jsonl#{line[0] + line[1]}": ""}
     assert set(docs_of(read_documents(uri, text_column="body", id_column="key"))) == {"7", "8", "9"}
     with pytest.raises(DataError, match=r"c.jsonl has no column 'text' \(text_column\); "
                                         r"available columns: body, key"):
@@ -87,7 +129,40 @@ def test_jsonl_text_and_id_columns(ray_cluster, tmp_path):
     # Ray tasks parse the later lines: a broken one becomes an empty document, not a crash
     (tmp_path / "c.jsonl").write_text('{"body": "Fine."}\n[1]\n{"body": 5}\n{"body": "Fine too.\n')
     assert docs_of(read_documents(uri, text_column="body")) == {
-        "c.jsonl#1": "Fine.", "c.jsonl#2": "", "c.jsonl#3": "", "c.jsonl#4": ""}
+        "c.jsonl#0": "Fine.", "c.jsonl#18": "", "c.jsonl#22": "", "c.jsonl#34": ""}
+
+
+def test_jsonl_first_document_longer_than_any_sniff(ray_cluster, tmp_path):
+    """Wikipedia JSONL dumps hold a document per line; the first may be hundreds of KB."""
+    long = " ".join(["A sentence of the first document is here."] * 5000)  # ~200 KB
+    assert len(long) > 200_000
+    rows = [{"id": "a", "url": "u", "text": long}, {"id": "b", "url": "u", "text": "A short one is here."}]
+    (tmp_path / "wiki.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert json.loads(first_line(str(tmp_path / "wiki.jsonl")))["text"] == long
+    assert docs_of(read_documents(str(tmp_path), id_column="id")) == {"a": long, "b": "A short one is here."}
+
+
+def test_iter_lines_joins_lines_across_blocks():
+    data = b"short\n" + b"x" * 50 + b"\n\nlast line without break"
+    lines = list(iter_lines(io.BytesIO(data), offset=100, block=7))
+    assert [line for _, line in lines] == [b"short\n", b"x" * 50 + b"\n", b"\n", b"last line without break"]
+    assert [start for start, _ in lines] == [100, 106, 157, 158]
+
+
+def test_text_file_streamed_in_pieces(ray_cluster, tmp_path):
+    """A text file cut into 40-byte pieces: lines and documents straddle the cuts, and every
+    document is still read once, whole, with the id it has when the file is read whole."""
+    docs = ["Doc zero has a single line that is longer than one piece of the file.",
+            "Doc one line one.\nDoc one line two is here.", "Doc two.", "Doc three has\nthree\nlines."]
+    text = "\n\n".join(docs[:2]) + "\n \t\n\n" + "\n\n".join(docs[2:]) + "\n"
+    (tmp_path / "t.txt").write_text(text)
+    pieces = plan_sources(str(tmp_path / "t.txt"), chunk_bytes=40)
+    assert len(pieces) == -(-len(text) // 40) > 3
+    expected = {f"t.txt#{text.index(d)}": d for d in docs[:-1]} | {f"t.txt#{text.index(docs[-1])}": docs[-1] + "\n"}
+    assert docs_of(read_documents(str(tmp_path / "t.txt"), chunk_bytes=40)) == expected
+    assert docs_of(read_documents(str(tmp_path / "t.txt"))) == expected
+    for size in range(1, 50):  # every cut, including inside the run of blank lines
+        assert dict(d for s in plan_sources(str(tmp_path / "t.txt"), chunk_bytes=size) for d in s.docs()) == expected
 
 
 def test_parquet_text_and_id_columns(ray_cluster, tmp_path):

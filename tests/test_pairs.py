@@ -1,5 +1,5 @@
 """SMASH sentence pairs: every label checked against a made-up source corpus, exact counts,
-determinism, capacity and bad-input errors, s3:// in and out."""
+determinism, capacity and bad-input errors, a killed build, s3:// in and out, the CLI."""
 import itertools
 import json
 import uuid
@@ -10,8 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayapp import storage
-from rayapp.errors import DataError
-from rayapp.data.pairs import PAIRS_SCHEMA, _decode_nonadjacent, build_pairs, label_counts, max_balanced
+from rayapp.cli import main as cli
+from rayapp.data import pairs
+from rayapp.data.pairs import PAIRS_SCHEMA, TASK, _far_pair, _source_pairs, build_pairs, label_counts, max_balanced
+from rayapp.data.shards import require_meta
+from rayapp.errors import ConfigError, DataError
 
 # Sentence units of each document in source order; a unit's index is its position (sent_*).
 # Position 0 is the title line, dropped as a fragment; doc 8 has a heading mid-text and
@@ -21,7 +24,7 @@ UNITS = {str(d): [f"T{d}"] + [f"Doc {d} states fact {i} plainly." for i in range
 UNITS["6"][2] = "Doc 6 has one \ufffd byte."
 UNITS["7"] = ["T7", "Doc 7 has only this sentence."]
 UNITS["8"] = ["T8", "Doc 8 opens with this sentence.", "Doc 8 goes on with more.", "Heading here.",
-              "Doc 8 ends with this sentence."]
+              "Doc 8 ends this sentence."]
 KEPT = {d: [p for p, s in enumerate(u) if p > 0 and "\ufffd" not in s and s != "Heading here."]
         for d, u in UNITS.items()}
 
@@ -95,15 +98,27 @@ def test_label_counts_and_max_balanced():
     assert max_balanced([5, 0, 0]) == 1
 
 
-def test_nonadjacent_decoding_covers_each_label1_pair_once():
-    for k in range(7):
-        for steps in itertools.product([1, 2], repeat=max(k - 1, 0)):
-            pos = np.concatenate([[0], np.cumsum(steps)]) if k else np.zeros(0, int)
-            gapped = np.flatnonzero(np.diff(pos) > 1)
-            n = 2 * (len(gapped) + max(k - 1, 0) * max(k - 2, 0) // 2)
-            a, b = _decode_nonadjacent(np.arange(n), k, gapped)
-            assert sorted(zip(a.tolist(), b.tolist())) == sorted(
-                (i, j) for i in range(k) for j in range(k) if i != j and abs(pos[i] - pos[j]) > 1)
+def test_far_pairs_in_row_major_order():
+    for k in [3, 4, 7, 50, 3001]:
+        f = np.arange((k - 1) * (k - 2) // 2)
+        i, j = _far_pair(f, np.full(len(f), k))
+        assert list(zip(i.tolist(), j.tolist())) == [(i, j) for i in range(k) for j in range(i + 2, k)]
+
+
+def test_source_pairs_cover_each_pair_once():
+    """All label-1 / label-2 pairs of a source whose documents have every pattern of gaps
+    (a dropped sentence between two kept ones) for up to 6 kept sentences."""
+    docs, positions = [], []
+    for k in range(1, 7):
+        for steps in itertools.product([1, 2], repeat=k - 1):
+            docs += [len(set(docs))] * k
+            positions += np.concatenate([[0], np.cumsum(steps)]).tolist()
+    doc, pos = np.array(docs), np.array(positions)
+    same = [(i, j) for i in range(len(doc)) for j in range(len(doc)) if i != j and doc[i] == doc[j]]
+    for label, wanted in ((1, [p for p in same if abs(pos[p[0]] - pos[p[1]]) > 1]),
+                          (2, [p for p in same if pos[p[1]] == pos[p[0]] + 1])):
+        a, b = _source_pairs(doc, pos, label, len(wanted), np.random.default_rng(0))
+        assert sorted(zip(a.tolist(), b.tolist())) == sorted(wanted)
 
 
 # --- build_pairs ---------------------------------------------------------------------------
@@ -126,10 +141,12 @@ def test_stats_and_meta_count_what_was_skipped(built):
     out, stats = built
     assert json.loads(storage.read_text(storage.join(out, "_meta.json"))) == stats
     assert stats["counts"] == {"0": 14, "1": 13, "2": 13}
-    assert stats["template"] == "x1 ? <mask> , x2" and stats["seed"] == 0
+    assert stats["template"] == TASK.template == "{x0|nopunct}? {mask}, {x1|lowerfirst}"  # MNLI's
+    assert stats["seed"] == 0 and stats["verbalizer"] == {"0": "No", "1": "Maybe", "2": "Yes"}
     assert stats["capacity"] == {str(label): c for label, c in enumerate(capacity())}
     counts = stats["corpus_counts"]
     assert (counts["documents"], counts["single"], counts["undecodable"], counts["fragments"]) == (8, 1, 1, 9)
+    assert counts["headings"] == 0
     assert counts["sentences"] == sum(len(k) for k in KEPT.values())
 
 
@@ -170,8 +187,8 @@ def test_pairs_to_and_from_s3(ray_cluster, s3_server, corpus):
 
 def test_only_one_sentence_documents(ray_cluster, tmp_path):
     (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "one.txt").write_text("A lone sentence stands here.\n\nAnother lone sentence here.\n\n"
-                                            "A third lone sentence here.\n")
+    (tmp_path / "c" / "one.txt").write_text("A lone sentence stands here.\n\nAnother lone sentence is here.\n\n"
+                                            "A third lone sentence is here.\n")
     with pytest.raises(DataError, match=r"can supply at most 1 balanced pairs, 3 were asked: 0 adjacent pairs "
                                         r".* \(3 documents with one usable sentence give label 0 only\)"):
         build_pairs(corpus=str(tmp_path / "c"), out=str(tmp_path / "out"), num_examples=3)
@@ -195,5 +212,39 @@ def test_refuses_existing_output_and_bad_count(built):
     out, stats = built
     with pytest.raises(DataError, match=r"already holds parquet files or _meta.json; pass a new --out"):
         build_pairs(corpus=stats["corpus"], out=out, num_examples=3)
-    with pytest.raises(DataError, match=r"num_examples must be at least 1, got 0"):
+    with pytest.raises(ConfigError, match=r"num_examples must be at least 1, got 0"):
         build_pairs(corpus=stats["corpus"], out=out + "-new", num_examples=0)
+
+
+def test_killed_build_leaves_no_finished_looking_folder(ray_cluster, corpus, tmp_path, monkeypatch):
+    """A build that dies after its shards and before `_meta.json`: every shard that exists
+    is whole (written under a temporary name, then renamed), and a consumer refuses the
+    folder, naming it."""
+    def crash(out, meta):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(pairs, "write_meta", crash)
+    out = str(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        build_pairs(corpus, out, num_examples=40, rows_per_shard=16)
+    files = sorted(f.rsplit("/", 1)[-1] for f in storage.list_files(out))
+    assert files == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert sum(pq.read_metadata(f"{out}/{name}").num_rows for name in files) == 40
+    with pytest.raises(DataError, match=rf"{out} has no _meta.json"):
+        require_meta(out)
+    with pytest.raises(DataError, match=r"already holds parquet files"):  # no silent mix with a re-run
+        build_pairs(corpus, out, num_examples=40, rows_per_shard=16)
+
+
+def test_cli_takes_a_config_file_and_overrides(ray_cluster, corpus, tmp_path, capsys):
+    (tmp_path / "pairs.yaml").write_text(f"corpus: {corpus}\nnum_examples: 1000\nseed: 3\n")
+    out = str(tmp_path / "cli")
+    assert cli(["intermediate", "pairs", "--config", str(tmp_path / "pairs.yaml"), f"out={out}",
+                "num_examples=9", "rows_per_shard=4"]) == 0
+    meta = require_meta(out)
+    assert (meta["num_examples"], meta["seed"], meta["files"]) == (9, 3, [f"part-0000{i}.parquet" for i in range(3)])
+    assert cli(["intermediate", "pairs", "--corpus", corpus, "--out", str(tmp_path / "flags"), "--num-examples", "6"]) == 0
+    assert require_meta(str(tmp_path / "flags"))["counts"] == {"0": 2, "1": 2, "2": 2}
+    assert cli(["intermediate", "pairs", f"corpus={corpus}", f"out={tmp_path / 'x'}", "num_examples=6",
+                "min_words=9", "max_words=3"]) == 2
+    assert "need 1 <= min_words <= max_words, got 9 and 3" in capsys.readouterr().err

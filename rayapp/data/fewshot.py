@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayapp.assets import asset
-from rayapp import storage
+from rayapp.data.formats import TABLE_FORMATS, detect_format, load_hf
 from rayapp.errors import DataError
 from rayapp.tasks.prompts import Task
 from rayapp.tasks.registry import get_task
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 SEEDS = (13, 21, 42, 87, 100)
 SPLITS = ("train", "dev", "test")
-FORMATS = ("tsv", "csv", "jsonl", "json", "parquet", "hf")
 
 ColumnRef = str | int  # a header name, or a 0-based position (negative: from the row's end)
 
@@ -236,27 +235,15 @@ def read_table(
     """
     task = _task(task)
     uri = str(uri)
-    fmt = fmt or _detect_format(uri)
-    if fmt not in FORMATS:
-        raise DataError(f"unknown table format {fmt!r} for {uri}; use one of {', '.join(FORMATS)}")
+    fmt = fmt or detect_format(uri, TABLE_FORMATS)
+    if fmt not in TABLE_FORMATS:
+        raise DataError(f"unknown table format {fmt!r} for {uri}; use one of {', '.join(TABLE_FORMATS)}")
     if fmt != "hf" and not Path(uri).is_file():
         raise _missing(Path(uri), "check the path")
     names, rows = _READERS[fmt](uri, header)
     if not rows:
         raise DataError(f"{uri} has no data rows; give a table with at least one labelled example")
     return _examples(names, rows, columns or example_columns(task), task, uri)
-
-
-def _detect_format(uri: str) -> str:
-    if uri.startswith("hf://"):
-        return "hf"
-    suffix = Path(uri).suffix.lower().lstrip(".")
-    if suffix not in FORMATS:
-        raise DataError(
-            f"cannot tell the format of {uri} from its extension {suffix!r}; "
-            f"supported: .tsv .csv .jsonl .json .parquet and hf://NAME[/CONFIG]?split=SPLIT, or pass fmt="
-        )
-    return suffix
 
 
 Rows = list[list]
@@ -309,10 +296,7 @@ def _read_parquet(path: str, header: bool):
 
 
 def _read_hf(uri: str, header: bool):
-    import datasets
-
-    name, config, split = storage.parse_hf_uri(uri)
-    return _hf_table(datasets.load_dataset(name, config, split=split), uri)
+    return _hf_table(load_hf(uri), uri)
 
 
 def _hf_table(dataset, uri: str) -> tuple[list[str], Rows]:

@@ -1,14 +1,13 @@
-"""SMASH intermediate tasks (SMASH §3.2), built from an unlabelled corpus with Ray Data.
+"""SMASH sentence-pair intermediate task (SMASH §3.2), built from an unlabelled corpus on Ray.
 
-Sentence pairs (`build_pairs`)
-==============================
 Labels (SMASH §3.2, after Gu et al. 2021): 0 = x1 and x2 come from different documents,
 1 = same document, not adjacent, 2 = adjacent (x2 directly follows x1 in the document).
-The template is `x1 ? <mask> , x2` (max 128 tokens); examples keep raw sentences and the
-encoder truncates. Output: `OUT/part-NNNNN.parquet` with columns `text_a, text_b, label,
-doc_a, doc_b, sent_a, sent_b` (sent_* = the sentence's position among all sentences of its
-document, see `rayapp.data.corpus`), so every label can be checked against the source, and
-`OUT/_meta.json` with the provenance and counts (written last: it marks a finished run).
+The template is MNLI's (`INTERMEDIATE_TASKS["smash-pairs"]`, max 128 tokens); examples
+keep raw sentences and the encoder truncates. Output: `OUT/part-NNNNN.parquet` with
+columns `text_a, text_b, label, doc_a, doc_b, sent_a, sent_b` (sent_* = the sentence's
+position among all sentences of its document, see `rayapp.data.corpus`), so every label
+can be checked against the source, then `OUT/_meta.json` (`rayapp.data.shards`: written
+last, it marks a finished folder; consumers refuse a folder without it).
 
 Candidates. From a document with kept sentences at positions p_0 < ... < p_{k-1}:
 - label 2: the pairs (i, i+1) with p_{i+1} = p_i + 1 (a dropped sentence in between breaks
@@ -18,95 +17,103 @@ Candidates. From a document with kept sentences at positions p_0 < ... < p_{k-1}
   k(k-1) - 2*adjacent pairs: |sent_b - sent_a| > 1 for all of them;
 - label 0: x1 any kept sentence, x2 a kept sentence of another document.
 A one-sentence document gives only label 0. Exactly N rows come out, N//3 per label plus
-one for labels 0.. N%3-1; if the corpus has fewer candidates, the DataError says how many
-balanced pairs it can give.
+one for labels 0.. N%3-1, each label a uniform sample without replacement of its
+candidates; if the corpus has fewer, the DataError says how many balanced pairs it can give.
 
-Sampling, streaming, determinism. Nothing holds the corpus: the corpus is streamed twice
-and every later step works on O(N) rows.
-1. Count pass: per-document counts summed by a Ray aggregate give each label's number
-   of candidates C_l (and the skip counts). Memory: a few integers.
-2. Candidate pass: every candidate is kept independently with probability
-   r_l = (N_l + 6 sqrt(N_l) + 10) / C_l and gets a uniform key in [0, r_l): per document
-   that is a Binomial count, then that many distinct candidates decoded from an index
-   space without enumerating the k^2 pairs. The random stream is keyed on (seed,
-   doc_id), so what a document contributes does not depend on how Ray batched or
-   scheduled it. Label 0 needs a partner from elsewhere: each of the S kept sentences is
-   an "endpoint" with probability r_0 = (N_0 + 6 sqrt(N_0) + 10) / S, with a first-key,
-   a second-key and a random group; a shuffle (`groupby(group)`, ~50k candidates a
-   group, label-1/2 rows ride along) brings each group together, and `_match_group`
-   pairs its endpoints as a random bijection (firsts by first-key, seconds by
-   second-key, skipping a partner from the same document), so each sampled sentence is
-   x1 of one label-0 pair and x2 of another. These O(N) candidates are materialised
-   (Ray spills them to disk if the object store is small).
-3. Selection: the driver collects each label's keys (8 bytes per candidate) and keeps the
-   N_l smallest: exactly N_l, a uniform sample of the candidates. The 6-sigma margin makes
-   a shortfall astronomically unlikely; if it happens anyway, step 2 re-runs with r = 1
-   for that label, which is deterministic too. (Only label 0 can fall short at r = 1,
-   when matching leaves endpoints unpaired: that is a DataError with the pairs it got.)
-4. Shards: a selected row goes to shard floor(key / t_l * shards) (t_l = the label's
-   largest kept key, so the labels spread evenly over shards), a second shuffle gathers
-   each shard, and its task writes it sorted by that normalised key, which
-   interleaves the labels at random. Shard contents and file names depend only on (corpus,
-   N, seed, settings), not on the cluster: the same seed rewrites byte-identical files,
-   and the shards read in name order are one sequence whatever `rows_per_shard` is.
+Design: split once into a sentence table, then index arithmetic. The corpus is cut into
+sources of ~16 MB (`rayapp.data.corpus.plan_sources`), and three rounds of Ray tasks run:
+1. Split (one task per source, the only pass over the corpus): documents -> kept
+   sentences, written as one Arrow file per source in the scratch folder `OUT/_work`
+   (`text`, `doc` (dictionary-encoded doc id), `pos`); the task returns its counts (number
+   of documents and of adjacent / non-adjacent pairs, kept sentences per document).
+2. Sample (driver, numbers only, O(N + documents)): each label's N_l pairs are spread over
+   the sources by a multivariate hypergeometric draw on the sources' candidate counts,
+   which with a uniform draw inside each source is a uniform sample of the whole corpus.
+   Label-0 pairs are drawn as global sentence numbers (uniform ordered pairs, redrawn when
+   both ends fall in one document or the pair repeats). A random permutation of 0..N-1
+   gives every pair its output row, so shards interleave the labels at random.
+3. Gather (one task per source): sample that source's label-1/2 pairs (label 1 decoded
+   from an index space without enumerating the k^2 pairs), take the texts of those and of
+   the label-0 ends it holds from its sentence table, and write them to one Arrow file
+   with a record batch per output shard.
+4. Write (one task per output shard): read that shard's batch of every source, sort by
+   row, write `part-NNNNN.parquet` through `shards.write_table` (temporary name + rename,
+   or one S3 PUT), so a shard that exists is complete. Then the scratch folder is removed
+   and `_meta.json` written.
+Memory: each task holds one source's sentences or one shard (tens of MB), the driver
+O(N + documents) numbers; nothing grows with the corpus except the driver's per-document
+counts (8 bytes a document) and the scratch folder on disk (~ the kept text). Time: the
+split is the cost (regex sentence splitting in Python) and runs on every core; the other
+rounds move each selected sentence a fixed number of times through Arrow, without Ray
+Data's shuffles or the object store.
 
-Sentiment
-=========
-The sentiment intermediate task (teacher-filtered single sentences, `x It was <mask> .`)
-goes in the section at the end of this module.
+Determinism: every random draw comes from the seed (the driver's) or from (seed, source,
+label) (a gather task's); sources and their files are in a fixed order. The same corpus,
+seed and settings (`chunk_bytes` among them) rewrite byte-identical shards, whatever the
+cluster; rows do not depend on `rows_per_shard`, so the shards read in name order are one
+sequence whatever it is.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-from collections import deque
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
-from ray.data.context import ShuffleStrategy
 
 from rayapp import storage
-from rayapp.data.corpus import read_sentences
-from rayapp.errors import DataError
+from rayapp.data.corpus import (CHUNK_BYTES, DROP_REASONS, Source, check_words, document_sentences,
+                                plan_sources)
+from rayapp.data.formats import CORPUS_FORMATS
+from rayapp.data.shards import META, shard_name, write_meta, write_table
+from rayapp.errors import ConfigError, DataError
+from rayapp.tasks.registry import INTERMEDIATE_TASKS
 
 log = logging.getLogger(__name__)
 
-META = "_meta.json"
-
-
-def doc_rng(seed: int, doc_id: str) -> np.random.Generator:
-    """A random stream that depends only on (seed, document), never on which Ray task or
-    batch sees the document; `hash()` is salted per process, blake2b is not."""
-    digest = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
-    return np.random.default_rng([seed, digest])
-
-
-# --- sentence pairs ------------------------------------------------------------------------
-
-PAIR_TASK = "smash-pairs"
-PAIR_TEMPLATE = "x1 ? <mask> , x2"
+TASK = INTERMEDIATE_TASKS["smash-pairs"]
 PAIR_LABELS = {0: "different documents", 1: "same document, not adjacent",
                2: "adjacent: x2 directly follows x1"}
 PAIRS_SCHEMA = pa.schema([
     ("text_a", pa.string()), ("text_b", pa.string()), ("label", pa.int64()),
     ("doc_a", pa.string()), ("doc_b", pa.string()), ("sent_a", pa.int64()), ("sent_b", pa.int64()),
 ])
-# Candidates carry a sampling key; label-0 endpoints (label -1, the sentence in *_a, *_b
-# empty) also a second key and a matching group.
-_ENDPOINT = -1
-_CANDIDATES_SCHEMA = PAIRS_SCHEMA.append(pa.field("key", pa.float64())) \
-    .append(pa.field("key2", pa.float64())).append(pa.field("group", pa.int64()))
-_GROUP_ROWS = 50_000  # candidates per shuffle group (one map_groups call): one task's worth
-_COUNT_COLUMNS = ("documents", "empty", "single", "sentences", "square", "adjacent",
-                  "nonadjacent", "fragments", "long", "undecodable")
+WORK = "_work"  # scratch sub-folder of the output: sentence tables and gathered pieces
+_ENUMERATE = 1 << 22  # label-0 populations up to this size are enumerated, not rejection-sampled
+
+
+@dataclass
+class PairsConfig:
+    """`rayapp intermediate pairs --config FILE key=value ...`"""
+
+    corpus: str  # text / WikiExtractor / JSONL / parquet files, s3:// prefix or hf://
+    out: str  # output folder, local or s3://
+    num_examples: int  # exactly this many pairs, balanced over the three labels
+    seed: int = 0
+    fmt: str = "auto"  # the corpus reader's settings (rayapp.data.corpus)
+    text_column: str = "text"
+    id_column: str | None = None
+    min_words: int = 4
+    max_words: int = 80
+    chunk_bytes: int = CHUNK_BYTES  # corpus bytes per split task
+    rows_per_shard: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.num_examples < 1:
+            raise ConfigError(f"num_examples must be at least 1, got {self.num_examples}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
+        if self.fmt not in ("auto", *CORPUS_FORMATS):
+            raise ConfigError(f"unknown corpus format fmt={self.fmt!r}; use one of auto, {', '.join(CORPUS_FORMATS)}")
+        for key in ("chunk_bytes", "rows_per_shard"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        check_words(self.min_words, self.max_words)
 
 
 def label_counts(num_examples: int) -> list[int]:
@@ -122,7 +129,7 @@ def max_balanced(capacity: list[int]) -> int:
 
 @dataclass(frozen=True)
 class PairCounts:
-    """Corpus totals from the count pass (sentences = kept sentences)."""
+    """Corpus totals from the split round (sentences = kept sentences)."""
 
     documents: int
     empty: int  # documents without a kept sentence
@@ -132,6 +139,7 @@ class PairCounts:
     adjacent: int
     nonadjacent: int
     fragments: int
+    headings: int
     long: int
     undecodable: int
 
@@ -141,176 +149,207 @@ class PairCounts:
         return [self.sentences ** 2 - self.square, self.nonadjacent, self.adjacent]
 
 
-def _count_batch(batch: pa.Table) -> pa.Table:
-    positions = batch.column("positions").to_pylist()
-    k = np.array([len(p) for p in positions], dtype=np.int64)
-    adjacent = np.array([int(np.sum(np.diff(p) == 1)) for p in positions], dtype=np.int64)
-    return pa.table({
-        "documents": np.ones_like(k), "empty": (k == 0).astype(np.int64),
-        "single": (k == 1).astype(np.int64), "sentences": k, "square": k * k,
-        "adjacent": adjacent, "nonadjacent": k * (k - 1) - 2 * adjacent,
-        "fragments": batch.column("fragments"), "long": batch.column("long"),
-        "undecodable": batch.column("undecodable"),
-    })
+# --- sampling helpers ----------------------------------------------------------------------
+
+def _distinct(rng: np.random.Generator, population: int, n: int, valid=None) -> np.ndarray:
+    """`n` distinct uniform draws from [0, population) that `valid` (a vectorised
+    predicate, None: all) accepts: a uniform sample without replacement, in O(n) memory
+    unless `valid` is given and the population is small enough to enumerate."""
+    if valid is None and 2 * n >= population:
+        return rng.permutation(population)[:n]
+    if valid is not None and population <= _ENUMERATE:
+        candidates = np.arange(population)
+        candidates = candidates[valid(candidates)]
+        return candidates[rng.permutation(len(candidates))[:n]]
+    picked = np.zeros(0, dtype=np.int64)
+    while len(picked) < n:  # keep first occurrences in draw order: sequential sampling
+        draw = rng.integers(population, size=2 * (n - len(picked)) + 64)
+        both = np.concatenate([picked, draw if valid is None else draw[valid(draw)]])
+        _, first = np.unique(both, return_index=True)
+        picked = both[np.sort(first)]
+    return picked[:n]
 
 
-def count_pairs(sentences: ray.data.Dataset) -> PairCounts:
-    """One streaming pass over `rayapp.data.corpus.read_sentences` rows: corpus totals."""
-    sums = sentences.map_batches(_count_batch, batch_format="pyarrow").sum(list(_COUNT_COLUMNS))
-    return PairCounts(**{c: int(sums[f"sum({c})"] or 0) for c in _COUNT_COLUMNS})
+def _far_pair(f: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The f-th pair (i, j), j >= i + 2, of k sentences in row-major order (row i holds
+    k-2-i pairs, so row i starts at i(2k-3-i)/2); vectorised over f and k."""
+    start = lambda i: i * (2 * k - 3 - i) // 2  # noqa: E731
+    i = np.floor(((2 * k - 3) - np.sqrt(np.maximum((2 * k - 3) ** 2 - 8 * f, 0))) / 2).astype(np.int64)
+    i = np.maximum(i, 0)
+    for _ in range(2):  # float rounding: settle on the largest i with start(i) <= f
+        i = np.where(start(i + 1) <= f, i + 1, i)
+        i = np.where(start(i) > f, i - 1, i)
+    return i, i + 2 + f - start(i)
 
 
-def _sample(rng: np.random.Generator, population: int, rate: float) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and keys of the candidates whose uniform key falls below `rate`.
+# --- round 1: split ------------------------------------------------------------------------
 
-    Same distribution as drawing a key per candidate, at O(kept) cost: the number kept is
-    Binomial(population, rate), the kept set is uniform, and their keys are uniform in
-    [0, rate)."""
-    count = rng.binomial(population, rate)
-    return rng.choice(population, count, replace=False), rate * rng.random(count)
+def _table_path(root: str, kind: str, index: int) -> str:
+    return f"{root}/{kind}-{index:05d}.arrow"
 
 
-def _decode_nonadjacent(index: np.ndarray, k: int, gapped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Map indices in [0, 2M) to the ordered label-1 pairs (i, j) of kept sentences.
-
-    Unordered pairs u < M are first the `gapped` neighbours (i, i+1), a dropped sentence
-    between them, then the (k-1)(k-2)/2 pairs i < j - 1 in row-major order; bit 0 of the
-    index picks the orientation."""
-    u, flip = index // 2, index % 2 == 1
-    near = u < len(gapped)
-    i = np.empty_like(u)
-    i[near] = gapped[u[near]]
-    far = u[~near] - len(gapped)
-    row_sizes = np.arange(k - 2, 0, -1)  # partners j >= i + 2 of each i = 0 .. k-3
-    starts = np.concatenate([[0], np.cumsum(row_sizes)])
-    i[~near] = np.searchsorted(starts, far, side="right") - 1
-    j = i + 1
-    j[~near] = i[~near] + 2 + far - starts[i[~near]]
-    return np.where(flip, j, i), np.where(flip, i, j)
+def _write_arrow(fs, path: str, table: pa.Table, batch_bounds: list[int] | None = None) -> None:
+    """An Arrow IPC file; with `batch_bounds`, record batch s = rows [b_s, b_{s+1})."""
+    with fs.open_output_stream(path) as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        if batch_bounds is None:
+            writer.write_table(table)
+            return
+        batch = table.combine_chunks().to_batches()
+        batch = batch[0] if batch else pa.RecordBatch.from_pylist([], schema=table.schema)
+        for lo, hi in zip(batch_bounds, batch_bounds[1:]):
+            writer.write_batch(batch.slice(lo, hi - lo))
 
 
-def _append(cols: dict[str, list], label: int, doc_id: str, sentences: list[str], pos: np.ndarray,
-            a: np.ndarray, b: np.ndarray | None, key: np.ndarray, group: np.ndarray,
-            key2: np.ndarray | None = None) -> None:
-    """Append candidate rows (kept-sentence indices a, b of one document) to column lists;
-    `b` is None for label-0 endpoints."""
-    n = len(a)
-    cols["label"] += [label] * n
-    cols["text_a"] += [sentences[i] for i in a]
-    cols["doc_a"] += [doc_id] * n
-    cols["sent_a"] += pos[a].tolist()
-    cols["text_b"] += [""] * n if b is None else [sentences[j] for j in b]
-    cols["doc_b"] += [""] * n if b is None else [doc_id] * n
-    cols["sent_b"] += [-1] * n if b is None else pos[b].tolist()
-    cols["key"] += key.tolist()
-    cols["key2"] += [0.0] * n if key2 is None else key2.tolist()
-    cols["group"] += group.tolist()
+def _split_source(source: Source, index: int, fs, work: str, min_words: int, max_words: int) -> dict:
+    """Round 1: one source's kept sentences -> `sent-INDEX.arrow`; returns its counts."""
+    texts, docs, positions, ids, sizes = [], [], [], [], []
+    counts = dict.fromkeys(("documents", *DROP_REASONS), 0)
+    for doc_id, text in source.docs():
+        doc = document_sentences(text, min_words=min_words, max_words=max_words)
+        counts["documents"] += 1
+        for reason in DROP_REASONS:
+            counts[reason] += getattr(doc, reason)
+        if doc.sentences:
+            docs += [len(ids)] * len(doc.sentences)
+            ids.append(doc_id)
+            sizes.append(len(doc.sentences))
+            texts += doc.sentences
+            positions += doc.positions
+    doc, pos, k = np.asarray(docs, np.int32), np.asarray(positions, np.int32), np.asarray(sizes, np.int64)
+    adjacent = int(np.sum((doc[1:] == doc[:-1]) & (np.diff(pos) == 1)))
+    table = pa.table({"text": pa.array(texts, pa.string()),
+                      "doc": pa.DictionaryArray.from_arrays(pa.array(doc), pa.array(ids, pa.string())),
+                      "pos": pa.array(pos)})
+    _write_arrow(fs, _table_path(work, "sent", index), table)
+    return {**counts, "k": k, "adjacent": adjacent, "nonadjacent": int(np.sum(k * (k - 1))) - 2 * adjacent}
 
 
-def _add_doc_candidates(cols: dict[str, list], doc_id: str, sentences: list[str], positions: list[int],
-                        seed: int, rates: list[float], groups: int) -> None:
-    """One document's sampled label-2 and label-1 pairs and its label-0 endpoints."""
-    rng = doc_rng(seed, doc_id)
-    k, pos = len(sentences), np.asarray(positions, dtype=np.int64)
+def _corpus_counts(splits: list[dict]) -> PairCounts:
+    k = np.concatenate([s["k"] for s in splits])
+    total = {key: sum(s[key] for s in splits) for key in ("documents", "adjacent", "nonadjacent", *DROP_REASONS)}
+    return PairCounts(empty=total["documents"] - len(k), single=int(np.sum(k == 1)), sentences=int(k.sum()),
+                      square=int(np.sum(k * k)), **total)
+
+
+# --- round 2: sample (driver) --------------------------------------------------------------
+
+@dataclass
+class _Requests:
+    """What one gather task takes from its source: how many label-1/2 pairs, the output
+    rows they go to, and the label-0 ends it holds (row, side 0/1, sentence)."""
+
+    rows: dict[int, np.ndarray]  # label 1 / 2 -> output rows
+    zero_rows: np.ndarray
+    zero_sides: np.ndarray
+    zero_sentences: np.ndarray
+
+
+def _plan_rows(splits: list[dict], needed: list[int], seed: int) -> list[_Requests]:
+    rng = np.random.default_rng(seed)
+    per_source = {label: rng.multivariate_hypergeometric(
+        np.array([s[key] for s in splits], np.int64), needed[label], method="marginals")
+        for label, key in ((2, "adjacent"), (1, "nonadjacent"))}
+    # Label 0: ordered pairs of global sentence numbers from different documents.
+    doc_end = np.cumsum(np.concatenate([s["k"] for s in splits]))
+    total = int(doc_end[-1])
+    doc_of = lambda g: np.searchsorted(doc_end, g, side="right")  # noqa: E731
+    pairs = _distinct(rng, total * total, needed[0], valid=lambda g: doc_of(g // total) != doc_of(g % total))
+    ends = np.concatenate([pairs // total, pairs % total])  # x1 ends, then x2 ends
+    rows = rng.permutation(sum(needed))
+    rows0, rest = rows[:needed[0]], rows[needed[0]:]
+    cut = {label: np.cumsum(per_source[label])[:-1] for label in (1, 2)}
+    rows12 = {1: np.split(rest[:needed[1]], cut[1]), 2: np.split(rest[needed[1]:], cut[2])}
+    source_end = np.cumsum([int(s["k"].sum()) for s in splits])
+    source = np.searchsorted(source_end, ends, side="right")
+    local = ends - (source_end - [int(s["k"].sum()) for s in splits])[source]
+    zero_rows, sides = np.concatenate([rows0, rows0]), np.repeat(np.int8([0, 1]), needed[0])
+    order = np.argsort(source, kind="stable")
+    bounds = np.searchsorted(source[order], np.arange(len(splits) + 1))
+    return [_Requests({1: rows12[1][c], 2: rows12[2][c]}, *(a[order][bounds[c]:bounds[c + 1]] for a in
+                                                          (zero_rows, sides, local)))
+            for c in range(len(splits))]
+
+
+# --- round 3: gather -----------------------------------------------------------------------
+
+def _source_pairs(doc: np.ndarray, pos: np.ndarray, label: int, n: int, rng: np.random.Generator):
+    """`n` distinct label-1 or label-2 pairs (sentence numbers a, b) of one source, uniform."""
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    same = doc[1:] == doc[:-1]
     step = np.diff(pos)
-    adjacent, gapped = np.flatnonzero(step == 1), np.flatnonzero(step > 1)
-    pick, key = _sample(rng, len(adjacent), rates[2])
-    _append(cols, 2, doc_id, sentences, pos, adjacent[pick], adjacent[pick] + 1, key,
-            rng.integers(groups, size=len(pick)))
-    far = max(k - 1, 0) * max(k - 2, 0) // 2
-    pick, key = _sample(rng, 2 * (len(gapped) + far), rates[1])
-    _append(cols, 1, doc_id, sentences, pos, *_decode_nonadjacent(pick, k, gapped), key,
-            rng.integers(groups, size=len(pick)))
-    u = rng.random(k)
-    ends = np.flatnonzero(u < rates[0])
-    _append(cols, _ENDPOINT, doc_id, sentences, pos, ends, None, u[ends],
-            rng.integers(groups, size=len(ends)), key2=rng.random(len(ends)))
+    if label == 2:
+        adjacent = np.flatnonzero(same & (step == 1))
+        a = adjacent[_distinct(rng, len(adjacent), n)]
+        return a, a + 1
+    # Label-1 index space of a document: 2 * (gapped neighbours (i, i+1) with a dropped
+    # sentence between, then the pairs i < j - 1); bit 0 of an index picks the orientation.
+    k = np.bincount(doc)
+    first = np.concatenate([[0], np.cumsum(k)[:-1]])
+    gapped = np.flatnonzero(same & (step > 1))
+    gaps = np.bincount(doc[gapped], minlength=len(k))
+    size = 2 * (gaps + (k - 1) * np.maximum(k - 2, 0) // 2)
+    size_end = np.cumsum(size)
+    index = _distinct(rng, int(size_end[-1]), n)
+    d = np.searchsorted(size_end, index, side="right")
+    u, flip = (index - (size_end - size)[d]) // 2, index % 2 == 1  # size is even: parity survives
+    near = u < gaps[d]
+    a = np.empty_like(u)
+    a[near] = gapped[(np.cumsum(gaps) - gaps)[d[near]] + u[near]]
+    b = a + 1
+    i, j = _far_pair(u[~near] - gaps[d[~near]], k[d[~near]])
+    a[~near], b[~near] = first[d[~near]] + i, first[d[~near]] + j
+    return np.where(flip, b, a), np.where(flip, a, b)
 
 
-def _candidates_batch(batch: pa.Table, seed: int, rates: list[float], groups: int) -> pa.Table:
-    cols: dict[str, list] = {name: [] for name in _CANDIDATES_SCHEMA.names}
-    for doc_id, sentences, positions in zip(batch.column("doc_id").to_pylist(),
-                                            batch.column("sentences").to_pylist(),
-                                            batch.column("positions").to_pylist()):
-        _add_doc_candidates(cols, doc_id, sentences, positions, seed, rates, groups)
-    return pa.table(cols, schema=_CANDIDATES_SCHEMA)
+def _gather_source(index: int, requests: _Requests, seed: int, fs, work: str,
+                   rows_per_shard: int, shards: int) -> None:
+    """Round 3: the sentences of one source that the pairs use -> `piece-INDEX.arrow`,
+    sorted by (row, side), record batch s = output shard s."""
+    with fs.open_input_file(_table_path(work, "sent", index)) as f:
+        table = pa.ipc.open_file(f).read_all().combine_chunks()
+    doc = table.column("doc").chunk(0).indices.to_numpy() if table.num_rows else np.zeros(0, np.int32)
+    pos = table.column("pos").to_numpy()
+    rows, sides, labels, sentences = [requests.zero_rows], [requests.zero_sides], [], [requests.zero_sentences]
+    labels.append(np.zeros(len(requests.zero_rows), np.int8))
+    for label in (1, 2):
+        a, b = _source_pairs(doc, pos, label, len(requests.rows[label]), np.random.default_rng([seed, index, label]))
+        rows += [requests.rows[label]] * 2
+        sides += [np.zeros(len(a), np.int8), np.ones(len(b), np.int8)]
+        labels += [np.full(2 * len(a), label, np.int8)]
+        sentences += [a, b]
+    rows, sides, sentences = np.concatenate(rows), np.concatenate(sides), np.concatenate(sentences)
+    order = np.argsort(2 * rows + sides)
+    rows, sentences = rows[order], sentences[order]
+    picked = pa.table({
+        "row": rows, "side": sides[order], "label": np.concatenate(labels)[order],
+        "text": table.column("text").take(sentences),
+        "doc": table.column("doc").take(sentences).combine_chunks().dictionary_decode(),
+        "pos": table.column("pos").take(sentences),
+    })
+    bounds = np.searchsorted(rows, np.arange(shards + 1) * rows_per_shard).tolist()
+    _write_arrow(fs, _table_path(work, "piece", index), picked, bounds)
 
 
-def _match_group(batch: pa.Table) -> pa.Table:
-    """One group's label-1/2 candidates, plus label-0 pairs from its endpoints: a random
-    bijection firsts -> seconds.
+# --- round 4: write ------------------------------------------------------------------------
 
-    Firsts in first-key order each take the earliest waiting second (second-key order)
-    from another document; a same-document second is moved to the back of the queue, so
-    only a group dominated by one document leaves endpoints unmatched."""
-    is_endpoint = pc.equal(batch.column("label"), _ENDPOINT)
-    endpoints = batch.filter(is_endpoint).to_pylist()
-    firsts = sorted(endpoints, key=lambda r: (r["key"], r["doc_a"], r["sent_a"]))
-    waiting = deque(sorted(endpoints, key=lambda r: (r["key2"], r["doc_a"], r["sent_a"])))
-    pairs = []
-    for first in firsts:
-        for _ in range(len(waiting)):
-            second = waiting.popleft()
-            if second["doc_a"] != first["doc_a"]:
-                pairs.append({**first, "label": 0, "text_b": second["text_a"], "doc_b": second["doc_a"],
-                              "sent_b": second["sent_a"]})
-                break
-            waiting.append(second)
-    return pa.concat_tables([batch.filter(pc.invert(is_endpoint)),
-                             pa.Table.from_pylist(pairs, schema=_CANDIDATES_SCHEMA)])
+def _write_shard(shard: int, sources: int, fs, work: str, out: str) -> list[int]:
+    """Round 4: one output shard from every source's piece; returns its label counts."""
+    batches = []
+    for index in range(sources):
+        with fs.open_input_file(_table_path(work, "piece", index)) as f:
+            batches.append(pa.ipc.open_file(f).get_batch(shard))
+    picked = pa.Table.from_batches(batches).combine_chunks()
+    picked = picked.take(pc.sort_indices(picked, [("row", "ascending"), ("side", "ascending")]))
+    first, second = (picked.take(np.arange(side, picked.num_rows, 2)) for side in (0, 1))
+    assert np.array_equal(first["row"].to_numpy(), second["row"].to_numpy()), "every pair has both ends"
+    table = pa.table([first["text"], second["text"], first["label"], first["doc"], second["doc"],
+                      first["pos"], second["pos"]], names=PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA)
+    write_table(storage.join(out, shard_name(shard)), table)
+    return np.bincount(table["label"].to_numpy(), minlength=3).tolist()
 
 
-def _candidate_pool(sentences: ray.data.Dataset, seed: int, rates: list[float],
-                    groups: int) -> ray.data.Dataset:
-    """Sampled candidates of all three labels (corpus pass 2 + label-0 matching), materialised.
-
-    Label-1/2 candidates take the same shuffle as the endpoints (to a random group) so one
-    Ray Data job builds the whole pool."""
-    return (sentences.map_batches(_candidates_batch, batch_format="pyarrow", fn_kwargs={
-                "seed": seed, "rates": rates, "groups": groups})
-            .groupby("group", num_partitions=groups)
-            .map_groups(_match_group, batch_format="pyarrow")
-            .materialize())
-
-
-def _pool_keys(pool: ray.data.Dataset) -> list[np.ndarray]:
-    """Each label's candidate keys, on the driver: 8 bytes per candidate, O(N)."""
-    keys: list[list[np.ndarray]] = [[], [], []]
-    for batch in pool.select_columns(["label", "key"]).iter_batches(batch_format="numpy"):
-        for label in range(3):
-            keys[label].append(batch["key"][batch["label"] == label])
-    return [np.concatenate(k) if k else np.zeros(0) for k in keys]
-
-
-def _select_batch(batch: pa.Table, thresholds: list[float], shards: int) -> pa.Table:
-    """Keep candidates with key <= their label's threshold; add the normalised key and shard."""
-    label = batch.column("label").to_numpy()
-    key = batch.column("key").to_numpy()
-    limit = np.asarray(thresholds)[label]
-    keep = key <= limit
-    rank = key[keep] / limit[keep]
-    return batch.filter(pa.array(keep)).select(PAIRS_SCHEMA.names).append_column(
-        "rank", pa.array(rank)).append_column(
-        "shard", pa.array(np.minimum((rank * shards).astype(np.int64), shards - 1)))
-
-
-def shard_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
-
-
-def _write_shard(batch: pa.Table, fs: pafs.FileSystem, root: str) -> pa.Table:
-    """Write one shard, sorted by normalised key (ties by source position): the same rows
-    always give the same bytes. Returns its label counts for the stats.
-
-    `fs` comes from the driver: a worker's environment may lack the driver's S3 endpoint."""
-    shard = batch.column("shard")[0].as_py()
-    order = pc.sort_indices(batch, [(c, "ascending") for c in
-                                    ("rank", "label", "doc_a", "sent_a", "doc_b", "sent_b")])
-    table = batch.take(order).select(PAIRS_SCHEMA.names)
-    pq.write_table(table, f"{root}/{shard_name(shard)}", filesystem=fs)
-    labels = table.column("label").to_numpy()
-    return pa.table({"shard": [shard], **{f"label{l}": [int(np.sum(labels == l))] for l in range(3)}})
-
+# --- build ---------------------------------------------------------------------------------
 
 def check_out_dir(out: str) -> None:
     """Refuse an output URI that already holds a build (parquet shards or `_meta.json`)."""
@@ -326,13 +365,14 @@ def _no_pairs_error(corpus: str, counts: PairCounts) -> DataError | None:
     if counts.sentences == 0:
         return DataError(
             f"corpus {corpus} has {counts.documents} documents but no usable sentence: dropped "
-            f"{counts.fragments} fragments (too few words or no final . ! ?), {counts.long} too long, "
-            f"{counts.undecodable} with undecodable bytes; lower min_words / raise max_words or "
-            "check the corpus encoding")
+            f"{counts.fragments} fragments (too few words or no final . ! ?), {counts.headings} "
+            f"headings, {counts.long} too long, {counts.undecodable} with undecodable bytes; lower "
+            "min_words / raise max_words or check the corpus encoding")
     return None
 
 
-def _capacity_error(corpus: str, num_examples: int, capacity: list[int], counts: PairCounts) -> DataError:
+def _capacity_error(corpus: str, num_examples: int, counts: PairCounts) -> DataError:
+    capacity = counts.capacity
     return DataError(
         f"corpus {corpus} can supply at most {max_balanced(capacity)} balanced pairs, "
         f"{num_examples} were asked: {capacity[2]} adjacent pairs (label 2), {capacity[1]} "
@@ -342,76 +382,57 @@ def _capacity_error(corpus: str, num_examples: int, capacity: list[int], counts:
         f"most {max_balanced(capacity)} pairs or use a bigger corpus")
 
 
-def build_pairs(corpus: str, out: str, num_examples: int, seed: int = 0, *, fmt: str = "auto",
-                text_column: str = "text", id_column: str | None = None, min_words: int = 4,
-                max_words: int = 80, rows_per_shard: int = 100_000) -> dict[str, Any]:
-    """Write `num_examples` balanced SMASH sentence pairs from `corpus` to `out` (local or
-    s3://) and return the stats also saved in `out/_meta.json` (see module docstring).
+def run(cfg: PairsConfig) -> dict[str, Any]:
+    """Write `cfg.num_examples` balanced SMASH sentence pairs from `cfg.corpus` to `cfg.out`
+    (local or s3://); returns the stats also saved in `_meta.json` (module docstring)."""
+    start = time.perf_counter()
+    check_out_dir(cfg.out)
+    sources = plan_sources(cfg.corpus, fmt=cfg.fmt, text_column=cfg.text_column, id_column=cfg.id_column,
+                           chunk_bytes=cfg.chunk_bytes)
+    work = storage.join(cfg.out, WORK)
+    fs, work_root = storage.filesystem(work)
+    if storage.exists(work):  # a crashed run's scratch
+        fs.delete_dir(work_root)
+    storage.makedirs(work)
+    split, gather, write = (ray.remote(num_cpus=1)(f) for f in (_split_source, _gather_source, _write_shard))
 
-    `fmt`, `text_column`, `id_column` choose how the corpus is read and `min_words`,
-    `max_words` which sentences are kept (`rayapp.data.corpus`)."""
-    if num_examples < 1:
-        raise DataError(f"num_examples must be at least 1, got {num_examples}")
-    if seed < 0:
-        raise DataError(f"seed must be a non-negative integer, got {seed}")
-    check_out_dir(out)
-    sentences = read_sentences(corpus, fmt=fmt, text_column=text_column, id_column=id_column,
-                               min_words=min_words, max_words=max_words)
-    # This pipeline's aggregate and two shuffles move O(N) rows. The pull-based sort
-    # shuffle runs them as plain tasks; Ray's default hash shuffle starts a pool of
-    # aggregator actors for each, seconds of overhead at any size. Set on this dataset's
-    # own DataContext copy, which every dataset derived from it shares, not globally.
-    sentences.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    counts = count_pairs(sentences)
-    error = _no_pairs_error(corpus, counts)
-    needed = label_counts(num_examples)
+    log.info("pairs: splitting %d corpus sources into sentences", len(sources))
+    splits = ray.get([split.remote(s, i, fs, work_root, cfg.min_words, cfg.max_words)
+                      for i, s in enumerate(sources)])
+    counts = _corpus_counts(splits)
+    needed = label_counts(cfg.num_examples)
+    error = _no_pairs_error(cfg.corpus, counts)
     if error is None and any(n > c for n, c in zip(needed, counts.capacity)):
-        error = _capacity_error(corpus, num_examples, counts.capacity, counts)
+        error = _capacity_error(cfg.corpus, cfg.num_examples, counts)
     if error is not None:
+        fs.delete_dir(work_root)
         raise error
 
-    # Label 0 samples endpoints per sentence, the others candidates per candidate pair.
-    population = [counts.sentences, *counts.capacity[1:]]
-    rates = [min(1.0, (n + 6 * math.sqrt(n) + 10) / p) for n, p in zip(needed, population)]
-    while True:
-        expected = sum(rate * p for rate, p in zip(rates, population))
-        groups = max(1, math.ceil(expected / _GROUP_ROWS))
-        pool = _candidate_pool(sentences, seed, rates, groups)
-        keys = _pool_keys(pool)
-        short = [label for label in range(3) if len(keys[label]) < needed[label]]
-        if not short:
-            break
-        if all(rates[label] == 1.0 for label in short):
-            # Only label 0 can get here: matching leaves some endpoints without a partner.
-            capacity = [len(keys[0]), *counts.capacity[1:]]
-            raise _capacity_error(corpus, num_examples, capacity, counts)
-        log.warning("sampled too few candidates for labels %s; resampling them exhaustively", short)
-        rates = [1.0 if label in short else rate for label, rate in enumerate(rates)]
+    shards = math.ceil(cfg.num_examples / cfg.rows_per_shard)
+    log.info("pairs: sampling %d pairs from %d sentences", cfg.num_examples, counts.sentences)
+    requests = _plan_rows(splits, needed, cfg.seed)
+    ray.get([gather.remote(i, r, cfg.seed, fs, work_root, cfg.rows_per_shard, shards)
+             for i, r in enumerate(requests)])
+    del requests
+    log.info("pairs: writing %d shards", shards)
+    written = ray.get([write.remote(s, len(sources), fs, work_root, cfg.out)
+                       for s in range(shards)])
+    fs.delete_dir(work_root)
 
-    thresholds = [float(np.partition(k, n - 1)[n - 1]) if n else -1.0 for k, n in zip(keys, needed)]
-    shards = math.ceil(num_examples / rows_per_shard)
-    storage.makedirs(out)
-    fs, root = storage.filesystem(out)
-    written = (pool.map_batches(_select_batch, batch_format="pyarrow",
-                                fn_kwargs={"thresholds": thresholds, "shards": shards})
-               .groupby("shard", num_partitions=shards)
-               .map_groups(_write_shard, batch_format="pyarrow", fn_kwargs={"fs": fs, "root": root})
-               .take_all())
     stats = {
-        "task": PAIR_TASK, "template": PAIR_TEMPLATE,
+        "task": TASK.name, "template": TASK.template, "verbalizer": TASK.verbalizer,
         "labels": {str(label): text for label, text in PAIR_LABELS.items()},
-        "corpus": corpus, "seed": seed, "num_examples": num_examples,
-        "counts": {str(label): sum(r[f"label{label}"] for r in written) for label in range(3)},
-        "files": [shard_name(r["shard"]) for r in sorted(written, key=lambda r: r["shard"])],
+        "corpus": cfg.corpus, "seed": cfg.seed, "num_examples": cfg.num_examples,
+        "counts": {str(label): int(sum(w[label] for w in written)) for label in range(3)},
+        "files": [shard_name(s) for s in range(shards)],
         "corpus_counts": asdict(counts),
         "capacity": {str(label): c for label, c in enumerate(counts.capacity)},
-        "settings": {"fmt": fmt, "text_column": text_column, "id_column": id_column,
-                     "min_words": min_words, "max_words": max_words,
-                     "rows_per_shard": rows_per_shard, "sampling_rates": rates},
+        "config": asdict(cfg), "sources": len(sources), "seconds": time.perf_counter() - start,
     }
-    storage.write_text(storage.join(out, META), json.dumps(stats, indent=2))
+    write_meta(cfg.out, stats)
     return stats
 
 
-# --- sentiment -----------------------------------------------------------------------------
-# (teacher-filtered single sentences, SMASH §3.2 "Sentiment Classification Tasks")
+def build_pairs(corpus: str, out: str, num_examples: int, seed: int = 0, **settings: Any) -> dict[str, Any]:
+    """`run(PairsConfig(corpus, out, num_examples, seed, **settings))`: the Python API."""
+    return run(PairsConfig(corpus, out, num_examples, seed, **settings))
