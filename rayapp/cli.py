@@ -74,6 +74,8 @@ _SHOWN = {
     "finetune": ("name", "task", "method", "metric", "best_step", "best_dev", "test", "checkpoint"),
     "distill": ("name", "setting", "objective", "steps", "first_loss", "last_loss", "restarts", "model"),
     "pretrain": ("name", "steps", "masked_accuracy", "model"),
+    "prompt-distill": ("name", "task", "method", "metric", "best_step", "best_dev", "test", "probe_dev_acc",
+                       "pseudo_label_agreement", "checkpoint"),
 }
 
 
@@ -254,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _recipe(sub, "distill", "SMASH distillation of a student from a teacher cache or online teacher",
             lambda a: cmd_recipe(a, "distill"))
+    _recipe(sub, "prompt-distill", "Prompt-Distiller (and its KD baselines) from a prompt-tuned and a pre-trained "
+            "teacher on Ray Train", lambda a: cmd_recipe(a, "prompt-distill"))
 
     p = sub.add_parser("sweep", help="few-shot sweep on Ray Tune: methods x tasks x splits x grid (SMASH Table 2)")
     p.add_argument("--config", help="sweep YAML (see jobs/configs/sweep-*.yaml)")

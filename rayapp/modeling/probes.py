@@ -95,8 +95,9 @@ def mask_states(hidden_states, mask_pos: torch.Tensor, layers: list[int]) -> tor
 @torch.no_grad()
 def frozen_outputs(model, batches, label_word_ids: list[list[int]], layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of a frozen `LogitsAt` over prompt batches (input_ids, attention_mask,
-    mask_pos): (eq. 1 label-word scores [n, C], hidden states at the mask of `layers` [n, N, H]),
-    float32 on CPU. Teachers' scores feed eq. 3-4 and the pseudo-labels; states train probes."""
+    mask_pos): (eq. 1 label-word scores [n, C], hidden states at the mask of `layers` [n, N, H]
+    or None without layers), float32 on CPU. Teachers' scores feed eq. 3-4 and the
+    pseudo-labels; states train probes."""
     from rayapp.tasks.prompts import class_logits
 
     model.eval()
@@ -104,10 +105,11 @@ def frozen_outputs(model, batches, label_word_ids: list[list[int]], layers: list
     scores, states = [], []
     for batch in batches:
         logits, out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                            positions=batch["mask_pos"].to(device), output_hidden_states=True)
+                            positions=batch["mask_pos"].to(device), output_hidden_states=bool(layers))
         scores.append(class_logits(logits, label_word_ids).cpu())
-        states.append(mask_states(out.hidden_states, batch["mask_pos"].to(device), layers).float().cpu())
-    return torch.cat(scores), torch.cat(states)
+        if layers:
+            states.append(mask_states(out.hidden_states, batch["mask_pos"].to(device), layers).float().cpu())
+    return torch.cat(scores), torch.cat(states) if states else None
 
 
 def _accuracy(probes: LayerProbes, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ RECIPES: dict[str, tuple[str, str]] = {  # name -> (module, config class)
     "finetune": ("rayapp.recipes.finetune", "FinetuneConfig"),
     "distill": ("rayapp.recipes.distill", "DistillConfig"),
     "pretrain": ("rayapp.recipes.pretrain", "PretrainConfig"),
+    "prompt-distill": ("rayapp.recipes.prompt_distill", "PromptDistillConfig"),
 }
 
 

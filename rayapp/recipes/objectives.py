@@ -16,8 +16,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from rayapp.losses import (attention_mse, distilbert_loss, hidden_mse, regression_kl, soft_ce, soft_ce_topk,
-                           verbalizer_ce)
+from rayapp.losses import (attention_mse, contrastive_probe_loss, distilbert_loss, hidden_mse, kd_ce, layer_map,
+                           prompt_distiller_loss, regression_kl, soft_ce, soft_ce_topk, verbalizer_ce)
+from rayapp.modeling.probes import mask_states
 from rayapp.tasks.prompts import Task, class_logits, regression_target
 
 
@@ -125,6 +126,87 @@ def mlm_objective(student, teacher, batch, ctx: Context):
     return F.cross_entropy(logits.float(), batch["mlm_labels"][masked]), {}
 
 
+# --- Prompt-Distiller and its baselines (PD Table 1-2; rayapp.recipes.prompt_distill) ----
+
+@dataclass
+class PDContext(Context):
+    probes: Any = None  # the student's frozen `modeling.probes.LayerProbes` (eq. 5-7)
+    same_tokenizer: bool = True  # teacher and student tokenise alike (token-level hints align)
+
+
+def prompt_distiller_objective(student, teacher, batch, ctx: PDContext):
+    """PD eq. 8 over one batch: the labelled rows of X first (`labels`), then the rows of X~
+    (pseudo-labels `u_pseudo`), in one forward. The frozen teachers' label-word scores
+    (`t_scores` of T on X, `u_t_scores` of T' on X~) and probe outputs (`t_probes`,
+    `u_t_probes`, banks) come with the batch: they were computed once before training.
+    `cfg.unlabelled`/`cfg.contrastive` off leave their terms out (Table 2); both off is
+    Prompt-KD (Table 1). Student probes are frozen; gradients pass through them."""
+    cfg, n = ctx.cfg, batch["labels"].shape[0]
+    logits, out = at_mask(student, batch, output_hidden_states=cfg.contrastive)
+    scores = class_logits(logits, ctx.label_word_ids)
+    mlm = F.cross_entropy(scores[:n], batch["labels"])  # eq. 2
+    kd_x = kd_ce(scores[:n], batch["t_scores"], cfg.alpha)  # eq. 3
+    kd_xu = kd_ce(scores[n:], batch["u_t_scores"], cfg.alpha) if cfg.unlabelled else None  # eq. 4
+    cpd_x = cpd_xu = None
+    if cfg.contrastive:
+        s_probs = ctx.probes.probs(mask_states(out.hidden_states, batch["mask_pos"], ctx.probes.layers))
+        cpd_x = contrastive_probe_loss(batch["t_probes"], s_probs[:n], batch["labels"],  # eq. 6
+                                       batch["bank_probes"], batch["bank_labels"])
+        if cfg.unlabelled:  # eq. 7
+            cpd_xu = contrastive_probe_loss(batch["u_t_probes"], s_probs[n:], batch["u_pseudo"],
+                                            batch["u_bank_probes"], batch["u_bank_labels"])
+    return prompt_distiller_loss(mlm, kd_x, kd_xu, cpd_x, cpd_xu, cfg.lambda1, cfg.lambda2)
+
+
+def _ft_kd(hints: Callable | None):
+    """FT-paradigm KD on a classification head: (1 - w) CE + w T^2 soft CE to the teacher's
+    class logits (Hinton et al., "vanilla KD"), plus `hints(s_out, t_out, batch, ctx)` when
+    given. The student is a `prompt_distill.HintStudent` (hidden states projected to the
+    teacher's width); the teacher, a fine-tuned classifier, reads its own tokenisation
+    (`t_input_ids`, `t_attention_mask`: the two tokenizers may differ)."""
+    def loss(student, teacher, batch, ctx: Context):
+        cfg = ctx.cfg
+        kw = {"output_hidden_states": hints is not None, "output_attentions": cfg.method == "tinybert"}
+        inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith("t_")}
+        s_out = student(**inputs, **kw)
+        with torch.no_grad():
+            t_out = teacher(input_ids=batch["t_input_ids"], attention_mask=batch["t_attention_mask"], **kw)
+        ce = F.cross_entropy(s_out.logits.float(), batch["labels"])
+        kd = soft_ce(s_out.logits, t_out.logits, temperature=cfg.kd_temperature)
+        total = (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd
+        parts = {"ce": ce.detach(), "kd": kd.detach()}
+        if hints is not None:
+            extra = hints(s_out, t_out, batch, ctx)
+            total = total + sum(extra.values())
+            parts.update({k: v.detach() for k, v in extra.items()})
+        return total, parts
+    return loss
+
+
+def _pkd_hints(s_out, t_out, batch, ctx: PDContext):
+    """BERT-PKD (Sun et al. 2019, PKD-Skip) eq. 5: beta sum_m || h_s/|h_s| - h_t/|h_t| ||^2 on
+    the first token ([CLS]/<s>) of student layers 1..M_s-1 and teacher layers g(m) (the
+    last layer is covered by KD); mean over the batch."""
+    s, t = s_out.hidden_states, t_out.hidden_states
+    g = layer_map(len(s) - 1, len(t) - 1)
+    pt = sum((F.normalize(s[m][:, 0].float(), dim=-1) - F.normalize(t[g[m]][:, 0].float(), dim=-1)).pow(2).sum(-1).mean()
+             for m in range(1, len(s) - 1))
+    return {"patient": ctx.cfg.pkd_beta * pt}
+
+
+def _tinybert_hints(s_out, t_out, batch, ctx: PDContext):
+    """TinyBERT's task-specific distillation (Jiao et al. 2020) in one stage: hidden-state MSE
+    of embeddings and every student layer to teacher layer g(m) (through the student's
+    projection W_h) plus attention MSE (SMASH eq. 2-3 are the same losses). With one tokenizer
+    both are over every real token; with two (a RoBERTa teacher, a BERT student) positions do
+    not align, so only the first token's hidden states are matched and attention is left out."""
+    if ctx.same_tokenizer:
+        hid = hidden_mse(s_out.hidden_states, t_out.hidden_states, batch["attention_mask"])
+        return {"hidden": hid, "attn": attention_mse(s_out.attentions, t_out.attentions, batch["attention_mask"])}
+    first = lambda states: [h[:, :1] for h in states]  # noqa: E731
+    return {"hidden": hidden_mse(first(s_out.hidden_states), first(t_out.hidden_states))}
+
+
 OBJECTIVES: dict[str, Callable] = {
     "prompt": prompt_loss,
     "prompt+kd": prompt_kd_loss,
@@ -137,6 +219,10 @@ OBJECTIVES: dict[str, Callable] = {
     "rule": verbalizer_objective,
     "hard-label": verbalizer_objective,
     "mlm": mlm_objective,
+    "prompt-distiller": prompt_distiller_objective,
+    "vanilla-kd": _ft_kd(None),
+    "bert-pkd": _ft_kd(_pkd_hints),
+    "tinybert": _ft_kd(_tinybert_hints),
 }
 
 
