@@ -14,7 +14,7 @@ from rayapp.recipes.finetune import FinetuneConfig, run
 
 def _cfg(model, tmp_path, **kw) -> FinetuneConfig:
     engine = kw.pop("engine", EngineConfig(num_workers=2))
-    base = dict(task="SST-2", model=model, max_steps=4, eval_every=2, batch_size=32, lr=2e-3,
+    base = dict(task="SST-2", model=model, max_steps=4, eval_every=2, log_every=1, batch_size=32, lr=2e-3,
                 output_dir=str(tmp_path / "runs"), engine=engine)
     return FinetuneConfig(**{**base, **kw})
 

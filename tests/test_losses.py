@@ -24,7 +24,7 @@ def test_soft_ce_hand_computed():
     teacher = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     row0 = -(0.5 * ln(1 / 6) + 0.5 * ln(2 / 6))
     row1 = ln(3)
-    close(soft_ce(student, teacher), (row0 + row1) / 2)
+    close(soft_ce(student, teacher.log()), (row0 + row1) / 2)  # teacher log-probs (any logits)
 
 
 def test_soft_ce_temperature_softens_both_and_scales_by_t_squared():
@@ -32,13 +32,13 @@ def test_soft_ce_temperature_softens_both_and_scales_by_t_squared():
     student = torch.tensor([[0.0, 2 * ln(2)]])
     teacher = torch.tensor([[0.64, 0.36]])
     expected = -(4 / 7 * ln(1 / 3) + 3 / 7 * ln(2 / 3)) * 4
-    close(soft_ce(student, teacher, temperature=2.0), expected)
+    close(soft_ce(student, teacher.log(), temperature=2.0), expected)
 
 
 def test_soft_ce_half_inputs_computed_in_float32():
     student = torch.tensor([[0.0, ln(2), ln(3)]])
     teacher = torch.tensor([[0.5, 0.5, 0.0]])
-    close(soft_ce(student.half(), teacher.half()), -(0.5 * ln(1 / 6) + 0.5 * ln(2 / 6)), 1e-3)
+    close(soft_ce(student.half(), teacher.log().half()), -(0.5 * ln(1 / 6) + 0.5 * ln(2 / 6)), 1e-3)
 
 
 def test_soft_ce_vocab_mismatch_is_config_error():
@@ -50,9 +50,9 @@ def test_soft_ce_topk_with_k_equal_v_matches_dense():
     torch.manual_seed(0)
     student, teacher = torch.randn(4, 7), torch.randn(4, 7)
     values, indices = teacher.topk(7, dim=-1)
-    dense = soft_ce(student, teacher.softmax(-1))
-    for renormalize in (True, False):
-        cached = soft_ce_topk(student, values, indices, teacher.logsumexp(-1), renormalize)
+    dense = soft_ce(student, teacher)
+    for mode in ("tail", "renormalize"):
+        cached = soft_ce_topk(student, values, indices, teacher.logsumexp(-1), mode)
         assert cached.item() == pytest.approx(dense.item(), abs=1e-6)
 
 
@@ -64,11 +64,41 @@ def test_soft_ce_topk_hand_computed():
     indices = torch.tensor([[2, 1]])
     lse = torch.tensor([ln(8)])
     renormalized = -(4 / 7 * ln(3 / 6) + 3 / 7 * ln(2 / 6))
-    exact = -(4 / 8 * ln(3 / 6) + 3 / 8 * ln(2 / 6))
-    close(soft_ce_topk(student, values, indices, lse, renormalize=True), renormalized)
-    close(soft_ce_topk(student, values, indices, lse, renormalize=False), exact)
+    # tail: the missing id 0 is its own bucket on both sides, t = 1/8, s = 1/6
+    tail = -(4 / 8 * ln(3 / 6) + 3 / 8 * ln(2 / 6) + 1 / 8 * ln(1 / 6))
+    close(soft_ce_topk(student, values, indices, lse, mode="renormalize"), renormalized)
+    close(soft_ce_topk(student, values, indices, lse), tail)  # the default
     # The cache stores fp16 values.
-    close(soft_ce_topk(student, values.half(), indices, lse), renormalized, 1e-3)
+    close(soft_ce_topk(student, values.half(), indices, lse), tail, 1e-3)
+    # T = 2 (renormalize only): kept teacher [4, 3] -> [2, sqrt 3]; student [1, 2, 3] -> sqrt, x T^2
+    z = math.sqrt(1) + math.sqrt(2) + math.sqrt(3)
+    t2 = [2 / (2 + math.sqrt(3)), math.sqrt(3) / (2 + math.sqrt(3))]
+    expected = -(t2[0] * ln(math.sqrt(3) / z) + t2[1] * ln(math.sqrt(2) / z)) * 4
+    close(soft_ce_topk(student, values, indices, lse, mode="renormalize", temperature=2.0), expected, 1e-5)
+    with pytest.raises(ConfigError, match="topk_mode=renormalize"):
+        soft_ce_topk(student, values, indices, lse, temperature=2.0)
+
+
+def test_soft_ce_topk_tail_gradient_follows_eq_1():
+    """On a 50k vocabulary with a top-64 cache that covers well under all the teacher's mass,
+    the tail bucket's gradient points where eq. 1's does; renormalising does not."""
+    torch.manual_seed(0)
+    vocab, k = 50_000, 64
+    teacher = torch.randn(8, vocab) * 3.0  # top-64 covers ~half the mass (the demo's real cache: 37%)
+    student = (teacher + torch.randn(8, vocab)).requires_grad_(True)
+    values, indices = teacher.topk(k, dim=-1)
+    lse = teacher.logsumexp(-1)
+    covered = (values.logsumexp(-1) - lse).exp().mean().item()
+    assert 0.3 < covered < 0.7
+
+    def grad(loss):
+        (g,) = torch.autograd.grad(loss, student)
+        return g.flatten()
+
+    full = grad(soft_ce(student, teacher))
+    cos = {mode: torch.nn.functional.cosine_similarity(full, grad(soft_ce_topk(student, values, indices, lse, mode)),
+                                                       dim=0).item() for mode in ("tail", "renormalize")}
+    assert cos["tail"] > 0.98 and cos["renormalize"] < 0.9, cos  # measured: 0.989 vs 0.725
 
 
 def test_soft_ce_topk_id_outside_student_vocab_is_config_error():

@@ -18,6 +18,7 @@ curve, best step, dev and test metrics and the best checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,6 +53,7 @@ class FinetuneConfig(TrainConfig):
     k: int = 16
     seed: int = 13                      # few-shot split seed (13 21 42 87 100)
     max_length: int = 128
+    lmbff_exact: bool = False           # LM-BFF's own prompt tokenisation rules (tasks.prompts.Task)
     eval_batch_size: int = 32
     # LM-BFF/SMASH defaults: batch 2-4, lr 1e-5..5e-5, 1000 steps, dev every 100
     batch_size: int = 2
@@ -71,11 +73,9 @@ class FinetuneConfig(TrainConfig):
             self.max_steps = 0
 
     def resolve_task(self) -> Task:
-        if self.tasks_file:
-            extra = load_tasks(self.tasks_file)
-            if self.task in extra:
-                return extra[self.task]
-        return get_task(self.task)
+        extra = load_tasks(self.tasks_file) if self.tasks_file else {}
+        task = extra[self.task] if self.task in extra else get_task(self.task)
+        return dataclasses.replace(task, lmbff_exact=True) if self.lmbff_exact else task
 
     @property
     def objective(self) -> str:
