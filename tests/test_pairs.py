@@ -15,6 +15,7 @@ from rayapp.data import pairs
 from rayapp.data.pairs import PAIRS_SCHEMA, TASK, _far_pair, _source_pairs, build_pairs, label_counts, max_balanced
 from rayapp.data.shards import require_meta
 from rayapp.errors import ConfigError, DataError
+from rayapp.tasks.registry import INTERMEDIATE_TASKS
 
 # Sentence units of each document in source order; a unit's index is its position (sent_*).
 # Position 0 is the title line, dropped as a fragment; doc 8 has a heading mid-text and
@@ -99,10 +100,15 @@ def test_label_counts_and_max_balanced():
 
 
 def test_far_pairs_in_row_major_order():
-    for k in [3, 4, 7, 50, 3001]:
+    for k in [3, 4, 7, 50, 201]:
         f = np.arange((k - 1) * (k - 2) // 2)
         i, j = _far_pair(f, np.full(len(f), k))
         assert list(zip(i.tolist(), j.tolist())) == [(i, j) for i in range(k) for j in range(i + 2, k)]
+    # a 10^6-sentence document, at row ends and starts, where float rounding would show
+    k, rows = 10**6, np.array([1, 2, 999, 123_456, 999_997])
+    start = rows * (2 * k - 3 - rows) // 2
+    i, j = _far_pair(np.concatenate([start, start - 1]), np.full(10, k))
+    assert (i.tolist(), j.tolist()) == ([*rows, *(rows - 1)], [*(rows + 2), *[k - 1] * 5])
 
 
 def test_source_pairs_cover_each_pair_once():
@@ -117,7 +123,7 @@ def test_source_pairs_cover_each_pair_once():
     same = [(i, j) for i in range(len(doc)) for j in range(len(doc)) if i != j and doc[i] == doc[j]]
     for label, wanted in ((1, [p for p in same if abs(pos[p[0]] - pos[p[1]]) > 1]),
                           (2, [p for p in same if pos[p[1]] == pos[p[0]] + 1])):
-        a, b = _source_pairs(doc, pos, label, len(wanted), np.random.default_rng(0))
+        a, b = _source_pairs(doc, pos, label, np.arange(len(wanted)))
         assert sorted(zip(a.tolist(), b.tolist())) == sorted(wanted)
 
 
@@ -141,7 +147,7 @@ def test_stats_and_meta_count_what_was_skipped(built):
     out, stats = built
     assert json.loads(storage.read_text(storage.join(out, "_meta.json"))) == stats
     assert stats["counts"] == {"0": 14, "1": 13, "2": 13}
-    assert stats["template"] == TASK.template == "{x0|nopunct}? {mask}, {x1|lowerfirst}"  # MNLI's
+    assert stats["template"] == INTERMEDIATE_TASKS[TASK].template == "{x0|nopunct}? {mask}, {x1|lowerfirst}"  # MNLI's
     assert stats["seed"] == 0 and stats["verbalizer"] == {"0": "No", "1": "Maybe", "2": "Yes"}
     assert stats["capacity"] == {str(label): c for label, c in enumerate(capacity())}
     counts = stats["corpus_counts"]
@@ -158,6 +164,9 @@ def test_same_seed_same_bytes_other_seed_differs(built, tmp_path):
         assert storage.read_bytes(storage.join(out, name)) == storage.read_bytes(str(tmp_path / "again" / name))
     build_pairs(corpus=built[1]["corpus"], out=str(tmp_path / "other"), num_examples=40, seed=1, rows_per_shard=16)
     assert read_pairs(str(tmp_path / "other")).to_pylist() != read_pairs(out).to_pylist()
+    # the same pairs in the same rows when the corpus is cut into other pieces or shards
+    build_pairs(corpus=built[1]["corpus"], out=str(tmp_path / "cut"), num_examples=40, seed=0, chunk_bytes=300)
+    assert read_pairs(str(tmp_path / "cut")).to_pylist() == read_pairs(out).to_pylist()
 
 
 def test_largest_possible_request_uses_every_adjacent_pair(ray_cluster, corpus, tmp_path):

@@ -2,12 +2,13 @@
 
 Labels (SMASH §3.2, after Gu et al. 2021): 0 = x1 and x2 come from different documents,
 1 = same document, not adjacent, 2 = adjacent (x2 directly follows x1 in the document).
-The template is MNLI's (`INTERMEDIATE_TASKS["smash-pairs"]`, max 128 tokens); examples
-keep raw sentences and the encoder truncates. Output: `OUT/part-NNNNN.parquet` with
-columns `text_a, text_b, label, doc_a, doc_b, sent_a, sent_b` (sent_* = the sentence's
-position among all sentences of its document, see `rayapp.data.corpus`), so every label
-can be checked against the source, then `OUT/_meta.json` (`rayapp.data.shards`: written
-last, it marks a finished folder; consumers refuse a folder without it).
+The template is MNLI's (`INTERMEDIATE_TASKS["smash-pairs"]`, max 128 tokens; `_meta.json`
+records it); examples keep raw sentences and the encoder truncates. Output:
+`OUT/part-NNNNN.parquet` with columns `text_a, text_b, label, doc_a, doc_b, sent_a, sent_b`
+(sent_* = the sentence's position among all sentences of its document, see
+`rayapp.data.corpus`), so every label can be checked against the source, then
+`OUT/_meta.json` (`rayapp.data.shards`: written last, it marks a finished folder; consumers
+refuse a folder without it).
 
 Candidates. From a document with kept sentences at positions p_0 < ... < p_{k-1}:
 - label 2: the pairs (i, i+1) with p_{i+1} = p_i + 1 (a dropped sentence in between breaks
@@ -21,21 +22,22 @@ one for labels 0.. N%3-1, each label a uniform sample without replacement of its
 candidates; if the corpus has fewer, the DataError says how many balanced pairs it can give.
 
 Design: split once into a sentence table, then index arithmetic. The corpus is cut into
-sources of ~16 MB (`rayapp.data.corpus.plan_sources`), and three rounds of Ray tasks run:
+sources of ~16 MB (`rayapp.data.corpus.plan_sources`); three rounds of Ray tasks and one
+step on the driver follow:
 1. Split (one task per source, the only pass over the corpus): documents -> kept
    sentences, written as one Arrow file per source in the scratch folder `OUT/_work`
    (`text`, `doc` (dictionary-encoded doc id), `pos`); the task returns its counts (number
    of documents and of adjacent / non-adjacent pairs, kept sentences per document).
-2. Sample (driver, numbers only, O(N + documents)): each label's N_l pairs are spread over
-   the sources by a multivariate hypergeometric draw on the sources' candidate counts,
-   which with a uniform draw inside each source is a uniform sample of the whole corpus.
-   Label-0 pairs are drawn as global sentence numbers (uniform ordered pairs, redrawn when
-   both ends fall in one document or the pair repeats). A random permutation of 0..N-1
-   gives every pair its output row, so shards interleave the labels at random.
-3. Gather (one task per source): sample that source's label-1/2 pairs (label 1 decoded
-   from an index space without enumerating the k^2 pairs), take the texts of those and of
-   the label-0 ends it holds from its sentence table, and write them to one Arrow file
-   with a record batch per output shard.
+2. Sample (driver, numbers only, O(N + documents)): label-1/2 candidates are numbered
+   across the sources (each source's index space after the previous one's), and N_l
+   distinct numbers are drawn uniformly; label-0 pairs are drawn as ordered pairs of
+   global sentence numbers, redrawn when both ends fall in one document or the pair
+   repeats. A random permutation of 0..N-1 gives every pair its output row, so shards
+   interleave the labels at random.
+3. Gather (one task per source): decode its candidate numbers into sentence pairs (label
+   1 from an index space, without enumerating a document's k^2 pairs), take the texts of
+   those and of the label-0 ends it holds from its sentence table, and write them to one
+   Arrow file with a record batch per output shard.
 4. Write (one task per output shard): read that shard's batch of every source, sort by
    row, write `part-NNNNN.parquet` through `shards.write_table` (temporary name + rename,
    or one S3 PUT), so a shard that exists is complete. Then the scratch folder is removed
@@ -47,11 +49,12 @@ split is the cost (regex sentence splitting in Python) and runs on every core; t
 rounds move each selected sentence a fixed number of times through Arrow, without Ray
 Data's shuffles or the object store.
 
-Determinism: every random draw comes from the seed (the driver's) or from (seed, source,
-label) (a gather task's); sources and their files are in a fixed order. The same corpus,
-seed and settings (`chunk_bytes` among them) rewrite byte-identical shards, whatever the
-cluster; rows do not depend on `rows_per_shard`, so the shards read in name order are one
-sequence whatever it is.
+Determinism: every random draw is the driver's, from the seed, and numbers candidates and
+sentences in corpus order (files sorted, documents in file order), which no cut into
+sources changes; the tasks only compute. So the same corpus, seed and sentence settings
+give the same pairs in the same rows whatever `chunk_bytes` or the cluster, and
+byte-identical shards for the same `rows_per_shard` (the rows read in shard-name order
+are one sequence whatever it is).
 """
 from __future__ import annotations
 
@@ -72,11 +75,10 @@ from rayapp.data.corpus import (CHUNK_BYTES, DROP_REASONS, Source, check_words, 
 from rayapp.data.formats import CORPUS_FORMATS
 from rayapp.data.shards import META, shard_name, write_meta, write_table
 from rayapp.errors import ConfigError, DataError
-from rayapp.tasks.registry import INTERMEDIATE_TASKS
 
 log = logging.getLogger(__name__)
 
-TASK = INTERMEDIATE_TASKS["smash-pairs"]
+TASK = "smash-pairs"  # rayapp.tasks.registry.INTERMEDIATE_TASKS: MNLI's template, labels No/Maybe/Yes
 PAIR_LABELS = {0: "different documents", 1: "same document, not adjacent",
                2: "adjacent: x2 directly follows x1"}
 PAIRS_SCHEMA = pa.schema([
@@ -235,64 +237,64 @@ def _corpus_counts(splits: list[dict]) -> PairCounts:
 
 @dataclass
 class _Requests:
-    """What one gather task takes from its source: how many label-1/2 pairs, the output
-    rows they go to, and the label-0 ends it holds (row, side 0/1, sentence)."""
+    """What one gather task takes from its source, each with its output row: label-1/2
+    candidates (numbers in the source's index space of that label, see `_source_pairs`)
+    and label-0 ends (sentence numbers; side 0 = x1, 1 = x2)."""
 
-    rows: dict[int, np.ndarray]  # label 1 / 2 -> output rows
-    zero_rows: np.ndarray
-    zero_sides: np.ndarray
-    zero_sentences: np.ndarray
+    candidates: dict[int, tuple[np.ndarray, np.ndarray]]  # label -> (numbers, rows)
+    ends: tuple[np.ndarray, np.ndarray, np.ndarray]  # (numbers, rows, sides)
 
 
-def _plan_rows(splits: list[dict], needed: list[int], seed: int) -> list[_Requests]:
+def _by_source(index: np.ndarray, sizes: np.ndarray, *columns: np.ndarray) -> list[list[np.ndarray]]:
+    """Numbers over the sources' concatenated ranges (`sizes` each) -> per source: the
+    local numbers and the matching entries of `columns`."""
+    end = np.cumsum(sizes)
+    source = np.searchsorted(end, index, side="right")
+    order = np.argsort(source, kind="stable")
+    local, *columns = (a[order] for a in (index - (end - sizes)[source], *columns))
+    bounds = np.searchsorted(source[order], np.arange(len(sizes) + 1))
+    return [[a[lo:hi] for a in (local, *columns)] for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _plan(splits: list[dict], needed: list[int], seed: int) -> list[_Requests]:
+    """Every random draw of the build: which candidates and which output rows."""
     rng = np.random.default_rng(seed)
-    per_source = {label: rng.multivariate_hypergeometric(
-        np.array([s[key] for s in splits], np.int64), needed[label], method="marginals")
-        for label, key in ((2, "adjacent"), (1, "nonadjacent"))}
-    # Label 0: ordered pairs of global sentence numbers from different documents.
+    rows = np.split(rng.permutation(sum(needed)), np.cumsum(needed)[:-1])  # of label 0, 1, 2 pairs
+    candidates = {}
+    for label, key in ((1, "nonadjacent"), (2, "adjacent")):
+        sizes = np.array([s[key] for s in splits], np.int64)
+        candidates[label] = _by_source(_distinct(rng, int(sizes.sum()), needed[label]), sizes, rows[label])
+    # Label 0: ordered pairs of global sentence numbers, redrawn when in one document.
+    sentences = np.array([int(s["k"].sum()) for s in splits], np.int64)
     doc_end = np.cumsum(np.concatenate([s["k"] for s in splits]))
-    total = int(doc_end[-1])
+    total = int(sentences.sum())
     doc_of = lambda g: np.searchsorted(doc_end, g, side="right")  # noqa: E731
     pairs = _distinct(rng, total * total, needed[0], valid=lambda g: doc_of(g // total) != doc_of(g % total))
-    ends = np.concatenate([pairs // total, pairs % total])  # x1 ends, then x2 ends
-    rows = rng.permutation(sum(needed))
-    rows0, rest = rows[:needed[0]], rows[needed[0]:]
-    cut = {label: np.cumsum(per_source[label])[:-1] for label in (1, 2)}
-    rows12 = {1: np.split(rest[:needed[1]], cut[1]), 2: np.split(rest[needed[1]:], cut[2])}
-    source_end = np.cumsum([int(s["k"].sum()) for s in splits])
-    source = np.searchsorted(source_end, ends, side="right")
-    local = ends - (source_end - [int(s["k"].sum()) for s in splits])[source]
-    zero_rows, sides = np.concatenate([rows0, rows0]), np.repeat(np.int8([0, 1]), needed[0])
-    order = np.argsort(source, kind="stable")
-    bounds = np.searchsorted(source[order], np.arange(len(splits) + 1))
-    return [_Requests({1: rows12[1][c], 2: rows12[2][c]}, *(a[order][bounds[c]:bounds[c + 1]] for a in
-                                                          (zero_rows, sides, local)))
-            for c in range(len(splits))]
+    ends = _by_source(np.concatenate([pairs // total, pairs % total]), sentences,
+                      np.concatenate([rows[0], rows[0]]), np.repeat(np.int8([0, 1]), needed[0]))
+    return [_Requests({1: candidates[1][c], 2: candidates[2][c]}, tuple(ends[c])) for c in range(len(splits))]
 
 
 # --- round 3: gather -----------------------------------------------------------------------
 
-def _source_pairs(doc: np.ndarray, pos: np.ndarray, label: int, n: int, rng: np.random.Generator):
-    """`n` distinct label-1 or label-2 pairs (sentence numbers a, b) of one source, uniform."""
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+def _source_pairs(doc: np.ndarray, pos: np.ndarray, label: int, index: np.ndarray):
+    """Candidates of `label` (1 or 2) of one source, by number -> their sentence numbers
+    (a, b). Label 2: the adjacent pairs in order. Label 1: each document's index space
+    holds 2 * (its gapped neighbours (i, i+1), a dropped sentence between them, then its
+    pairs i < j - 1 in row-major order); bit 0 of a number picks the orientation."""
     same = doc[1:] == doc[:-1]
     step = np.diff(pos)
     if label == 2:
-        adjacent = np.flatnonzero(same & (step == 1))
-        a = adjacent[_distinct(rng, len(adjacent), n)]
+        a = np.flatnonzero(same & (step == 1))[index]
         return a, a + 1
-    # Label-1 index space of a document: 2 * (gapped neighbours (i, i+1) with a dropped
-    # sentence between, then the pairs i < j - 1); bit 0 of an index picks the orientation.
     k = np.bincount(doc)
-    first = np.concatenate([[0], np.cumsum(k)[:-1]])
+    first = np.cumsum(k) - k
     gapped = np.flatnonzero(same & (step > 1))
     gaps = np.bincount(doc[gapped], minlength=len(k))
     size = 2 * (gaps + (k - 1) * np.maximum(k - 2, 0) // 2)
     size_end = np.cumsum(size)
-    index = _distinct(rng, int(size_end[-1]), n)
     d = np.searchsorted(size_end, index, side="right")
-    u, flip = (index - (size_end - size)[d]) // 2, index % 2 == 1  # size is even: parity survives
+    u, flip = (index - (size_end - size)[d]) // 2, index % 2 == 1  # sizes are even: parity survives
     near = u < gaps[d]
     a = np.empty_like(u)
     a[near] = gapped[(np.cumsum(gaps) - gaps)[d[near]] + u[near]]
@@ -302,22 +304,22 @@ def _source_pairs(doc: np.ndarray, pos: np.ndarray, label: int, n: int, rng: np.
     return np.where(flip, b, a), np.where(flip, a, b)
 
 
-def _gather_source(index: int, requests: _Requests, seed: int, fs, work: str,
-                   rows_per_shard: int, shards: int) -> None:
+def _gather_source(index: int, requests: _Requests, fs, work: str, rows_per_shard: int, shards: int) -> None:
     """Round 3: the sentences of one source that the pairs use -> `piece-INDEX.arrow`,
     sorted by (row, side), record batch s = output shard s."""
     with fs.open_input_file(_table_path(work, "sent", index)) as f:
         table = pa.ipc.open_file(f).read_all().combine_chunks()
     doc = table.column("doc").chunk(0).indices.to_numpy() if table.num_rows else np.zeros(0, np.int32)
     pos = table.column("pos").to_numpy()
-    rows, sides, labels, sentences = [requests.zero_rows], [requests.zero_sides], [], [requests.zero_sentences]
-    labels.append(np.zeros(len(requests.zero_rows), np.int8))
+    sentences, rows, sides = requests.ends
+    sentences, rows, sides, labels = [sentences], [rows], [sides], [np.zeros(len(rows), np.int8)]
     for label in (1, 2):
-        a, b = _source_pairs(doc, pos, label, len(requests.rows[label]), np.random.default_rng([seed, index, label]))
-        rows += [requests.rows[label]] * 2
-        sides += [np.zeros(len(a), np.int8), np.ones(len(b), np.int8)]
-        labels += [np.full(2 * len(a), label, np.int8)]
+        numbers, label_rows = requests.candidates[label]
+        a, b = _source_pairs(doc, pos, label, numbers)
         sentences += [a, b]
+        rows += [label_rows, label_rows]
+        sides += [np.zeros(len(a), np.int8), np.ones(len(b), np.int8)]
+        labels.append(np.full(2 * len(a), label, np.int8))
     rows, sides, sentences = np.concatenate(rows), np.concatenate(sides), np.concatenate(sentences)
     order = np.argsort(2 * rows + sides)
     rows, sentences = rows[order], sentences[order]
@@ -410,8 +412,8 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
 
     shards = math.ceil(cfg.num_examples / cfg.rows_per_shard)
     log.info("pairs: sampling %d pairs from %d sentences", cfg.num_examples, counts.sentences)
-    requests = _plan_rows(splits, needed, cfg.seed)
-    ray.get([gather.remote(i, r, cfg.seed, fs, work_root, cfg.rows_per_shard, shards)
+    requests = _plan(splits, needed, cfg.seed)
+    ray.get([gather.remote(i, r, fs, work_root, cfg.rows_per_shard, shards)
              for i, r in enumerate(requests)])
     del requests
     log.info("pairs: writing %d shards", shards)
@@ -419,8 +421,13 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
                        for s in range(shards)])
     fs.delete_dir(work_root)
 
+    # here, not at the top: the registry imports torch, which Ray workers running this
+    # module's tasks need not load (~180 MB each)
+    from rayapp.tasks.registry import INTERMEDIATE_TASKS
+
+    task = INTERMEDIATE_TASKS[TASK]
     stats = {
-        "task": TASK.name, "template": TASK.template, "verbalizer": TASK.verbalizer,
+        "task": task.name, "template": task.template, "verbalizer": task.verbalizer,
         "labels": {str(label): text for label, text in PAIR_LABELS.items()},
         "corpus": cfg.corpus, "seed": cfg.seed, "num_examples": cfg.num_examples,
         "counts": {str(label): int(sum(w[label] for w in written)) for label in range(3)},
