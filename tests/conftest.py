@@ -43,6 +43,12 @@ class RayHead:
     def __init__(self, address: str, env: dict[str, str], log: str):
         self.address, self.env, self.log = address, env, log  # dashboard URL, env for clients
 
+    def logs(self) -> str:
+        """The tails of `ray start`'s and the dashboard's logs, for failure messages."""
+        session = Path(self.log).parent / "session_latest" / "logs"
+        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:]
+                         for p in [Path(self.log), session / "dashboard.log"] if p.exists())
+
     def api(self, path: str) -> dict:
         """GET the dashboard's REST API (jobs: /api/jobs/<id>) with the cluster's token."""
         import json
@@ -60,8 +66,8 @@ def ray_head(s3_server):
     token authentication (Ray 2.60's default for new clusters; clients need RAY_AUTH_MODE=token)
     and its own temp dir, so no `ray.init()` of this or another process on the machine finds it.
     It runs in its own process group and inherits the S3 server's endpoint and test keys, as a
-    cluster node has its instance profile. Stopped by SIGTERM (Ray drains the node), then
-    SIGKILL to its group; never `ray stop`, which would stop every Ray on the machine."""
+    cluster node has its instance profile. Stopped by SIGTERM, then SIGKILL to its group;
+    never `ray stop`, which would stop every Ray on the machine."""
     import signal
     import subprocess
     import sys
@@ -70,7 +76,9 @@ def ray_head(s3_server):
 
     ray_cli = str(Path(sys.executable).parent / "ray")
     # `python` in a job is this venv's, as after `source .venv/bin/activate; ray start ...`
-    head_env = {**os.environ, **env.LOCAL, "RAY_AUTH_MODE": "token",
+    # no drain on SIGTERM: after the jobs ran, the drain waited out its whole 30 s here (a
+    # teardown of 36 s against 5 s for a head that ran nothing), with nothing to hand over
+    head_env = {**os.environ, **env.LOCAL, "RAY_AUTH_MODE": "token", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                 "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     if not (Path.home() / ".ray" / "auth_token").exists():
         subprocess.run([ray_cli, "get-auth-token", "--generate"], env=head_env, check=True, capture_output=True)
@@ -101,9 +109,8 @@ def ray_head(s3_server):
         wait_until(ready, timeout=120, what="the head node's dashboard")
         yield head
     finally:
-        # SIGTERM to `ray start` itself: it drains the node through the GCS (~1 s when idle, at
-        # most 30 s) and then stops the processes of its group. The same signal to the whole
-        # group would stop the GCS under the drain, which then waits out its 30 s timeout.
+        # SIGTERM to `ray start` itself, which stops the processes of its group (to the whole
+        # group, the GCS would be gone before `ray start` asks it anything)
         os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=45)

@@ -10,6 +10,7 @@ import pytest
 
 from rayapp import assets, storage
 from rayapp.cli import main
+from rayapp.data.formats import load_hf
 from rayapp.errors import ConfigError, DataError
 from rayapp.modeling.models import check_model, load_mlm, load_tokenizer, local_model_dir, portable_model
 
@@ -81,8 +82,14 @@ def test_dataset_mirror_hit_and_miss(mirror, tmp_path):
     datasets.Dataset.from_dict({"sentence": ["a fine film", "dull"], "label": [1, 0]}).save_to_disk(local)
     storage.copy_dir(str(local), storage.join(mirror, "datasets", "glue", "sst2", "train"))
     assert assets.resolve("hf://glue/sst2?split=train") == storage.join(mirror, "datasets/glue/sst2/train")
+    # the readers of hf:// tables and corpora take the mirror's copy, without the hub
+    assert load_hf("hf://glue/sst2?split=train")["sentence"] == ["a fine film", "dull"]
+    assert [r["label"] for r in load_hf("hf://glue/sst2?split=train", streaming=True)] == [1, 0]
     assert assets.resolve("hf://glue/sst2?split=validation") == "hf://glue/sst2?split=validation"
-    msg = assets.not_found("hf://glue/sst2?split=validation")
+    with pytest.raises(DataError) as err:  # a miss goes to the hub, which is offline here
+        load_hf("hf://glue/sst2?split=validation")
+    msg = str(err.value)
+    assert "\n" not in msg
     assert storage.join(mirror, "datasets/glue/sst2/validation") in msg and "HF_HUB_OFFLINE=1" in msg
 
 

@@ -90,10 +90,18 @@ def _submit(head, entrypoint: str) -> str:
     """`ray job submit` as the README shows, from the repo root; returns the submission id."""
     sid = f"pipeline-{uuid.uuid4().hex[:8]}"
     ray_cli = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray_cli, "job", "submit", "--address", head.address, "--submission-id", sid, "--no-wait",
-                    "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
-                    "bash", "-c", entrypoint], cwd=ROOT, env=head.env, check=True, capture_output=True)
-    return sid
+
+    def submitted():
+        done = subprocess.run([ray_cli, "job", "submit", "--address", head.address, "--submission-id", sid,
+                               "--no-wait", "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
+                               "bash", "-c", entrypoint], cwd=ROOT, env=head.env, capture_output=True, text=True)
+        if done.returncode == 0:
+            return sid
+        # the dashboard answers before the node's job agent has registered: Ray says to retry
+        assert "No available agent to submit job" in done.stderr, done.stderr[-3000:] + head.logs()
+        return None
+
+    return wait_until(submitted, timeout=180, what="the head node to accept a job")
 
 
 def _finished(head, sid: str) -> dict:
@@ -106,7 +114,8 @@ def _finished(head, sid: str) -> dict:
 def _pipeline(corpus: str, out: str, model: str) -> str:
     """pairs -> teacher cache -> distill (2 steps), each stage its own `python -m jobs.X`."""
     return " && ".join([
-        f"python -m jobs.intermediate pairs --corpus {corpus} --out {out}/pairs --num-examples 32",
+        f"python -m jobs.intermediate pairs --config jobs/configs/intermediate-pairs_local.yaml "
+        f"corpus={corpus} out={out}/pairs num_examples=24",
         f"python -m jobs.teacher_cache --config jobs/configs/teacher-cache-pairs_local.yaml "
         f"examples={out}/pairs teacher={model} out={out}/cache top_k=8 batch_size=16",
         f"python -m jobs.distill --config jobs/configs/distill-smash-pairs_local.yaml student={model} "

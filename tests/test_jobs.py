@@ -29,6 +29,9 @@ def _config_class(name: str):
     if name.startswith("teacher-cache-"):
         from rayapp.data.teacher_cache import CacheConfig
         return CacheConfig
+    if name.startswith("intermediate-pairs"):
+        from rayapp.data.pairs import PairsConfig
+        return PairsConfig
     if name.startswith("intermediate-sentiment"):
         from rayapp.data.sentiment import SentimentConfig
         return SentimentConfig

@@ -73,12 +73,21 @@ def first_line(uri: str) -> bytes:
 
 
 def load_hf(uri: str, *, streaming: bool = False):
-    """The `datasets` split an `hf://` URI names (an IterableDataset when `streaming`)."""
+    """The `datasets` split an `hf://` URI names (an IterableDataset when `streaming`): its
+    copy in the asset mirror `$RAYAPP_ASSETS` when there is one (`rayapp.assets`), else the hub."""
     import datasets
 
+    from rayapp import assets
+
+    mirrored = assets.resolve(uri)
+    if mirrored != uri:  # a `save_to_disk` folder; an s3:// one is copied to this node once
+        local = datasets.load_from_disk(storage.local_copy(mirrored))
+        return local.to_iterable_dataset() if streaming else local
     name, config, split = storage.parse_hf_uri(uri)
     try:
         return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except ConnectionError as e:  # offline or no network: name every place looked
+        raise DataError(assets.not_found(uri, str(e).splitlines()[0])) from None
     except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ValueError) as e:
         # ValueError: unknown config or split
         raise DataError(f"cannot load {uri} ({e}); check the dataset name, config and split") from e
