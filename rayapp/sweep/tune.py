@@ -33,12 +33,13 @@ split): dev metrics of different tasks or splits say nothing about each other.
 from __future__ import annotations
 
 import json
-import logging
+import os
 import re
 import tempfile
 import time
 
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
 from rayapp import storage
@@ -49,7 +50,6 @@ from rayapp.recipes import get_recipe
 from rayapp.sweep.results import parse_run, read_runs, select_split, point_key
 from rayapp.sweep.spec import SweepConfig
 
-log = logging.getLogger(__name__)
 
 DRIVER_MEMORY = 256 * 1024 ** 2  # what a trial's driver reserves (it holds no model)
 RECORDS = "records"
@@ -97,6 +97,15 @@ def _unfilled(placeholder: str) -> str:
     return f"<{placeholder}>"
 
 
+class ScalarReport(TuneReportCallback):
+    """Tune's report callback, passing on the scalar metrics only: curves and eval lists stay
+    in the run record (TensorBoard cannot log them and Tune's result files need not copy them)."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        scalars = [{k: v for k, v in m.items() if v is None or isinstance(v, (int, float, str))} for m in metrics]
+        super().after_report(run_context, scalars, checkpoint)
+
+
 def _annotation(experiment: str, k: int, trial: dict, trial_id: str) -> dict:
     return {"experiment": experiment, "trial_id": trial_id, "k": k, **trial}
 
@@ -105,8 +114,6 @@ def _annotation(experiment: str, k: int, trial: dict, trial_id: str) -> dict:
 
 def trial_fn(config: dict) -> None:
     """Tune function trainable: one recipe run on Ray Train for `config["trial"]`."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cfg = sweep_spec.load(config["experiment"])
     trial, trial_id = config["trial"], tune.get_context().get_trial_id()
     name = run_name(trial, trial_id)
@@ -119,7 +126,7 @@ def trial_fn(config: dict) -> None:
             return
     recipe_cfg = cfg.recipe_config(trial, name, _filler(cfg, trial))
     _, run = get_recipe(cfg.method(trial["method"]).recipe)
-    record = run(recipe_cfg, callbacks=[TuneReportCallback()])
+    record = run(recipe_cfg, callbacks=[ScalarReport()])
     record.update(status="done", sweep=_annotation(cfg.experiment, cfg.k, trial, trial_id))
     storage.write_text(uri, json.dumps(record, indent=1, sort_keys=True, default=str))
 
@@ -329,6 +336,9 @@ def run(cfg: SweepConfig, resume: bool = False) -> dict:
     if not storage.exists(stored):
         sweep_spec.save(cfg)
     make_students(cfg)
+    # trial drivers stay in the job's working directory (Tune would move them into their trial
+    # dirs), so relative paths in the config mean what they mean on the command line
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     if not ray.is_initialized():
         ray.init()  # the embedded default: a local cluster on this machine
     n = concurrency(cfg)

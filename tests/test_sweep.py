@@ -1,0 +1,252 @@
+"""`rayapp sweep` on Ray Tune: plan, methods as configs, bad input, concurrent records, and a
+tiny sweep through Tune that is killed, resumed and reported."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+from conftest import wait_until
+
+from rayapp import storage
+from rayapp.assets import asset
+from rayapp.cli import main
+from rayapp.config import build, load_config
+from rayapp.errors import ConfigError, DataError, PromptError
+from rayapp.sweep import tune as sweep
+from rayapp.sweep.spec import SweepConfig
+from rayapp.train.records import read_records, write_record
+
+CONFIGS = Path(__file__).parent.parent / "jobs" / "configs"
+
+
+def _sweep(tmp_path, **kw) -> SweepConfig:
+    data = {"name": "s", "storage": str(tmp_path), "tasks": ["SST-2"], "seeds": [13, 21],
+            "grid": {"lr": [1e-4, 1e-3]}, "methods": {"prompt": {"method": "prompt"}}, **kw}
+    return build(SweepConfig, data)
+
+
+# --- plan and methods -----------------------------------------------------------------------
+
+def test_shipped_configs_plan_the_papers_grid():
+    paper = load_config(SweepConfig, CONFIGS / "sweep-smash-table2.yaml")
+    assert len(paper.tasks) == 12 and paper.seeds == [13, 21, 42, 87, 100]
+    assert len(paper.method("prompt-ft").points()) == 6 and paper.method("zero-shot").points() == [{}]
+    assert paper.phases[-1] == ["distill"]  # reads the teacher's best runs: after them
+    rte = paper.recipe_config({"method": "smash", "task": "RTE", "seed": 13, "point": {"lr": 1e-5, "batch_size": 2}},
+                              "x", sweep._unfilled)
+    sst2 = paper.recipe_config({"method": "smash", "task": "SST-2", "seed": 13, "point": {"lr": 1e-5, "batch_size": 2}},
+                               "x", sweep._unfilled)
+    assert rte.init.endswith("smash-pairs/student") and rte.max_length == 128
+    assert sst2.init.endswith("smash-sentiment/student") and sst2.max_length == 64
+    local = load_config(SweepConfig, CONFIGS / "sweep-smash-table2_local.yaml")
+    assert local.tasks == ["SST-2", "RTE"] and len(local.seeds) == 5
+    assert all(len(local.method(m).points()) == 2 for m in local.method_names if m != "zero-shot")
+    assert not local.storage.startswith("s3://") and paper.storage.startswith("s3://")
+
+
+def test_trials_resolve_placeholders_and_layers(tmp_path):
+    cfg = _sweep(tmp_path, base={"model": "base-model", "max_steps": 7}, per_task={"SST-2": {"max_length": 64}},
+                 methods={"teacher": {"method": "prompt", "model": "big"},
+                          "distill": {"method": "prompt", "teacher": "{best:teacher}", "kd_weight": 0.5,
+                                      "per_task": {"SST-2": {"max_steps": 9}}},
+                          "zero": {"method": "zero-shot", "grid": {}}})
+    assert cfg.phases == [["teacher", "zero"], ["distill"]]
+    assert [t["point"] for t in cfg.trials() if t["method"] == "teacher" and t["seed"] == 13] == [{"lr": 1e-4}, {"lr": 1e-3}]
+    assert len(cfg.trials()) == 2 * 2 + 2 * 2 + 2
+    trial = {"method": "distill", "task": "SST-2", "seed": 21, "point": {"lr": 1e-3}}
+    rc = cfg.recipe_config(trial, "run-x", lambda p: f"ckpt-of-{p}")
+    assert (rc.teacher, rc.kd_weight, rc.model, rc.max_length, rc.max_steps) == \
+           ("ckpt-of-best:teacher", 0.5, "base-model", 64, 9)
+    assert (rc.lr, rc.seed, rc.task, rc.k, rc.name, rc.output_dir) == (1e-3, 21, "SST-2", 16, "run-x", cfg.experiment)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"grid": {"lr": []}}, r"grid\.lr must be a non-empty list"),
+    ({"methods": {"a": {"method": "prompt", "grid": {"batch_size": []}}}}, r"methods\.a\.grid\.batch_size must be a non-empty"),
+    ({"methods": {}}, "the sweep has no methods"),
+    ({"methods": {"a": {"recipe": "nope"}}}, "method 'a': unknown recipe 'nope'"),
+    ({"methods": {"a": {"teacher": "{best:b}"}}}, r"uses \{best:b\} but there is no method 'b'"),
+    ({"methods": {"a": {"teacher": "{best:b}"}, "b": {"teacher": "{best:a}"}}}, "in a cycle"),
+    ({"methods": {"a": {"lr": 1e-5}}}, r"method 'a' sets \['lr'\], which its grid varies"),
+    ({"methods": {"a": {"seed": 13}}}, "method 'a' sets 'seed', which the sweep sets"),
+    ({"methods": {"a": {"lerning_rate": 1}}}, None),  # checked per trial, see below
+    ({"tables": [{"rows": ["a-typo"]}]}, "table 'table': unknown method 'a-typo'"),
+    ({"per_task": {"RTE": {"max_length": 64}}}, r"per_task\.RTE: 'RTE' is not one of the sweep's tasks"),
+    ({"methods": {"a": {"model": "{student:x}"}}}, r"uses \{student:x\} but students has no 'x'"),
+])
+def test_bad_sweep_configs_are_one_line_errors(tmp_path, kw, match):
+    if match is None:
+        with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['lerning_rate'\]"):
+            sweep.check(_sweep(tmp_path, **kw))
+        return
+    with pytest.raises(ConfigError, match=match):
+        _sweep(tmp_path, **kw)
+
+
+def _cli_error(capsys, args) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_bad_input_through_the_cli(tmp_path, capsys):
+    cfg_file = tmp_path / "s.yaml"
+    base = {"name": "s", "storage": str(tmp_path / "runs"), "tasks": ["SST-2"], "seeds": [13],
+            "grid": {"lr": [1e-4]}, "methods": {"prompt": {"method": "prompt", "model": str(asset("models", "minilm-l6-mlm-wiki"))}}}
+
+    def run(**kw):
+        cfg_file.write_text(yaml.safe_dump({**base, **kw}))
+        return _cli_error(capsys, ["sweep", "--config", str(cfg_file)])
+
+    assert "unknown task 'NOPE'" in run(tasks=["NOPE"])
+    assert "grid.lr must be a non-empty list" in run(grid={"lr": []})
+    assert "unknown method 'teacher'" in run(tables=[{"rows": ["teacher"]}])
+    # a split directory with a missing file: named, with the task and seed
+    data = tmp_path / "k-shot" / "SST-2" / "16-13"
+    data.mkdir(parents=True)
+    shutil.copy(asset("fewshot", "k-shot", "SST-2", "16-13", "train.tsv"), data)
+    err = run(base={"data_dir": str(tmp_path / "k-shot")})
+    assert "task SST-2 split seed 13" in err and str(data / "dev.tsv") in err
+    assert "not a sweep directory" in _cli_error(capsys, ["sweep", "--resume", str(tmp_path / "nothing")])
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("records"))
+
+
+def test_unknown_task_and_missing_split_errors_name_the_input(tmp_path):
+    with pytest.raises(PromptError, match="unknown task 'NOPE'"):
+        sweep.check(_sweep(tmp_path, tasks=["NOPE"]))
+    with pytest.raises(DataError, match="task SST-2 split seed 7"):
+        sweep.check(_sweep(tmp_path, seeds=[7]))
+
+
+def test_asha_compares_grid_points_of_one_split_only():
+    """A weak split (all grid points low) is not stopped because another split scores higher."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+    def trial(i, seed):
+        return SimpleNamespace(trial_id=f"t{i}", config={"trial": {"method": "m", "task": "RTE", "seed": seed}})
+
+    trials = [trial(0, 13), trial(1, 13), trial(2, 21)]
+    results = [0.9, 0.8, 0.2]
+    grouped = sweep.GroupedASHA(grace_period=1, reduction_factor=2, max_t=10)
+    grouped.set_search_properties("dev", "max")
+    plain = AsyncHyperBandScheduler(time_attr="step", metric="dev", mode="max", grace_period=1, reduction_factor=2,
+                                    max_t=11)
+    decisions = {}
+    for name, sched in (("grouped", grouped), ("plain", plain)):
+        for t in trials:
+            sched.on_trial_add(None, t)
+        decisions[name] = [sched.on_trial_result(None, t, {"step": 1, "dev": d}) for t, d in zip(trials, results)]
+    assert decisions["plain"][2] == TrialScheduler.STOP  # compared with another split's trials
+    assert decisions["grouped"][2] == TrialScheduler.CONTINUE  # alone in its split
+    assert len(grouped._groups) == 2
+
+
+# --- records concurrent trials cannot lose -----------------------------------------------------
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_records_written_at_once_are_all_kept(where, tmp_path, s3_server):
+    if where == "s3":
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="sweep-records")
+        out = "s3://sweep-records/exp"
+    else:
+        out = str(tmp_path / "exp")
+    n = 8
+    barrier = threading.Barrier(n)
+
+    def trial(i):
+        barrier.wait()  # every writer at the same moment
+        return write_record(out, {"name": f"run-{i}", "status": "done", "i": i})
+
+    with ThreadPoolExecutor(n) as pool:
+        uris = list(pool.map(trial, range(n)))
+    assert len(set(uris)) == n
+    assert sorted(r["i"] for r in read_records(out)) == list(range(n))
+
+
+# --- a tiny sweep through Tune: killed, resumed, reported -------------------------------------
+
+def _independent_cells(records: list[dict], grid: list[float]) -> dict[str, str]:
+    """`mean (std)` per method, computed here from the records: per split the best dev (ties
+    to the earlier grid point), its test x100; numpy's std over splits."""
+    out = {}
+    for method in sorted({r["sweep"]["method"] for r in records}):
+        tests = []
+        for seed in sorted({r["sweep"]["seed"] for r in records}):
+            mine = {r["sweep"]["point"]["lr"]: r for r in records
+                    if r["sweep"]["method"] == method and r["sweep"]["seed"] == seed}
+            best = None
+            for lr in grid:
+                if best is None or mine[lr]["best_dev"] > best["best_dev"]:
+                    best = mine[lr]
+            tests.append(100 * best["test"])
+        out[method] = f"{np.mean(tests):.1f} ({np.std(tests):.1f})"
+    return out
+
+
+def test_tiny_sweep_is_killed_resumed_and_reported(ray_cluster, tiny_bert, tmp_path, capsys):
+    grid = [3e-3, 3e-4]
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "name": "tiny", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13, 21],
+        "grid": {"lr": grid},
+        "base": {"model": tiny_bert, "max_steps": 3, "eval_every": 1, "batch_size": 8, "eval_batch_size": 128},
+        "methods": {"prompt": {"method": "prompt", "label": "prompt FT"}, "classifier": {"method": "classifier"}}}))
+    cfg = load_config(SweepConfig, cfg_file)
+    exp = Path(cfg.experiment)
+    assert sweep.concurrency(cfg) == 2  # two 1-CPU trials side by side on the 2-CPU cluster
+
+    # the driver in its own process group on the session's cluster; killed once some trials finished
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "rayapp.cli", "sweep", "--config", str(cfg_file)], env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finished():
+        folder = exp / "records"
+        return list(folder.glob("*.json")) if folder.is_dir() else []
+
+    def two_finished():
+        if driver.poll() is not None:
+            raise AssertionError(f"the sweep driver exited ({driver.returncode}) before it was killed")
+        return len(finished()) >= 2
+
+    try:
+        wait_until(two_finished, timeout=900, what="two finished trials")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    before = {f.name: f.stat().st_mtime_ns for f in finished()}
+    assert 2 <= len(before) < 8
+
+    # --resume completes it: all 8 trials, the finished ones untouched
+    assert main(["sweep", "--resume", str(exp)]) == 0
+    summary = capsys.readouterr().out
+    records = [json.loads(f.read_text()) for f in sorted((exp / "records").glob("*.json"))]
+    assert len(records) == 8 and all(r["status"] == "done" for r in records), summary
+    assert {f: (exp / "records" / f).stat().st_mtime_ns for f in before} == before
+    assert len({(r["sweep"]["method"], r["sweep"]["seed"], r["sweep"]["point"]["lr"]) for r in records}) == 8
+    # every trial reported dev to Tune, which logged it for TensorBoard
+    logged = {f.parent.name for f in exp.glob("tune-0/*/events.out.tfevents*")}
+    assert all(any(d.startswith(r["name"]) for d in logged) for r in records), logged
+
+    # the report's cells are the independently computed mean (std) of the best-dev trials' tests
+    assert main(["report", str(exp), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "table.md").read_text()
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip().strip("*") for line in md.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    expected = _independent_cells(records, grid)
+    assert rows == {"prompt FT": expected["prompt"], "classifier": expected["classifier"]}
+    assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
