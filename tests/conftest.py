@@ -92,10 +92,11 @@ def ray_head(s3_server):
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-             "--num-cpus", "4", "--temp-dir", temp_dir, "--disable-usage-stats",
+             "--num-cpus", "4",  # logical: two small pipeline jobs at once on a 2-core machine
+             "--temp-dir", temp_dir, "--disable-usage-stats",
              *(str(a) for kv in ports.items() for a in kv)],
             env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    head = RayHead(f"http://127.0.0.1:{dashboard}", {**head_env}, log)
+    head = RayHead(f"http://127.0.0.1:{dashboard}", head_env, log)
 
     def ready():
         if proc.poll() is not None:
@@ -106,7 +107,7 @@ def ray_head(s3_server):
             return None
 
     try:
-        wait_until(ready, timeout=120, what="the head node's dashboard")
+        wait_until(ready, timeout=300, what="the head node's dashboard")
         yield head
     finally:
         # SIGTERM to `ray start` itself, which stops the processes of its group (to the whole
