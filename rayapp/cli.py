@@ -72,8 +72,8 @@ def cmd_fewshot(args) -> None:
 # what each recipe's command prints of its record
 _SHOWN = {
     "finetune": ("name", "task", "method", "metric", "best_step", "best_dev", "test", "checkpoint"),
-    "distill": ("name", "setting", "objective", "steps", "first_loss", "last_loss", "restarts", "model"),
-    "pretrain": ("name", "steps", "masked_accuracy", "model"),
+    "distill": ("name", "setting", "objective", "step", "first_loss", "last_loss", "restarts", "model"),
+    "pretrain": ("name", "step", "masked_accuracy", "model"),
     "prompt-distill": ("name", "task", "method", "metric", "best_step", "best_dev", "test", "probe_dev_acc",
                        "pseudo_label_agreement", "checkpoint"),
 }

@@ -60,7 +60,7 @@ def _cfg(tmp_path, **kw) -> DistillConfig:
 
 def test_distill_from_cache_then_finetune(cache, student, tmp_path):
     rec = run(_cfg(tmp_path, student=student, data=cache, engine=EngineConfig(num_workers=2, cpus_per_worker=0.5)))
-    assert rec["steps"] == 12 and rec["last_loss"] < rec["first_loss"]
+    assert rec["step"] == 12 and rec["last_loss"] < rec["first_loss"]
     assert rec["restarts"] == []
     # the exported student is an HF dir, and prompt FT starts from it
     AutoModelForMaskedLM.from_pretrained(rec["model"])
@@ -102,7 +102,7 @@ def test_deepspeed_zero2_survives_a_killed_worker(cache, student, tmp_path):
     registered = registered["metrics"]["step"]
     thread.join(timeout=900)
     assert not thread.is_alive() and result, "distillation did not finish after the worker was killed"
-    assert result["steps"] == 600 and registered < 600
+    assert result["step"] == 600 and registered < 600
     (resumed_at,) = result["restarts"]  # exactly one restart, from the latest checkpoint
     # at most one checkpoint interval of steps was lost: it resumed from the newest checkpoint
     assert resumed_at >= registered and resumed_at % 10 == 0
@@ -130,13 +130,33 @@ def test_distilbert_setting_trains_on_raw_corpus_text(student, tiny_roberta, tmp
     corpus.write_text("\n\n".join(" ".join(doc) for doc in DOCS) + "\n")
     rec = run(_cfg(tmp_path, student=student, teacher=tiny_roberta, data=str(corpus), setting=5, max_steps=2,
                    batch_size=4, log_every=1))
-    assert rec["objective"] == "distilbert" and rec["steps"] == 2
+    assert rec["objective"] == "distilbert" and rec["step"] == 2
     assert read_records(str(tmp_path / "runs"))[0]["name"] == rec["name"]
 
 
-def test_workers_that_leave_no_cpu_for_streaming(cache, student, tmp_path):
-    with pytest.raises(ConfigError, match="leaving none for Ray Data to stream the training data"):
-        run(_cfg(tmp_path, student=student, data=cache, engine=EngineConfig(num_workers=2)))
+def test_resubmitted_run_trains_exactly_the_unseen_batches(ray_cluster, cache, student, tmp_path):
+    """A run killed mid-way and submitted again (same config -> same name) resumes from its
+    last checkpoint and trains on exactly the rows an uninterrupted run trains on next."""
+    import subprocess
+    import sys
+
+    kw = dict(student=student, data=cache, max_steps=300, checkpoint_every=10, log_every=50, batch_size=4)
+    full = run(_cfg(tmp_path / "full", **kw))
+    cfg = _cfg(tmp_path / "cut", **kw)
+    script = (f"import ray, pickle; ray.init(address={ray_cluster.get_runtime_context().gcs_address!r}); "
+              f"from rayapp.recipes.distill import run; run(pickle.loads({__import__('pickle').dumps(cfg)!r}))")
+    driver = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "cut" / "runs" / full["name"]
+    try:
+        registered = wait_until(lambda: _registered(run_dir), timeout=600, what="a registered checkpoint")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the job's driver dies mid-run
+        driver.wait()
+    resumed = run(cfg)
+    assert resumed["name"] == full["name"] and registered["metrics"]["step"] < 300
+    assert len(resumed["restarts"]) == 1 and resumed["restarts"][0] % 10 == 0
+    assert resumed["data_digest"] == full["data_digest"] and len(full["data_digest"]) == 300
 
 
 def test_distill_config_errors(cache, tiny_bert, tmp_path):

@@ -39,7 +39,8 @@ from rayapp.tasks.prompts import PromptEncoder
 from rayapp.tasks.registry import INTERMEDIATE_TASKS, MAX_LENGTH
 from rayapp.train.config import TrainConfig
 from rayapp.train.engine import split_batch
-from rayapp.train.loop import Setup, stream_batches
+from rayapp.train.loop import Setup
+from rayapp.train.stream import plan_blocks, stream_batches
 from rayapp.train.run import export_model, run_recipe
 
 Objective = Literal["ce", "ce+hidden", "ce+attn", "distilbert", "rule", "hard-label"]
@@ -134,7 +135,8 @@ def setup(cfg: DistillConfig, inputs: dict, device) -> Setup:
     ctx = objectives.Context(cfg, task, encoder.label_word_ids if encoder else None)
     return Setup(model=LogitsAt(load_mlm(student_dir, **attn)),
                  objective=objectives.bind(cfg.objective_name, teacher, ctx),
-                 batches=lambda first, micro, accum: stream_batches(to_batch, micro, accum, first, f"data {cfg.data}"),
+                 batches=lambda first, micro, accum: stream_batches(inputs["blocks"], to_batch, micro, accum, first,
+                                                                    cfg.train_seed),
                  tokenizer=tokenizer, desc=f"distill {cfg.objective}")
 
 
@@ -142,7 +144,8 @@ def run(cfg: DistillConfig, callbacks=()) -> dict:
     """Distil on Ray Train; returns the run's record (`<output_dir>/records/<name>.json`)."""
     import ray
 
-    from rayapp.data.mlm_text import read_text_chunks
+    from rayapp.data.mlm_text import build_text_chunks
+    from rayapp.data.shards import shard_uris
 
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)
     # user mistakes fail here, as one line, before Ray starts
@@ -151,25 +154,23 @@ def run(cfg: DistillConfig, callbacks=()) -> dict:
         check_model(cfg.teacher)
     task_name = cfg.task
     if cfg.uses_cache:
-        from rayapp.data.teacher_cache import cache_meta, read_cache
+        from rayapp.data.teacher_cache import cache_meta
 
         meta = cache_meta(cfg.data)
         task_name = meta["plan"]["task"]
         check_cache_vocabulary(cfg.student, meta, cfg.data)
-    if not ray.is_initialized():
-        ray.init()
-    if cfg.uses_cache:
-        dataset = read_cache(cfg.data)
-    elif cfg.objective == "distilbert":
-        dataset = read_text_chunks(cfg.data, cfg.max_length or DISTILBERT_MAX_LENGTH)
+    if cfg.objective == "distilbert":  # raw text, materialised once as a data folder
+        if not ray.is_initialized():
+            ray.init()
+        data = build_text_chunks(cfg.data, cfg.output_dir, cfg.max_length or DISTILBERT_MAX_LENGTH, 0)
     else:
-        fs, path = storage.filesystem(cfg.data)
-        dataset = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+        data = cfg.data
+    blocks = plan_blocks(shard_uris(data), cfg.engine.num_workers)
     max_length = cfg.max_length or (DISTILBERT_MAX_LENGTH if cfg.objective == "distilbert" else MAX_LENGTH[task_name])
-    inputs = {"task": task_name, "max_length": max_length, "student": portable_model(cfg.student),
+    inputs = {"task": task_name, "max_length": max_length, "blocks": blocks, "student": portable_model(cfg.student),
               "teacher": portable_model(cfg.teacher) if cfg.objective in NEEDS_TEACHER else None}
     return run_recipe("distill", cfg, setup, inputs, {"setting": cfg.setting, "objective": cfg.objective},
-                      prefix=f"distill-{cfg.objective}", datasets={"train": dataset}, callbacks=callbacks,
+                      prefix=f"distill-{cfg.objective}", callbacks=callbacks,
                       derive=lambda record: export_model(cfg.output_dir, record, "student"))
 
 

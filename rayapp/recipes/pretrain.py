@@ -14,14 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from rayapp.data.mlm_text import held_out, read_text_chunks
+from rayapp.data.mlm_text import build_text_chunks
+from rayapp.data.shards import require_meta, shard_uris
 from rayapp.errors import ConfigError
 from rayapp.modeling.batches import MLMBatcher
 from rayapp.modeling.models import LogitsAt, check_model, load_mlm, load_tokenizer, local_model_dir, portable_model
 from rayapp.recipes import objectives
 from rayapp.train.config import TrainConfig
 from rayapp.train.engine import split_batch
-from rayapp.train.loop import Setup, stream_batches
+from rayapp.train.loop import Setup
+from rayapp.train.stream import plan_blocks, stream_batches
 from rayapp.train.run import export_model, run_recipe
 
 
@@ -69,7 +71,8 @@ def setup(cfg: PretrainConfig, inputs: dict, device) -> Setup:
                           cfg.train_seed * 1000 + 1 + ray.train.get_context().get_world_rank())
     return Setup(model=LogitsAt(load_mlm(model_dir)),
                  objective=objectives.bind("mlm", None, objectives.Context(cfg, task=None)),
-                 batches=lambda first, micro, accum: stream_batches(to_batch, micro, accum, first, f"data {cfg.data}"),
+                 batches=lambda first, micro, accum: stream_batches(inputs["blocks"], to_batch, micro, accum, first,
+                                                                    cfg.train_seed),
                  evaluate=lambda m: {"masked_accuracy": masked_accuracy(m, eval_batches, device)},
                  tokenizer=tokenizer, desc="mlm pretrain")
 
@@ -81,11 +84,10 @@ def run(cfg: PretrainConfig, callbacks=()) -> dict:
     check_model(cfg.model)  # before Ray starts
     if not ray.is_initialized():
         ray.init()
-    text = read_text_chunks(cfg.data, cfg.max_length)
-    held = [r["text"] for r in text.filter(lambda r: held_out(r["text"])).take(cfg.eval_examples)]
-    train = text.filter(lambda r: not held_out(r["text"]))
-    return run_recipe("pretrain", cfg, setup, {"model": portable_model(cfg.model), "held_out": held}, {},
-                      datasets={"train": train}, callbacks=callbacks,
+    text = build_text_chunks(cfg.data, cfg.output_dir, cfg.max_length, cfg.eval_examples)
+    inputs = {"model": portable_model(cfg.model), "held_out": require_meta(text)["held_out"],
+              "blocks": plan_blocks(shard_uris(text), cfg.engine.num_workers)}
+    return run_recipe("pretrain", cfg, setup, inputs, {"text": text}, callbacks=callbacks,
                       derive=lambda record: {**export_model(cfg.output_dir, record, "model"),
                                              "masked_accuracy": [[s, m["masked_accuracy"]] for s, m in record["evals"]]})
 

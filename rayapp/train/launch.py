@@ -7,17 +7,13 @@ job after a lost head node continue from its last checkpoint.
 """
 from __future__ import annotations
 
-import ipaddress
-import logging
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 from rayapp import storage as st
-from rayapp.errors import ConfigError, find_user_error
+from rayapp.errors import find_user_error
 from rayapp.train.engine import Engine, EngineConfig
-
-log = logging.getLogger(__name__)
 
 
 def report(metrics: dict, engine: Engine | None = None, state: dict | None = None, tokenizer=None) -> None:
@@ -43,34 +39,6 @@ def restore(engine: Engine) -> dict | None:
         return engine.load(d)
 
 
-def _is_local_cluster(nodes: list[dict]) -> bool:
-    """A cluster whose nodes all sit on loopback is one machine: it cannot grow."""
-    try:
-        return all(ipaddress.ip_address(n["NodeManagerAddress"]).is_loopback for n in nodes if n.get("Alive"))
-    except (KeyError, ValueError):
-        return False
-
-
-def check_room_for_data(cfg: EngineConfig) -> None:
-    """Ray Data's read tasks need a CPU beside the CPU workers, or the workers wait for data
-    forever. On a one-machine cluster that is an error now; a real cluster may autoscale, so
-    there it is only a warning."""
-    import ray
-
-    if cfg.use_gpu:
-        return
-    nodes = ray.nodes()
-    total = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes if n.get("Alive"))
-    if total - cfg.num_workers * cfg.cpus_per_worker >= 1:
-        return
-    msg = (f"{cfg.num_workers} workers x {cfg.cpus_per_worker} CPUs take all {total:g} CPUs of the cluster, "
-           "leaving none for Ray Data to stream the training data; lower engine.cpus_per_worker (e.g. 0.5) "
-           "or engine.num_workers, or add nodes")
-    if _is_local_cluster(nodes):
-        raise ConfigError(msg)
-    log.warning("%s (waiting for the autoscaler to add CPUs)", msg)
-
-
 def scaling_config(cfg: EngineConfig):
     from ray.train import ScalingConfig
 
@@ -79,7 +47,7 @@ def scaling_config(cfg: EngineConfig):
 
 
 def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *, storage: str, name: str,
-           datasets: dict | None = None, keep_checkpoints: int = 2, callbacks: Sequence = ()):
+           keep_checkpoints: int = 2, callbacks: Sequence = ()):
     """Run `loop` on `cfg.num_workers` Ray Train workers; returns the `ray.train.Result`.
     `storage` is a local dir or `s3://` URI (RunConfig storage); the run lives in
     storage/name. `callbacks` go to the RunConfig (a Tune trial passes its report callback)."""
@@ -89,8 +57,6 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
 
     if not ray.is_initialized():
         ray.init()  # the embedded default: a local cluster on this machine
-    if datasets:
-        check_room_for_data(cfg)
     fs, path = st.filesystem(storage)
     if not st.is_remote(storage):  # workers run in other directories: absolute paths only
         path = str(Path(path).resolve())
@@ -107,7 +73,6 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=list(callbacks),
         ),
-        datasets=datasets,
     )
     try:
         return trainer.fit()

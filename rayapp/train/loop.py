@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from rayapp.errors import DataError
 from rayapp.train.config import TrainConfig
 from rayapp.train.engine import Engine, split_batch
 from rayapp.train.launch import report, restore
+from rayapp.train.stream import pop_digest
 
 Batches = Iterator[list[dict]]  # one list of `grad_accum` micro-batches per optimizer step
 
@@ -68,31 +68,6 @@ class Progress:
             self.bar.close()
 
 
-def stream_batches(to_batch: Callable[[dict], dict], micro: int, accum: int, first_step: int,
-                   what: str) -> Batches:
-    """This worker's Ray Data shard ("train") as `accum` micro-batches per step; epochs re-read
-    the shard. After a restart the rows the first `first_step` steps consumed are skipped as
-    rows: they are read, never tokenised or batched again."""
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("train")
-    skip, pending = first_step * accum * micro, []
-    while True:
-        empty = True
-        for rows in shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True):
-            empty = False
-            if skip > 0:
-                skip -= len(next(iter(rows.values())))
-                continue
-            pending.append(to_batch(rows))
-            if len(pending) == accum:
-                yield pending
-                pending = []
-        if empty:
-            raise DataError(f"{what} gives no full batch of {micro} rows per worker; lower batch_size "
-                            "or build more examples")
-
-
 def snapshot(module: torch.nn.Module) -> dict:
     """A copy of the weights that later optimizer steps do not change."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -120,7 +95,7 @@ def train_loop(loop_cfg: dict) -> None:
         best_weights = snapshot(engine.module) if setup.select and state["best"] is not None else None
     else:
         state = {"step": 0, "done": False, "best": None, "best_step": None, "evals": [], "loss_curve": [],
-                 "throughput": [], "restarts": []}
+                 "throughput": [], "restarts": [], "data_digest": []}
         best_weights = None
 
     def evaluate(step: int) -> dict:
@@ -138,6 +113,9 @@ def train_loop(loop_cfg: dict) -> None:
         window, tokens, started = [], 0, time.perf_counter()
         for step in range(state["step"] + 1, steps + 1):
             step_batches = next(batches)
+            rows = pop_digest(step_batches)
+            if rows is not None:  # which rows each step trained on: resume is checked against it
+                state["data_digest"].append([step, rows])
             logs = engine.train_step(step_batches, setup.objective)
             tokens += sum(int(b["attention_mask"].sum()) for b in step_batches if "attention_mask" in b)
             window.append(logs)
@@ -167,6 +145,6 @@ def train_loop(loop_cfg: dict) -> None:
         state.update(step=steps, done=True)
     final = setup.finish(engine.module) if setup.finish is not None else {}
     selected = {setup.select: state["best"]} if setup.select else {}
+    curves = ("step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts", "data_digest")
     report({"final": True, **selected, **final, "loop_seconds": round(time.perf_counter() - loop_started, 2),
-            **{k: state[k] for k in ("step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts")}},
-           engine, dict(state), setup.tokenizer)
+            **{k: state[k] for k in curves}}, engine, dict(state), setup.tokenizer)

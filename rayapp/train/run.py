@@ -11,11 +11,11 @@ from rayapp.train.loop import train_loop
 from rayapp.train.records import run_name, write_record
 
 # what the loop's final report carries besides the recipe's own final metrics
-_LOOP_KEYS = ("final", "step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts", "loop_seconds")
+_LOOP_KEYS = ("final", "step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts", "loop_seconds", "data_digest")
 
 
 def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, prefix: str | None = None,
-               datasets: dict | None = None, callbacks: Sequence = (), keep_checkpoints: int = 2,
+               callbacks: Sequence = (), keep_checkpoints: int = 2,
                derive: Callable[[dict], dict] | None = None) -> dict:
     """Run `setup`'s recipe on Ray Train as `<output_dir>/<name>` and write its record.
 
@@ -25,7 +25,7 @@ def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, 
     name = cfg.name or run_name(prefix or recipe, cfg)
     started = time.time()
     result = launch(train_loop, {"cfg": cfg, "setup": setup, **inputs}, cfg.engine, storage=cfg.output_dir,
-                    name=name, datasets=datasets, callbacks=callbacks, keep_checkpoints=keep_checkpoints)
+                    name=name, callbacks=callbacks, keep_checkpoints=keep_checkpoints)
     metrics = dict(result.metrics)
     record = {"recipe": recipe, "name": name, "config": to_dict(cfg), **extra,
               **{k: metrics.pop(k) for k in _LOOP_KEYS if k in metrics},
