@@ -228,3 +228,55 @@ def test_tinybert_across_tokenizers_matches_first_tokens_through_a_projection(ti
     assert set(parts) == {"ce", "kd", "hidden"} and parts["hidden"].item() > 0
     loss.backward()
     assert student.proj.weight.grad.abs().sum() > 0
+
+
+# --- as sweep methods ------------------------------------------------------------------------
+
+def test_shipped_pd_sweep_configs_plan_table1_and_table2():
+    from pathlib import Path
+
+    from rayapp.config import load_config
+    from rayapp.sweep.spec import SweepConfig
+
+    configs = Path(__file__).parent.parent / "jobs" / "configs"
+    paper = load_config(SweepConfig, configs / "sweep-pd-table1.yaml")
+    assert paper.tasks == ["MNLI", "MNLI-mm", "mpqa", "mr", "RTE", "SNLI", "SST-2", "trec"] and len(paper.seeds) == 5
+    assert set(paper.phases[0]) == {"teacher-ft", "student-ft", "teacher-pt", "student-pt"}  # T first
+    trial = {"method": "pd-no-unlabelled", "task": "mpqa", "seed": 13, "point": {"alpha": 10.0}}
+    rc = paper.recipe_config(trial, "x", lambda p: f"<{p}>")
+    assert (rc.teacher, rc.tuned_teacher, rc.unlabelled, rc.variant) == \
+           ("roberta-large", "<best:teacher-pt>", False, "prompt-distiller-no-unlabelled")
+    assert (rc.batch_size, rc.lr, rc.lambda1, rc.lambda2, rc.n, rc.k) == (4, 1e-5, 0.2, 0.2, 10, 16)
+    assert [t.name for t in paper.tables] == ["table1", "table2"]
+    local = load_config(SweepConfig, configs / "sweep-pd-table1_local.yaml")
+    assert local.tasks == ["SST-2", "mr"] and len(local.seeds) == 5 and local.method_names == paper.method_names
+    assert local.student_specs["minilm-l3"].teacher.endswith("minilm-l6-mlm-wiki")
+
+
+def test_two_split_sweep_with_pd_prompt_kd_and_an_ablation(ray_cluster, tiny_bert, tiny_roberta, tmp_path, capsys):
+    """Three PD methods x 2 splits through Ray Tune; the report has a row for each."""
+    import yaml
+
+    from rayapp.cli import main
+
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "name": "pd", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13, 21], "grid": {},
+        "base": {"model": tiny_roberta, "teacher": tiny_bert, "tuned_teacher": tiny_bert, "max_steps": 2,
+                 "eval_every": 2, "n": 1, "probe_steps": 5, "eval_batch_size": 128},
+        "methods": {"pd": {"recipe": "prompt-distill", "label": "Prompt-Distiller"},
+                    "prompt-kd": {"recipe": "prompt-distill", "method": "prompt-kd", "label": "Prompt-KD"},
+                    "pd-no-cl": {"recipe": "prompt-distill", "contrastive": False, "label": "PD w/o contrastive"}},
+        "tables": [{"name": "table2", "rows": ["pd", "pd-no-cl", "prompt-kd"]}]}))
+    assert main(["sweep", "--config", str(cfg_file)]) == 0
+    exp = tmp_path / "sweeps" / "pd"
+    records = [json.loads(f.read_text()) for f in sorted((exp / "records").glob("*.json"))]
+    assert len(records) == 6 and all(r["status"] == "done" for r in records)
+    assert {(r["sweep"]["method"], r["method"]) for r in records} == {
+        ("pd", "prompt-distiller"), ("prompt-kd", "prompt-kd"), ("pd-no-cl", "prompt-distiller-no-contrastive")}
+    assert all(r["pseudo_label_agreement"]["total"] == 32 for r in records if r["sweep"]["method"] != "prompt-kd")
+    capsys.readouterr()
+    assert main(["report", str(exp), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "table2.md").read_text()
+    rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "method" not in line]
+    assert rows == ["Prompt-Distiller", "PD w/o contrastive", "Prompt-KD"]
