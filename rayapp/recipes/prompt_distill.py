@@ -45,7 +45,9 @@ Where we differ from the paper (the paper does not say): the probe architecture
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -178,8 +180,6 @@ def tuned_teacher(cfg: PromptDistillConfig, split: FewShotSplit) -> str:
     fcfg.name = fcfg.name or run_name(f"teacher-{fcfg.method}-{split.task}-{cfg.k}-{cfg.seed}", fcfg)
     cached = storage.join(fcfg.output_dir, RECORDS, f"{fcfg.name}.json")
     if storage.exists(cached):
-        import json
-
         return json.loads(storage.read_text(cached))["checkpoint"]
     return finetune.run(fcfg, split)["checkpoint"]
 
@@ -250,8 +250,9 @@ def _setup_prompt(cfg: PromptDistillConfig, inputs: dict, device) -> Setup:
     y = _labels(task, x)
     sets = {"xu": xu.examples} if cfg.unlabelled else {}
 
-    tuned = load_frozen_mlm(model_source(inputs["tuned_ref"], True), "the prompt-tuned teacher T", device)
-    t_enc = PromptEncoder(load_tokenizer(model_source(inputs["tuned_ref"], True)), task, cfg.max_length)
+    t_src = model_source(inputs["tuned_ref"], True)
+    tuned = load_frozen_mlm(t_src, "the prompt-tuned teacher T", device)
+    t_enc = PromptEncoder(load_tokenizer(t_src), task, cfg.max_length)  # T' has T's tokenizer
     views = {"teacher": frozen_view(tuned, t_enc, {}, split, cfg, cfg.contrastive, "T")}
     del tuned
     stats = {}
@@ -399,8 +400,9 @@ def run(cfg: PromptDistillConfig, split: FewShotSplit | None = None, callbacks=(
     check_model(cfg.teacher)
     if cfg.tuned_teacher:  # a classifier for the FT baselines
         check_model(cfg.tuned_teacher, mlm=cfg.method in PROMPT_METHODS)
-    if cfg.method in PROMPT_METHODS and not storage.is_remote(cfg.teacher):
-        load_frozen_mlm(portable_model(cfg.teacher), f"teacher {cfg.teacher!r} (T')", "cpu")  # a headless T' fails now
+    if cfg.method in PROMPT_METHODS and Path(portable_model(cfg.teacher)).is_dir():
+        # a local T' without its MLM head fails here; others are checked where the workers load them
+        load_frozen_mlm(portable_model(cfg.teacher), f"teacher {cfg.teacher!r} (T')", "cpu")
     split = split or load_lmbff(cfg.data_dir, task, k=cfg.k, seed=cfg.seed)
     # drawn on the driver: a pool too small fails here, before any teacher is tuned
     xu = draw_unlabelled(split, task, cfg.n, pool=cfg.unlabelled_pool) if cfg.unlabelled and cfg.method in PROMPT_METHODS \
