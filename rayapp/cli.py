@@ -283,7 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "demo":  # the demo parses its own options (argparse's REMAINDER drops leading ones)
+        args.demo_args = extra + args.demo_args
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except Exception as exc:  # noqa: BLE001 - only user errors are caught below

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +35,21 @@ def _stage(work: Path, name: str, build) -> dict:
     path.write_text(json.dumps(record, indent=1, default=str))
     print(f"[{name}] {record['stage_seconds']} s", flush=True)
     return record
+
+
+def _quiet() -> None:
+    """A clean captured log: no Ray Data progress lines or HF loading bars (the stages print
+    their own progress; Ray's logs stay in /tmp/ray/session_*/logs)."""
+    import logging
+
+    import ray.data
+    import transformers
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core worker's C++ notices
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,8 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env.apply(env.LOCAL)
-    if not ray.is_initialized():  # Ray's own logs go to files, not to this output
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    _quiet()
+    if not ray.is_initialized():  # Ray's own logs go to files; workers only forward progress bars and errors
+        quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
+        ray.init(include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": quiet})
     teacher = str(asset("models", "minilm-l6-mlm-wiki"))
     engine = EngineConfig(num_workers=1)
 
