@@ -46,7 +46,7 @@ def test_fewshot_make(tmp_path, capsys):
     (["finetune", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
     (["fewshot", "show", "--task", "RTE", "--k", "8"], "8-13"),
     (["distill", "setting=3"], "data is required"),
-    (["teacher-cache", "--examples", "nowhere", "--teacher", "x", "--out", "y"], "cannot load tokenizer 'x'"),
+    (["teacher-cache", "--examples", "nowhere", "--teacher", "x", "--out", "y"], "cannot find 'x': no local path"),
 ])
 def test_user_mistakes_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
