@@ -2,35 +2,47 @@
 (`rayapp.data.pairs.build_pairs`) and the teacher top-k cache (`rayapp.data.teacher_cache`).
 
 What is measured, and why:
-- Pairs, examples/s and peak memory at two corpus sizes (default 10k and 200k documents,
-  same number of pairs from each). `build_pairs` claims memory O(N pairs), not O(corpus):
-  the corpus is streamed twice and only sampled candidates are kept. So peak RSS should
-  stay about flat while the corpus grows 20x; time grows with the corpus (two passes).
-- Teacher cache, examples/s of MiniLM-L6 (the local sentence-transformers weights, so the
-  MLM head is freshly initialised: right cost, meaningless distribution) at top_k=64, on
-  pairs taken from the first build.
+- Pairs at corpus scale (issue 18): 2.56M pairs (SMASH's size) from the local Wikipedia
+  (WikiExtractor, 1,717 articles, 25 MB) repeated 10x and 40x (1 GB), written by
+  `write_wikipedia_corpus` into a temporary folder in two shapes: one JSONL file with a
+  document per line (like the common Wikipedia JSONL dumps) and 1,000 WikiExtractor files.
+  Each case runs in a fresh process: `build_pairs` on its own `ray.init(num_cpus=2)`, then,
+  Ray shut down, the plain builder (`plain_pairs`: one process, the whole corpus in
+  memory as Python lists, the same sentence filter, labels and exact counts) on the same
+  corpus, at the CPU priority Ray gives its workers (nice 15), so that others' work on
+  this shared machine slows both alike. Reported: both wall times and their ratio (the
+  speed of `build_pairs` relative to the plain builder), and peak memory as PSS summed
+  over the whole process tree, sampled every 0.25 s (`TreeUsage`; with Ray: driver, GCS, raylet, agents, workers; PSS
+  shares a page among the processes mapping it, so object-store and library pages count
+  once). `build_pairs` should be ahead of the plain builder and its peak flat from 10x to
+  40x. The machine is shared: the load average (others' work) is printed with each case,
+  and so are the CPU seconds of each build (its whole process tree), which that load
+  changes far less than wall time.
+- Teacher cache against bare PyTorch, in one run: the real local teacher
+  (`minilm-l6-mlm-wiki`) at top_k=64 on pairs taken from the first build, in
+  `CACHE_SHARDS` shards (at least two per actor, so the actors finish together). Tokens/s
+  (prompt tokens, padding excluded) of `build_cache`, over the whole call (Ray and actor
+  start-up, teacher loading, reading, encoding, top-k, writing) and over its scoring window
+  (first shard's start to last shard's end), next to a bare PyTorch loop over the same
+  batches (same shards, same length-sorted batches, same `LogitsAt` forward: encoder plus
+  the head at the mask) with `torch.set_num_threads(2)`, timing the forward passes only.
+  The bare loop runs before and after the build so that load from others on this shared
+  machine shows as the spread between its two runs. Tokens per CPU-second (the build: CPU
+  time of all its Ray workers, start-up included; bare: the process's CPU time in the
+  forward passes) compares the work each does, which others' load changes far less.
 - Cache bytes per example: the distribution columns (topk_values fp16 + topk_indices
   int32 + lse + covered) in memory (Arrow) and on disk (parquet), and the whole shard
   files (which also hold the text and input_ids), against the dense fp16 distribution
   (vocab_size * 2 bytes) that the top-k cache replaces.
 
-Corpora are synthesised from the local Wikipedia (WikiExtractor dump, 1,717 articles): its
-paragraphs (lines of >= 20 words) are re-sampled with a seeded RNG into documents of 1-3
-paragraphs, written as JSONL files of at most 2,500 documents (at least 4 files, so Ray
-Data reads them in parallel). A file is read by one task, so a fixed file size keeps the
-per-task working set the same at every corpus size (the default sizes give 4 and 80 files
-of 2,500 documents each); only the number of files grows.
+The cache stage runs in a fresh process with its own `ray.init(num_cpus=2)`. Reported for
+it: the driver's peak RSS (VmHWM; not ru_maxrss, which carries the launching process's
+peak across fork + exec) and the peak, sampled every 0.2 s, of the RSS summed over this
+process's Ray workers (descendants whose process title starts with "ray::", the node's
+agents excepted). Seconds are wall times of whole calls, Ray worker start-up included.
 
-Every stage runs in a fresh process with its own `ray.init(num_cpus=2)`, so no measurement
-inherits another's peak. Reported: the driver's peak RSS (VmHWM; not ru_maxrss, which
-carries the launching process's peak across fork + exec) and the peak, sampled every
-0.2 s, of the RSS summed over this process's Ray workers (descendants whose process title
-starts with "ray::", the node's agents excepted). Summed RSS counts shared pages
-(libraries, object-store mappings) once per worker, so it overstates their real footprint;
-what matters here is how it moves with corpus size. Seconds are the wall time of the
-`build_pairs` / `build_cache` call, Ray worker start-up included.
-
-    python benchmarks/intermediate.py [--docs 10000 200000] [--pairs 20000] [--cache-examples 2000]
+    python benchmarks/intermediate.py [--copies 10 40] [--pairs 2560000] [--cache-examples 2000]
+    python benchmarks/intermediate.py --copies 1 --pairs 100000   # a quick run (minutes)
 """
 from __future__ import annotations
 
@@ -41,6 +53,7 @@ import math
 import os
 import random
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -52,33 +65,202 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DOCS_PER_FILE = 2_500
+CACHE_SHARDS = 8  # of the cache input: 4 per actor on 2 CPUs
+TEACHER = ("models", "minilm-l6-mlm-wiki")
 DIST_COLUMNS = ["topk_values", "topk_indices", "lse", "covered"]
 
 
-def wikipedia_paragraphs() -> list[str]:
-    """Paragraphs of >= 20 words (drops titles and section headings) of the local dump."""
+# --- pairs: the 1 GB case ------------------------------------------------------------------
+
+RAY_WORKER_NICENESS = 15  # Ray's default (RAY_worker_niceness): tasks run at this priority
+SHAPES = {"jsonl": "one JSONL file", "wikiextractor": "1,000 WikiExtractor files"}
+
+
+def write_wikipedia_corpus(folder: Path, copies: int, files: int = 1000) -> None:
+    """The local Wikipedia (WikiExtractor, 1,717 articles, 25 MB) repeated `copies` times,
+    in both SHAPES: `folder/jsonl/wiki.jsonl` (a document per line: id, url, title, text,
+    like the common Wikipedia JSONL dumps) and `folder/wikiextractor/wiki_NNNN`, `files`
+    files of consecutive documents. Copy c of article i is document `i-c`."""
     from rayapp.assets import asset
 
-    paragraphs = []
+    articles = []
     for path in sorted(asset("corpus", "wikipedia-en", "AA").iterdir()):
         text = path.read_text(encoding="utf-8", errors="replace")
-        for doc in re.findall(r"<doc\s[^>]*>(.*?)</doc>", text, re.S):
-            paragraphs += [line for line in doc.splitlines() if len(line.split()) >= 20]
-    return paragraphs
+        articles += [(dict(re.findall(r'(\w+)="([^"]*)"', attrs)), body)
+                     for attrs, body in re.findall(r"<doc\s([^>]*)>(.*?)</doc>", text, re.S)]
+    (folder / "jsonl").mkdir(parents=True)
+    (folder / "wikiextractor").mkdir()
+    total = copies * len(articles)
+    outs = [open(folder / "wikiextractor" / f"wiki_{f:04d}", "w", encoding="utf-8") for f in range(files)]
+    with open(folder / "jsonl" / "wiki.jsonl", "w", encoding="utf-8") as jsonl:
+        for n in range(total):
+            attrs, body = articles[n % len(articles)]
+            ident = f"{attrs['id']}-{n // len(articles)}"
+            jsonl.write(json.dumps({"id": ident, "url": attrs["url"], "title": attrs["title"],
+                                    "text": body.strip()}) + "\n")
+            outs[n * files // total].write(f'<doc id="{ident}" url="{attrs["url"]}" title="{attrs["title"]}">'
+                                           f"{body}</doc>\n")
+    for out in outs:
+        out.close()
 
 
-def write_corpus(paragraphs: list[str], docs: int, folder: Path, seed: int = 0) -> None:
-    """`docs` JSONL documents of 1-3 paragraphs drawn at random from `paragraphs`."""
-    rng = random.Random(seed)
-    folder.mkdir()
-    files = max(4, math.ceil(docs / DOCS_PER_FILE))
-    for f in range(files):
-        with open(folder / f"part-{f:03d}.jsonl", "w", encoding="utf-8") as out:
-            for _ in range(docs // files + (f < docs % files)):
-                text = "\n".join(rng.choices(paragraphs, k=rng.randint(1, 3)))
-                out.write(json.dumps({"text": text}) + "\n")
+def plain_pairs(files: list[str], fmt: str, out: str, num_examples: int, seed: int = 0) -> None:
+    """The plain builder: one process, the whole corpus in memory as Python lists, the same
+    sentence filter (`document_sentences`), labels, exact balanced counts and parquet shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    from rayapp.data.corpus import document_sentences
+    from rayapp.data.pairs import PAIRS_SCHEMA, label_counts
+
+    docs = []  # (doc_id, sentences, positions) of documents with a kept sentence
+    for path in files:
+        data = Path(path).read_text(encoding="utf-8", errors="replace")
+        if fmt == "jsonl":
+            texts = [(f"{path}#{n}", json.loads(line)["text"]) for n, line in enumerate(data.splitlines())]
+        else:
+            texts = re.findall(r'<doc id="([^"]*)"[^>]*>(.*?)</doc>', data, re.S)
+        for doc_id, text in texts:
+            doc = document_sentences(text)
+            if doc.sentences:
+                docs.append((doc_id, doc.sentences, doc.positions))
+    rng, need = random.Random(seed), label_counts(num_examples)
+    adjacent = [(d, i, d, i + 1, 2) for d, (_, _, pos) in enumerate(docs)
+                for i in range(len(pos) - 1) if pos[i + 1] == pos[i] + 1]
+    rows = rng.sample(adjacent, need[2])
+    picked = set()  # label 1: a document weighted by its ordered pairs, then a pair in it
+    weights = [len(pos) * (len(pos) - 1) for _, _, pos in docs]
+    while len(picked) < need[1]:
+        for d in rng.choices(range(len(docs)), weights, k=need[1] - len(picked)):
+            i, j = rng.sample(range(len(docs[d][2])), 2)
+            if abs(docs[d][2][i] - docs[d][2][j]) > 1:
+                picked.add((d, i, d, j, 1))
+    rows += sorted(picked)
+    sentences = [(d, i) for d, (_, s, _) in enumerate(docs) for i in range(len(s))]
+    picked = set()
+    while len(picked) < need[0]:
+        (da, i), (db, j) = rng.choice(sentences), rng.choice(sentences)
+        if da != db:
+            picked.add((da, i, db, j, 0))
+    rows += sorted(picked)
+    rng.shuffle(rows)
+    os.makedirs(out)
+    for s in range(math.ceil(len(rows) / 100_000)):
+        part = rows[s * 100_000:(s + 1) * 100_000]
+        pq.write_table(pa.table({
+            "text_a": [docs[d][1][i] for d, i, _, _, _ in part], "text_b": [docs[d][1][j] for _, _, d, j, _ in part],
+            "label": [r[4] for r in part], "doc_a": [docs[r[0]][0] for r in part],
+            "doc_b": [docs[r[2]][0] for r in part], "sent_a": [docs[d][2][i] for d, i, _, _, _ in part],
+            "sent_b": [docs[d][2][j] for _, _, d, j, _ in part]}, schema=PAIRS_SCHEMA), f"{out}/part-{s:05d}.parquet")
+
+
+class TreeUsage:
+    """This process and its descendants (with Ray running: the driver, GCS, raylet, agents
+    and workers) while the block runs: the peak, sampled every 0.25 s, of their summed PSS
+    (a shared page is split among the processes that map it, so object-store and library
+    pages count once) and the CPU seconds they used (user + system), which others' load on
+    the machine changes far less than wall time."""
+
+    def __init__(self):
+        import psutil
+
+        self.me, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.cpu: dict[int, list[float]] = {}  # pid -> CPU seconds at the start (0: started later), now
+        self.started = False
+
+    def _sample(self) -> None:
+        import psutil
+
+        total = 0
+        for proc in [self.me, *self.me.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+                times = proc.cpu_times()
+                now = times.user + times.system
+                self.cpu.setdefault(proc.pid, [now if not self.started else 0.0, now])[1] = now
+            except psutil.Error:  # exited between listing and reading
+                pass
+        self.peak = max(self.peak, total)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(end - start for start, end in self.cpu.values())
+
+    def __enter__(self):
+        self._sample()  # CPU baseline of the processes that exist already
+        self.started = True
+
+        def sample():
+            while not self.stop.wait(0.25):
+                self._sample()
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._sample()
+
+
+def measure_pairs(corpus: str, fmt: str, out: str, examples: int) -> dict:
+    """In this (fresh) process: `build_pairs` on a local Ray cluster, then, with Ray shut
+    down, the plain builder: seconds and peak PSS of each (Ray: the whole process tree)."""
+    import ray
+
+    from rayapp.data.pairs import build_pairs
+
+    load = [os.getloadavg()[0]]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    with TreeUsage() as ray_usage:
+        start = time.perf_counter()
+        stats = build_pairs(corpus, f"{out}-ray", examples, seed=0, fmt=fmt)
+        ray_seconds = time.perf_counter() - start
+    ray.shutdown()
+    load.append(os.getloadavg()[0])
+    os.nice(RAY_WORKER_NICENESS - os.nice(0))  # the CPU priority Ray's workers ran at
+    with TreeUsage() as plain_usage:
+        start = time.perf_counter()
+        plain_pairs(sorted(str(f) for f in Path(corpus).iterdir()), fmt, f"{out}-plain", examples)
+        plain_seconds = time.perf_counter() - start
+    load.append(os.getloadavg()[0])
+    return {"sources": stats["sources"], "load": load,
+            "ray": {"s": ray_seconds, "cpu_s": ray_usage.cpu_seconds, "mb": ray_usage.peak / 2**20},
+            "plain": {"s": plain_seconds, "cpu_s": plain_usage.cpu_seconds, "mb": plain_usage.peak / 2**20}}
+
+
+def pairs_at_scale(work: Path, copies: list[int], examples: int) -> str:
+    """Every case of the pairs benchmark, printed as a table; returns the first case's
+    `build_pairs` output (the cache stage's input)."""
+    rows, first = [], None
+    for c in copies:
+        folder = work / f"wikipedia-x{c}"
+        write_wikipedia_corpus(folder, c)
+        for fmt, shape in SHAPES.items():
+            corpus, out = folder / fmt, work / f"pairs-x{c}-{fmt}"
+            gb = sum(f.stat().st_size for f in corpus.iterdir()) / 1e9
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                rows.append((shape, c, gb, pool.submit(measure_pairs, str(corpus), fmt, str(out), examples).result()))
+            shutil.rmtree(f"{out}-plain")
+            if first is None:
+                first = f"{out}-ray"
+            else:
+                shutil.rmtree(f"{out}-ray")
+        shutil.rmtree(folder)
+    print(f"\nSMASH sentence pairs: {examples:,} from the local Wikipedia repeated N times; Ray num_cpus=2 on "
+          "this shared machine (load average: others' work, before / after Ray / after plain)")
+    print(f"{'corpus':26s}{'N':>4s}{'GB':>6s}{'sources':>8s}{'Ray s':>8s}{'plain s':>8s}{'speed':>7s}"
+          f"{'Ray CPU s':>10s}{'plain CPU s':>12s}{'Ray tree PSS MB':>16s}{'plain PSS MB':>13s}   load")
+    for shape, c, gb, r in rows:
+        ray_, plain = r["ray"], r["plain"]
+        print(f"{shape:26s}{c:>4d}{gb:>6.2f}{r['sources']:>8d}{ray_['s']:>8.1f}{plain['s']:>8.1f}"
+              f"{plain['s'] / ray_['s']:>6.2f}x{ray_['cpu_s']:>10.1f}{plain['cpu_s']:>12.1f}{ray_['mb']:>16.0f}"
+              f"{plain['mb']:>13.0f}   " + " / ".join(f"{x:.0f}" for x in r["load"]))
+    return first
+
+
+# --- teacher cache -------------------------------------------------------------------------
 
 def _workers_rss(me) -> int:
     """Summed RSS of this process's Ray workers: descendants titled "ray::..." (IDLE, a
@@ -96,44 +278,87 @@ def _workers_rss(me) -> int:
     return total
 
 
+def _workers_cpu(me, seen: dict) -> None:
+    """Record in `seen[pid]` the CPU seconds (user + system) so far of each Ray worker of
+    this process (the same processes as `_workers_rss`)."""
+    import psutil
+
+    for proc in me.children(recursive=True):
+        try:
+            title = proc.cmdline()[0] if proc.cmdline() else ""
+            if title.startswith("ray::") and not title.endswith("Agent"):
+                times = proc.cpu_times()
+                seen[proc.pid] = times.user + times.system
+        except psutil.Error:
+            pass
+
+
 def measure(stage: str, source: str, out: str, examples: int) -> dict:
     """Run one stage in this (fresh) process on its own Ray cluster: seconds and peak RSS."""
     import psutil
     import ray
 
     from rayapp.assets import asset
-    from rayapp.data.pairs import build_pairs
     from rayapp.data.teacher_cache import build_cache
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    peak, stop, me = [0], threading.Event(), psutil.Process()
+    peak, stop, me, cpu = [0], threading.Event(), psutil.Process(), {}
 
     def sample() -> None:
         while not stop.wait(0.2):
             peak[0] = max(peak[0], _workers_rss(me))
+            _workers_cpu(me, cpu)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    if stage == "pairs":
-        build_pairs(source, out, num_examples=examples, seed=0)
-    else:
-        examples = build_cache(source, str(asset("models", "all-MiniLM-L6-v2")), out,
-                               task="smash-pairs", top_k=64)["examples"]
+    stats = build_cache(source, str(asset(*TEACHER)), out, task="smash-pairs", top_k=64,
+                        rows_per_shard=math.ceil(examples / CACHE_SHARDS))
+    examples = stats["examples"]
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
     ray.shutdown()
     hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     return {"examples": examples, "seconds": seconds, "driver_mb": hwm_kb / 1024,
-            "workers_mb": peak[0] / 2**20}
+            "workers_mb": peak[0] / 2**20, "workers_cpu_s": sum(cpu.values()),
+            "build": stats}
 
 
-def in_fresh_process(*args) -> dict:
+def bare_forward(source: str, examples: int) -> dict:
+    """The teacher's forward passes over the cache build's batches, timed without Ray."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from rayapp.assets import asset
+    from rayapp.data.teacher_cache import plan_shards
+    from rayapp.modeling.scorer import TeacherScorer, default_batch_size, length_batches
+    from rayapp.tasks.prompts import pad_ids
+    from rayapp.tasks.registry import INTERMEDIATE_TASKS
+
+    torch.set_num_threads(2)
+    scorer = TeacherScorer(str(asset(*TEACHER)), INTERMEDIATE_TASKS["smash-pairs"], 128)
+    table = pq.read_table(source)
+    batches = []
+    for shard in plan_shards([("input", table.num_rows)], math.ceil(examples / CACHE_SHARDS)):
+        encoded = scorer.encode(table.slice(shard.start, shard.stop - shard.start))
+        for index in length_batches([len(e["input_ids"]) for e in encoded], default_batch_size(False)):
+            ids, mask = pad_ids([encoded[i]["input_ids"] for i in index], scorer.encoder.tokenizer.pad_token_id)
+            batches.append((ids, mask, torch.tensor([encoded[i]["mask_pos"] for i in index])))
+    scorer.logits(*batches[0])  # warm-up
+    start, cpu = time.perf_counter(), time.process_time()
+    for batch in batches:
+        scorer.logits(*batch)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    tokens = sum(int(mask.sum()) for _, mask, _ in batches)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "cpu_s": cpu}
+
+
+def in_fresh_process(*args, fn=measure) -> dict:
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(measure, *args).result()
+        return pool.submit(fn, *args).result()
 
 
 def cache_bytes(cache: str) -> tuple[dict[str, float], int]:
@@ -161,34 +386,53 @@ def cache_bytes(cache: str) -> tuple[dict[str, float], int]:
 def main() -> None:
     import pyarrow.parquet as pq
 
+    from rayapp.data import shards
+    from rayapp.modeling.scorer import default_batch_size
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--docs", type=int, nargs="+", default=[10_000, 200_000], help="corpus sizes, documents")
-    p.add_argument("--pairs", type=int, default=20_000, help="pairs built from each corpus")
+    p.add_argument("--copies", type=int, nargs="+", default=[10, 40],
+                   help="pairs: corpora of the local Wikipedia repeated this many times (40: 1 GB)")
+    p.add_argument("--pairs", type=int, default=2_560_000, help="pairs built from each corpus")
     p.add_argument("--cache-examples", type=int, default=2_000, help="pairs scored by the teacher")
     args = p.parse_args()
-    paragraphs = wikipedia_paragraphs()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for docs in args.docs:
-            corpus = work / f"corpus-{docs}"
-            write_corpus(paragraphs, docs, corpus)
-            r = in_fresh_process("pairs", str(corpus), str(work / f"pairs-{docs}"), args.pairs)
-            rows.append(("pairs", str(docs), r))
+        pairs = pairs_at_scale(work, args.copies, args.pairs)
         (work / "cache-input").mkdir()
-        first = pq.read_table(str(work / f"pairs-{args.docs[0]}"))  # parquet files, not _meta.json
+        first = pq.read_table(pairs)  # parquet files, not _meta.json
         pq.write_table(first.slice(0, args.cache_examples), work / "cache-input" / "part-00000.parquet")
+        shards.write_meta(str(work / "cache-input"), {"files": ["part-00000.parquet"]})
+        bare = [in_fresh_process(str(work / "cache-input" / "part-00000.parquet"), args.cache_examples,
+                                 fn=bare_forward)]
         r = in_fresh_process("cache", str(work / "cache-input"), str(work / "cache"), args.cache_examples)
         rows.append(("teacher cache (top-64)", "-", r))
+        bare.append(in_fresh_process(str(work / "cache-input" / "part-00000.parquet"), args.cache_examples,
+                                     fn=bare_forward))
         sizes, vocab = cache_bytes(str(work / "cache"))
 
-    print(f"\n{len(paragraphs)} Wikipedia paragraphs re-sampled into documents of 1-3 paragraphs; "
-          f"Ray num_cpus=2; MiniLM-L6 teacher on CPU")
+    print(f"\nRay num_cpus=2; {TEACHER[1]} teacher on CPU")
     print(f"{'stage':24s}{'corpus docs':>12s}{'examples':>10s}{'seconds':>9s}{'examples/s':>12s}"
           f"{'driver peak RSS MB':>20s}{'workers peak RSS MB':>21s}")
     for stage, docs, r in rows:
         print(f"{stage:24s}{docs:>12s}{r['examples']:>10d}{r['seconds']:>9.1f}"
               f"{r['examples'] / r['seconds']:>12.1f}{r['driver_mb']:>20.0f}{r['workers_mb']:>21.0f}")
+    build = r["build"]
+    reference = sum(b["tokens_per_s"] for b in bare) / len(bare)
+    per_cpu = sum(b["tokens"] / b["cpu_s"] for b in bare) / len(bare)
+    print(f"\nteacher cache vs bare PyTorch, {TEACHER[1]}, {build['tokens']} prompt tokens in "
+          f"{CACHE_SHARDS} shards, batch {default_batch_size(False)}, {build['actors']} actors of 1 CPU; "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"{'':52s}{'seconds':>9s}{'tokens/s':>10s}{'/ bare':>8s}{'tokens/CPU-s':>14s}{'/ bare':>8s}")
+    for name, seconds, speed, cpu in (
+            ("build_cache, whole call (Ray + actor start-up)", build["seconds"], build["tokens_per_s"],
+             build["tokens"] / r["workers_cpu_s"]),
+            ("build_cache, scoring window (first to last shard)", build["tokens"] / build["scoring_tokens_per_s"],
+             build["scoring_tokens_per_s"], None),
+            *((f"bare PyTorch forward, 2 threads ({when})", b["seconds"], b["tokens_per_s"], b["tokens"] / b["cpu_s"])
+              for when, b in zip(("before", "after"), bare))):
+        cpu_cells = f"{cpu:>14.0f}{cpu / per_cpu:>7.2f}x" if cpu else ""
+        print(f"{name:52s}{seconds:>9.1f}{speed:>10.0f}{speed / reference:>7.2f}x{cpu_cells}")
     dense = 2 * vocab
     print(f"\n{'cache bytes/example':36s}{'bytes':>10s}{'dense fp16 / this':>19s}")
     for name, size in sizes.items():

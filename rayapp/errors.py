@@ -28,7 +28,10 @@ def find_user_error(exc: BaseException | None) -> RayappError | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, RayappError):
-            return exc
+            # Ray re-raises a task's error as RayTaskError(ConfigError), an instance of both
+            # whose str() is the whole remote traceback: the user wants the original
+            cause = getattr(exc, "cause", None)
+            return cause if isinstance(cause, RayappError) else exc
         for inner in getattr(exc, "worker_failures", {}).values():  # ray.train.WorkerGroupError
             found = find_user_error(inner)
             if found is not None:

@@ -46,3 +46,17 @@ def test_bad_config_files(tmp_path):
 
 def test_parse_overrides_nests_and_types():
     assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=true"]) == {"a": {"b": 1, "c": [1, 2]}, "d": True}
+
+
+def test_user_error_raised_in_a_ray_task_comes_back_as_its_own_line():
+    """Ray re-raises a worker's ConfigError as RayTaskError(ConfigError), which is both a
+    ConfigError and a whole remote traceback: sweeps and the CLI show the user's line only."""
+    from ray.exceptions import RayTaskError
+
+    from rayapp.errors import find_user_error
+
+    wrapped = RayTaskError("trial_fn", "Traceback ...\nConfigError: batch_size=3", ConfigError("batch_size=3")
+                           ).as_instanceof_cause()
+    assert isinstance(wrapped, ConfigError) and str(wrapped) != "batch_size=3"
+    assert str(find_user_error(wrapped)) == "batch_size=3"
+    assert find_user_error(RuntimeError("x")) is None

@@ -73,7 +73,7 @@ def test_batch_that_does_not_split_over_workers(ray_cluster, tiny_bert, tmp_path
 
 
 def test_init_that_is_not_a_model(tmp_path):
-    with pytest.raises(ConfigError, match="neither an HF model directory nor a rayapp checkpoint"):
+    with pytest.raises(ConfigError, match="is not an HF model directory: no config.json.*a rayapp run checkpoint"):
         run(_cfg("unused", tmp_path, init=str(tmp_path)))
 
 

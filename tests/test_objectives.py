@@ -39,7 +39,19 @@ def _batch(name, tok, task):
     return batch
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+# Prompt-Distiller's objectives read batches its recipe builds (teacher scores, probe banks, a
+# second tokenisation): tests/test_prompt_distill.py checks each of them on such batches.
+PD_OBJECTIVES = {"prompt-distiller", "vanilla-kd", "bert-pkd", "tinybert"}
+
+
+def test_prompt_distiller_objectives_are_the_ones_tested_with_their_batches():
+    import test_prompt_distill as pd
+
+    tested = {"prompt-distiller"} | {m for m, _ in pd.FT_BASELINES}
+    assert PD_OBJECTIVES == tested and PD_OBJECTIVES <= set(OBJECTIVES)
+
+
+@pytest.mark.parametrize("name", sorted(set(OBJECTIVES) - PD_OBJECTIVES))
 def test_every_objective_gives_a_gradient(name, tiny_roberta):
     tok = load_tokenizer(tiny_roberta)
     task = {"prompt": get_task("RTE"), "prompt+kd": get_task("RTE"), "classifier": get_task("RTE"),

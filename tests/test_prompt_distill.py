@@ -179,8 +179,10 @@ def test_prompt_distiller_run_bert_teacher_roberta_student(ray_cluster, tiny_ber
 
 # --- FT-paradigm baselines (classification head) ------------------------------------------
 
-@pytest.mark.parametrize("method,hints", [("vanilla-kd", set()), ("bert-pkd", {"patient"}),
-                                          ("tinybert", {"hidden", "attn"})])
+FT_BASELINES = [("vanilla-kd", set()), ("bert-pkd", {"patient"}), ("tinybert", {"hidden", "attn"})]
+
+
+@pytest.mark.parametrize("method,hints", FT_BASELINES)
 def test_ft_baseline_objectives_same_tokenizer(tiny_bert, method, hints):
     import torch
 

@@ -111,12 +111,15 @@ def test_sweep_plan_orders_rows_labels_tables_and_marks_unrun_trials(tmp_path):
         "methods": {"B": {"label": "method B"}, "A": {}, "C": {}},
         "tables": [{"name": "t1", "title": "Table 1", "rows": ["A", "B"]}, {"name": "t2", "rows": ["C"]}]})
     spec.save(cfg)
-    _write(tmp_path / "plan", [r for r in RUNS if r["task"] == "RTE"])
+    # C's run of seed 13 wrote its recipe record but its trial has not annotated it yet: not a result
+    unfinished = {"name": "C-unannotated", "method": "prompt", "task": "RTE", "seed": 13, "metric": "acc",
+                  "best_dev": 0.9, "test": 0.9, "config": {"lr": 1}}
+    _write(tmp_path / "plan", [r for r in RUNS if r["task"] == "RTE"] + [unfinished])
     out = report.write([str(tmp_path / "plan")], str(tmp_path / "out"))
     t1 = (tmp_path / "out" / "t1.md").read_text()
     assert t1.index("| A |") < t1.index("| method B |") and "### Table 1" in t1
     t2 = (tmp_path / "out" / "t2.md").read_text()
-    assert "| C | — [1] |" in t2 and "0/2 splits" in t2
+    assert "| C | — [1] |" in t2 and "0/2 splits" in t2 and "prompt" not in out["markdown"]
     assert "Table 1" in out["markdown"] and "| C |" in out["markdown"]
 
 

@@ -331,14 +331,17 @@ class TextSource:
         have no usable sentence) rather than failing a long job inside a Ray task; a wrong
         format or column name is caught on the driver, from the first line."""
         start = 0
-        for line in data.split(b"\n"):
+        while start < len(data):  # not data.split(): that would copy the whole range at once
+            end = data.find(b"\n", start)
+            end = len(data) if end < 0 else end
+            line = data[start:end]
             if line.strip():
                 record = _json_object(line) or {}
                 ident = record.get(self.id_column) if self.id_column else None
                 text = record.get(self.text_column)
                 yield (f"{name}#{base + start}" if ident is None else str(ident),
                        text if isinstance(text, str) else "")
-            start += len(line) + 1
+            start = end + 1
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from rayapp import storage
@@ -341,12 +340,17 @@ def _write_shard(shard: int, sources: int, fs, work: str, out: str) -> list[int]
     for index in range(sources):
         with fs.open_input_file(_table_path(work, "piece", index)) as f:
             batches.append(pa.ipc.open_file(f).get_batch(shard))
-    picked = pa.Table.from_batches(batches).combine_chunks()
-    picked = picked.take(pc.sort_indices(picked, [("row", "ascending"), ("side", "ascending")]))
-    first, second = (picked.take(np.arange(side, picked.num_rows, 2)) for side in (0, 1))
-    assert np.array_equal(first["row"].to_numpy(), second["row"].to_numpy()), "every pair has both ends"
-    table = pa.table([first["text"], second["text"], first["label"], first["doc"], second["doc"],
-                      first["pos"], second["pos"]], names=PAIRS_SCHEMA.names).cast(PAIRS_SCHEMA)
+    picked = pa.Table.from_batches(batches)  # chunks over the batches read: no copy
+    del batches
+    row, side = picked["row"].to_numpy(), picked["side"].to_numpy()
+    order = np.argsort(2 * row + side)
+    first, second = order[0::2], order[1::2]
+    assert np.array_equal(row[first], row[second]) and not side[first].any(), "every pair has both ends"
+    columns = [("text", first), ("text", second), ("label", first), ("doc", first), ("doc", second),
+               ("pos", first), ("pos", second)]
+    table = pa.table([picked[name].take(index) for name, index in columns], names=PAIRS_SCHEMA.names)
+    del picked  # the text is in `table` now: hold one copy while writing
+    table = table.cast(PAIRS_SCHEMA)
     write_table(storage.join(out, shard_name(shard)), table)
     return np.bincount(table["label"].to_numpy(), minlength=3).tolist()
 

@@ -77,7 +77,7 @@ def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True) 
             where = "" if ref == name_or_path else f" ({ref})"
             raise ConfigError(f"model {name_or_path!r}{where} is not an HF model directory: no "
                               f"{' and no '.join(missing)} ({', '.join(_WEIGHTS)}); give the folder written "
-                              "by save_pretrained, or a hub id")
+                              "by save_pretrained, a rayapp run checkpoint (holding model/), or a hub id")
         if storage.is_remote(ref):  # config and tokenizer only: the weights are fetched where they are used
             with tempfile.TemporaryDirectory() as tmp:
                 for f in files:

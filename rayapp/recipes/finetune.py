@@ -184,16 +184,21 @@ def setup(cfg: FinetuneConfig, inputs: dict, device) -> Setup:
     def score(model, examples):
         return evaluate(model, examples, task, tokenizer, encoder, cfg, device)
 
+    ctx = objectives.Context(cfg, task, encoder.label_word_ids if encoder else None)
+    return fewshot_setup(model, objectives.bind(cfg.objective, teacher, ctx), batches, score, split, tokenizer,
+                         f"{cfg.method} {task.name}")
+
+
+def fewshot_setup(model, objective, batches, score, split: FewShotSplit, tokenizer, desc: str,
+                  **final) -> Setup:
+    """LM-BFF's protocol around any few-shot objective: select the checkpoint by `score` on
+    the split's dev set, report `score` on its test set at the end (plus `final` stats)."""
     return Setup(
-        model=model,
-        objective=objectives.bind(cfg.objective, teacher, objectives.Context(
-            cfg, task, encoder.label_word_ids if encoder else None)),
-        batches=batches,
+        model=model, objective=objective, batches=batches,
         evaluate=lambda m: {"dev": score(m, split.dev)},
         select="dev",
-        finish=lambda m: {"test": score(m, split.test) if split.test else None},
-        tokenizer=tokenizer,
-        desc=f"{cfg.method} {task.name}",
+        finish=lambda m: {"test": score(m, split.test) if split.test else None, **final},
+        tokenizer=tokenizer, desc=desc,
     )
 
 

@@ -61,7 +61,7 @@ from rayapp.modeling.models import (LogitsAt, check_model, load_classifier, load
                                     portable_model, vocab_fingerprint)
 from rayapp.modeling.probes import LayerProbes, fit_probes, frozen_outputs, save_probes
 from rayapp.recipes import objectives
-from rayapp.recipes.finetune import FinetuneConfig, evaluate, make_batch, model_source
+from rayapp.recipes.finetune import FinetuneConfig, evaluate, fewshot_setup, make_batch, model_source
 from rayapp.tasks.prompts import PromptEncoder, Task
 from rayapp.tasks.registry import get_task, load_tasks
 from rayapp.train.config import TrainConfig
@@ -307,16 +307,8 @@ def _setup_prompt(cfg: PromptDistillConfig, inputs: dict, device) -> Setup:
         return evaluate(model, examples, task, tokenizer, encoder, cfg, device)
 
     ctx = objectives.PDContext(cfg, task, encoder.label_word_ids, probes=probes)
-    return Setup(
-        model=student,
-        objective=objectives.bind("prompt-distiller", None, ctx),
-        batches=batches,
-        evaluate=lambda m: {"dev": score(m, split.dev)},
-        select="dev",
-        finish=lambda m: {"test": score(m, split.test) if split.test else None, **stats},
-        tokenizer=tokenizer,
-        desc=f"{cfg.variant} {task.name}",
-    )
+    return fewshot_setup(student, objectives.bind("prompt-distiller", None, ctx), batches, score, split, tokenizer,
+                         f"{cfg.variant} {task.name}", **stats)
 
 
 class HintStudent(torch.nn.Module):
@@ -371,16 +363,8 @@ def _setup_ft(cfg: PromptDistillConfig, inputs: dict, device) -> Setup:
         return evaluate(model.mlm, examples, task, tokenizer, None, cfg, device)
 
     ctx = objectives.PDContext(cfg, task, same_tokenizer=vocab_fingerprint(t_tok) == vocab_fingerprint(tokenizer))
-    return Setup(
-        model=student,
-        objective=objectives.bind(cfg.method, teacher, ctx),
-        batches=batches,
-        evaluate=lambda m: {"dev": score(m, split.dev)},
-        select="dev",
-        finish=lambda m: {"test": score(m, split.test) if split.test else None},
-        tokenizer=tokenizer,
-        desc=f"{cfg.method} {task.name}",
-    )
+    return fewshot_setup(student, objectives.bind(cfg.method, teacher, ctx), batches, score, split, tokenizer,
+                         f"{cfg.method} {task.name}")
 
 
 def setup(cfg: PromptDistillConfig, inputs: dict, device) -> Setup:

@@ -58,14 +58,18 @@ def gather(dirs: list[str]) -> Plan:
     """Runs of every dir, and the plan of every sweep among them."""
     if not dirs:
         raise DataError("give at least one sweep or run output directory")
-    runs = read_runs(dirs)
-    expected, labels, tables = Expected([], [], {}, {}), {}, []
+    runs, expected, labels, tables = [], Expected([], [], {}, {}), {}, []
     for d in dirs:
+        mine = read_runs([d])
         if storage.exists(storage.join(d, sweep_spec.SPEC_FILE)):
+            # a record the trial has not annotated yet is a run still finishing: not a result
+            runs += [r for r in mine if r.swept]
             cfg = sweep_spec.load(d)
             expected = _merge(expected, cfg.expected())
             labels.update({m: cfg.label(m) for m in cfg.method_names if m not in labels})
             tables += [t for t in cfg.tables if t.name not in {x.name for x in tables}]
+        else:
+            runs += mine
     unplanned = [r for r in runs if (r.method, r.task) not in expected.seeds]
     if unplanned:
         expected = _merge(expected, expected_from_runs(unplanned))

@@ -54,6 +54,7 @@ class Run:
     checkpoint: str | None = None
     seconds: float | None = None
     error: str | None = None
+    swept: bool = False              # written (or annotated) by a sweep trial
 
 
 # --- typed reading ----------------------------------------------------------------------------
@@ -112,6 +113,7 @@ def parse_run(rec: Any, source: str) -> Run:
         checkpoint=_field(rec, "checkpoint", (str,), source, required=False),
         seconds=_number(rec, "seconds", source, required=False),
         error=_field(rec, "error", (str,), source, required=False),
+        swept=sweep is not None,
     )
 
 

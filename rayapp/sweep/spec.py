@@ -7,6 +7,7 @@ trial the sweep planned (a run that never wrote a record is a gap, not an absenc
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -105,7 +106,9 @@ class SweepConfig:
 
     @property
     def experiment(self) -> str:
-        return storage.join(self.storage, self.name)
+        """`<storage>/<name>`; absolute when local (trials run in other processes)."""
+        root = self.storage if storage.is_remote(self.storage) else os.path.abspath(self.storage)
+        return storage.join(root, self.name)
 
     def method(self, name: str) -> Method:
         if name not in self._methods:

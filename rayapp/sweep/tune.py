@@ -71,7 +71,7 @@ def best_checkpoint(cfg: SweepConfig, method: str, task: str, seed: int) -> str:
     """Checkpoint of `method`'s best-dev run on (task, split): what `{best:METHOD}` means."""
     root = storage.join(cfg.experiment, RECORDS)
     runs = read_runs([cfg.experiment]) if storage.exists(root) else []
-    mine = [r for r in runs if (r.method, r.task, r.seed) == (method, task, seed)]
+    mine = [r for r in runs if r.swept and (r.method, r.task, r.seed) == (method, task, seed)]
     split = select_split(seed, mine, [point_key(p) for p in cfg.method(method).points()])
     if split.chosen is None:
         raise DataError(f"{{best:{method}}} on {task} seed {seed}: no best run yet ({'; '.join(split.gaps)})")
@@ -112,18 +112,27 @@ def _annotation(experiment: str, k: int, trial: dict, trial_id: str) -> dict:
 
 # --- the trial (runs in a Tune actor) --------------------------------------------------------
 
+def _finished(uri: str) -> dict | None:
+    """The record at `uri` if its trial finished: the recipe's record is written by the recipe
+    and then annotated by the trial (`sweep`, `status`), so one without both is unfinished."""
+    if not storage.exists(uri):
+        return None
+    rec = json.loads(storage.read_text(uri))
+    return rec if rec.get("status") == "done" and "sweep" in rec else None
+
+
 def trial_fn(config: dict) -> None:
     """Tune function trainable: one recipe run on Ray Train for `config["trial"]`."""
     cfg = sweep_spec.load(config["experiment"])
     trial, trial_id = config["trial"], tune.get_context().get_trial_id()
     name = run_name(trial, trial_id)
     uri = record_uri(cfg.experiment, name)
-    if storage.exists(uri):  # finished before an interruption: keep it, tell Tune its result
-        run = parse_run(json.loads(storage.read_text(uri)), uri)
-        if run.status == "done":
-            tune.report({"dev": run.best_dev, "test": run.test, "step": run.dev_curve[-1][0] if run.dev_curve else 0,
-                             "final": True})
-            return
+    done = _finished(uri)
+    if done is not None:  # finished before an interruption: keep its record, tell Tune its result
+        run = parse_run(done, uri)
+        tune.report({"dev": run.best_dev, "test": run.test, "final": True,
+                     "step": run.dev_curve[-1][0] if run.dev_curve else 0})
+        return
     recipe_cfg = cfg.recipe_config(trial, name, _filler(cfg, trial))
     _, run = get_recipe(cfg.method(trial["method"]).recipe)
     record = run(recipe_cfg, callbacks=[ScalarReport()])
@@ -166,8 +175,8 @@ class GapRecords(tune.Callback):
     def _write(self, trial, status: str, **extra) -> None:
         spec, name = trial.config["trial"], run_name(trial.config["trial"], trial.trial_id)
         uri = record_uri(self.experiment, name)
-        if storage.exists(uri) and json.loads(storage.read_text(uri)).get("status", "done") == "done":
-            return  # the run finished and wrote its own record
+        if _finished(uri) is not None:
+            return  # the trial finished and wrote its own record
         last = trial.last_result or {}
         record = {"name": name, "status": status, "task": spec["task"], "seed": spec["seed"],
                   "best_dev": last.get("best", last.get("dev")), "step": last.get("step"),
@@ -312,7 +321,9 @@ def _phase(cfg: SweepConfig, phase: int, max_concurrent: int) -> None:
             trainable,
             param_space={"experiment": cfg.experiment, "trial": tune.grid_search(cfg.trials(phase))},
             tune_config=tune.TuneConfig(
-                metric="dev", mode="max", max_concurrent_trials=max_concurrent,
+                # a trial's driver process is reused by the next trial: its imports (torch,
+                # transformers, the recipe) are paid once per process, not once per trial
+                metric="dev", mode="max", max_concurrent_trials=max_concurrent, reuse_actors=True,
                 scheduler=GroupedASHA(cfg.asha.grace_period, cfg.asha.reduction_factor, max_t) if cfg.asha else None,
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
@@ -346,7 +357,7 @@ def run(cfg: SweepConfig, resume: bool = False) -> dict:
           f"(phases: {cfg.phases}); tensorboard --logdir {cfg.experiment}")
     for phase in range(len(cfg.phases)):
         _phase(cfg, phase, n)
-    runs = [r for r in read_runs([cfg.experiment]) if r.method in cfg.method_names] \
+    runs = [r for r in read_runs([cfg.experiment]) if r.swept] \
         if storage.exists(storage.join(cfg.experiment, RECORDS)) else []
     counts = {s: sum(r.status == s for r in runs) for s in ("done", "failed", "stopped")}
     return {"experiment": cfg.experiment, "trials": len(cfg.trials()), **counts,
