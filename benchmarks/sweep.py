@@ -53,7 +53,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     model = str(make_tiny_random_model("wordpiece", work / "tiny-bert", dropout=0.0))
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=args.cpus, dashboard_host="127.0.0.1", log_to_driver=False)  # Train polls the State API
 
     cfg = grid(model, str(work / "sequential"), args.steps)
     _, run = get_recipe("finetune")

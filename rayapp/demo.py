@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     _quiet()
     if not ray.is_initialized():  # Ray's own logs go to files; workers only forward progress bars and errors
         quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
-        ray.init(include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": quiet})
+        # the dashboard stays: Ray Train's placement-group cleaner polls the State API it serves
+        # and logs a warning every second without it
+        ray.init(dashboard_host="127.0.0.1", logging_level="ERROR", runtime_env={"env_vars": quiet})
     teacher = str(asset("models", "minilm-l6-mlm-wiki"))
     engine = EngineConfig(num_workers=1)
 

@@ -88,3 +88,22 @@ def test_deepspeed_load_weights_updates_the_fp32_master(ray_cluster, tmp_path):
                            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
                            run_config=RunConfig(name="ds", storage_path=str(tmp_path)))
     trainer.fit()  # raises if the worker's assertion failed
+
+
+def test_progress_without_a_terminal_is_plain_lines(monkeypatch, capsys):
+    """A captured log (`ray job submit`, `make demo > log`) gets a line per tenth of the run,
+    no cursor escapes; a resumed run counts from where it resumed."""
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from rayapp.train.loop import Progress
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    bar = Progress("prompt SST-2", 20, initial=10, live=False)
+    for _ in range(10):
+        bar.update(loss="0.5000")
+    bar.close()
+    out = capsys.readouterr().out
+    assert out.splitlines() == [f"prompt SST-2 loss=0.5000 step {s}/20" for s in range(12, 21, 2)]
+    assert "\x1b" not in out and "\r" not in out

@@ -7,6 +7,8 @@ job after a lost head node continue from its last checkpoint.
 """
 from __future__ import annotations
 
+import sys
+
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -64,7 +66,8 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
         fs = None
     trainer = TorchTrainer(
         loop,
-        train_loop_config=loop_config,
+        # a live bar only when someone watches a terminal; log files get plain lines
+        train_loop_config={"live_progress": sys.stderr.isatty(), **loop_config},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(

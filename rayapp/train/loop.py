@@ -44,24 +44,34 @@ class Setup:
 
 
 class Progress:
-    """Rank 0's progress bar, rendered by the driver (`ray.experimental.tqdm_ray`) so a run
-    started with `ray job submit` shows one live bar instead of a log line per update."""
+    """Rank 0's progress. `live`: a bar rendered by the driver (`ray.experimental.tqdm_ray`),
+    one live bar in a terminal instead of a log line per update. Otherwise (the driver's
+    output is a file: `ray job submit` logs, a captured `make demo`, a Tune trial) plain lines,
+    about every tenth of the run, with no cursor escapes."""
 
-    def __init__(self, desc: str, total: int, initial: int = 0):
+    def __init__(self, desc: str, total: int, initial: int = 0, live: bool = True):
         import ray.train
-        from ray.experimental.tqdm_ray import tqdm
 
-        self.desc = desc
-        self.bar = tqdm(desc=desc, total=total) if ray.train.get_context().get_world_rank() == 0 else None
-        if self.bar is not None and initial:
-            self.bar.update(initial)
+        self.desc, self.total, self.step = desc, total, initial
+        self.every = max(1, total // 10)
+        self.rank0 = ray.train.get_context().get_world_rank() == 0
+        self.bar = None
+        if self.rank0 and live:
+            from ray.experimental.tqdm_ray import tqdm
+
+            self.bar = tqdm(desc=desc, total=total)
+            if initial:
+                self.bar.update(initial)
 
     def update(self, **postfix) -> None:
-        if self.bar is None:
-            return
-        if postfix:
-            self.bar.set_description(" ".join([self.desc, *(f"{k}={v}" for k, v in postfix.items())]))
-        self.bar.update(1)
+        self.step += 1
+        text = " ".join([self.desc, *(f"{k}={v}" for k, v in postfix.items())])
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_description(text)
+            self.bar.update(1)
+        elif self.rank0 and (self.step % self.every == 0 or self.step == self.total):
+            print(f"{text} step {self.step}/{self.total}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -108,7 +118,7 @@ def train_loop(loop_cfg: dict) -> None:
             metrics = evaluate(0)
             if steps == 0 and setup.select:  # nothing is trained: the model as it is is the result
                 state.update(best=metrics[setup.select], best_step=0)
-        bar = Progress(setup.desc, steps, state["step"])
+        bar = Progress(setup.desc, steps, state["step"], live=loop_cfg.get("live_progress", False))
         batches = setup.batches(state["step"], micro, accum)
         window, tokens, started = [], 0, time.perf_counter()
         for step in range(state["step"] + 1, steps + 1):
