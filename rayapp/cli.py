@@ -138,14 +138,16 @@ def cmd_sweep(args) -> None:
     from rayapp.sweep import tune
     from rayapp.sweep.spec import SweepConfig
 
-    if args.resume:
-        if args.config or args.overrides:
-            raise ConfigError("--resume DIR continues a sweep with the config it started with; drop --config/key=value")
-        summary = tune.resume(args.resume)
-    elif args.config is None:
+    if args.resume and (args.config or args.overrides):
+        raise ConfigError("--resume DIR continues a sweep with the config it started with; drop --config/key=value")
+    if not args.resume and args.config is None:
         raise ConfigError("give --config FILE (e.g. jobs/configs/sweep-smash-table2_local.yaml) or --resume DIR")
-    else:
-        summary = tune.run(load_config(SweepConfig, args.config, args.overrides))
+    try:
+        summary = tune.resume(args.resume) if args.resume else \
+            tune.run(load_config(SweepConfig, args.config, args.overrides))
+    except tune.SweepInterrupted as stopped:
+        print(stopped, file=sys.stderr)
+        raise SystemExit(130) from None
     print(json.dumps(summary, indent=1))
     print(f"report: rayapp report {summary['experiment']}")
 

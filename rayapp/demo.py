@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -45,7 +44,6 @@ def _quiet() -> None:
     import ray.data
     import transformers
 
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core worker's C++ notices
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray").setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()

@@ -281,3 +281,44 @@ def test_sweep_on_s3_keeps_tune_results_records_and_report_there(ray_cluster, s3
     md = report.write([cfg.experiment], str(tmp_path / "out"))["markdown"]
     test = json.loads(storage.read_text(rec))["test"]
     assert f"**{100 * test:.1f} (0.0)**" in md
+
+
+def test_trials_are_split_major():
+    """A sweep stopped part-way has every method on the splits it reached."""
+    cfg = build(SweepConfig, {"name": "order", "tasks": ["SST-2", "RTE"], "seeds": [13, 21], "grid": {"lr": [1, 2]},
+                              "methods": {"a": {"method": "prompt"}, "b": {"method": "classifier"}}})
+    order = [(t["task"], t["seed"], t["method"], t["point"]["lr"]) for t in cfg.trials()]
+    assert order[:4] == [("SST-2", 13, "a", 1), ("SST-2", 13, "a", 2), ("SST-2", 13, "b", 1), ("SST-2", 13, "b", 2)]
+    assert order == sorted(order, key=lambda o: (["SST-2", "RTE"].index(o[0]), o[1], o[2], o[3]))
+
+
+def test_an_interrupted_phase_stops_the_sweep_before_the_next(tmp_path, monkeypatch):
+    """Tune's fit() returns normally after Ctrl-C/SIGTERM with trials unfinished: the sweep must
+    not start phase 2 (it needs phase 1's best runs) and tells how to continue."""
+    cfg = build(SweepConfig, {"name": "phased", "storage": str(tmp_path), "tasks": ["SST-2"], "seeds": [13],
+                              "grid": {}, "methods": {"teacher": {"method": "prompt"},
+                                                      "kd": {"method": "prompt", "teacher": "{best:teacher}"}}})
+    assert len(cfg.phases) == 2
+    started = []
+
+    class Interrupted:  # what fit() gives after an interruption: 1 of 2 trials ended
+        num_terminated, num_errors = 1, 0
+
+        def __len__(self):
+            return 2
+
+    class Tuner:
+        def __init__(self, trainable, param_space, **kw):
+            started.append(param_space["trial"])
+
+        @staticmethod
+        def can_restore(*a, **kw):
+            return False
+
+        def fit(self):
+            return Interrupted()
+
+    monkeypatch.setattr(sweep.tune, "Tuner", Tuner)
+    with pytest.raises(sweep.SweepInterrupted, match=r"stopped in phase 1 of 2 \(1/2 trials ended\).*--resume"):
+        sweep._phase(cfg, 0, 1)
+    assert len(started) == 1

@@ -128,10 +128,12 @@ class SweepConfig:
         return self._students
 
     def trials(self, phase: int | None = None) -> list[dict]:
-        """The trials (one Ray Train run each) in order: method, task, split, grid point."""
+        """The trials (one Ray Train run each) in order: task, split, method, grid point. Split-
+        major, so a sweep stopped part-way has every method on the splits it reached and its
+        partial table compares methods on the same splits."""
         names = self.method_names if phase is None else self._phases[phase]
         return [{"method": m, "task": t, "seed": s, "point": p}
-                for m in names for t in self.tasks for s in self.seeds for p in self._methods[m].points()]
+                for t in self.tasks for s in self.seeds for m in names for p in self._methods[m].points()]
 
     def recipe_config(self, trial: dict, name: str, fill=None):
         """The recipe config of one trial: base < per_task < method < grid point < task, split,

@@ -306,6 +306,10 @@ def _tune_storage(experiment: str):
     return path, None
 
 
+class SweepInterrupted(RuntimeError):
+    """The sweep was stopped before a phase ended; `--resume` continues it."""
+
+
 def _phase(cfg: SweepConfig, phase: int, max_concurrent: int) -> None:
     path, fs = _tune_storage(cfg.experiment)
     name = f"tune-{phase}"
@@ -330,7 +334,13 @@ def _phase(cfg: SweepConfig, phase: int, max_concurrent: int) -> None:
                 name=name, storage_path=path, storage_filesystem=fs, callbacks=[GapRecords(cfg.experiment, cfg.k)],
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
         )
-    tuner.fit()
+    results = tuner.fit()
+    if results.num_terminated + results.num_errors < len(results):
+        # Tune returns normally when interrupted (Ctrl-C, SIGTERM): the next phase needs this
+        # one's best runs, so stop here rather than start it on a partial phase
+        raise SweepInterrupted(f"sweep {cfg.experiment} stopped in phase {phase + 1} of {len(cfg.phases)} "
+                               f"({results.num_terminated + results.num_errors}/{len(results)} trials ended); "
+                               f"continue it with `rayapp sweep --resume {cfg.experiment}`")
 
 
 def run(cfg: SweepConfig, resume: bool = False) -> dict:
