@@ -133,9 +133,15 @@ def trial_fn(config: dict) -> None:
         tune.report({"dev": run.best_dev, "test": run.test, "final": True,
                      "step": run.dev_curve[-1][0] if run.dev_curve else 0})
         return
-    recipe_cfg = cfg.recipe_config(trial, name, _filler(cfg, trial))
-    _, run = get_recipe(cfg.method(trial["method"]).recipe)
-    record = run(recipe_cfg, callbacks=[ScalarReport()])
+    try:
+        recipe_cfg = cfg.recipe_config(trial, name, _filler(cfg, trial))
+        _, run = get_recipe(cfg.method(trial["method"]).recipe)
+        record = run(recipe_cfg, callbacks=[ScalarReport()])
+    except Exception as exc:
+        # the trial records its own error: Tune's error file can be missing when the callback
+        # runs (seen with reused actors), which left "no error recorded" in the report
+        _write_gap(cfg.experiment, cfg.k, trial, trial_id, "failed", {}, error=_error_text(exc))
+        raise
     record.update(status="done", sweep=_annotation(cfg.experiment, cfg.k, trial, trial_id))
     storage.write_text(uri, json.dumps(record, indent=1, sort_keys=True, default=str))
 
@@ -146,23 +152,36 @@ def _trial_name(trial) -> str:
 
 # --- driver side: records for trials that did not write their own ----------------------------
 
-def _error_line(trial) -> str:
+def _error_text(exc: BaseException | None, fallback: str = "") -> str:
     """One line saying why a trial failed (the user error when there is one)."""
+    err = find_user_error(exc)
+    if err is not None:
+        return str(err)
+    text = (str(exc) if exc is not None else "") or fallback
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else "the trial's actor died (no error recorded)")[:500]
+
+
+def _error_line(trial) -> str:
+    """`_error_text` of a trial's error as Tune stored it."""
     try:
         exc = trial.get_pickled_error()
     except Exception:  # noqa: BLE001 - an unreadable error file must not stop the sweep
         exc = None
-    err = find_user_error(exc)
-    if err is not None:
-        return str(err)
-    text = str(exc) if exc is not None else ""
-    if not text:
-        try:
-            text = str(trial.get_error() or "")
-        except Exception:  # noqa: BLE001
-            text = ""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return (lines[-1] if lines else "the trial's actor died (no error recorded)")[:500]
+    try:
+        text = str(trial.get_error() or "")
+    except Exception:  # noqa: BLE001
+        text = ""
+    return _error_text(exc, text)
+
+
+def _write_gap(experiment: str, k: int, spec: dict, trial_id: str, status: str, last: dict, **extra) -> None:
+    """The record of a trial that did not finish: its last reported dev and step, and why."""
+    name = run_name(spec, trial_id)
+    record = {"name": name, "status": status, "task": spec["task"],
+              "seed": spec["seed"], "best_dev": last.get("best", last.get("dev")), "step": last.get("step"),
+              "sweep": _annotation(experiment, k, spec, trial_id), **extra}
+    storage.write_text(record_uri(experiment, name), json.dumps(record, indent=1, sort_keys=True, default=str))
 
 
 class GapRecords(tune.Callback):
@@ -173,18 +192,17 @@ class GapRecords(tune.Callback):
         self.experiment, self.k = experiment, k
 
     def _write(self, trial, status: str, **extra) -> None:
-        spec, name = trial.config["trial"], run_name(trial.config["trial"], trial.trial_id)
-        uri = record_uri(self.experiment, name)
+        spec = trial.config["trial"]
+        uri = record_uri(self.experiment, run_name(spec, trial.trial_id))
         if _finished(uri) is not None:
             return  # the trial finished and wrote its own record
-        last = trial.last_result or {}
-        record = {"name": name, "status": status, "task": spec["task"], "seed": spec["seed"],
-                  "best_dev": last.get("best", last.get("dev")), "step": last.get("step"),
-                  "sweep": _annotation(self.experiment, self.k, spec, trial.trial_id), **extra}
-        storage.write_text(uri, json.dumps(record, indent=1, sort_keys=True, default=str))
+        _write_gap(self.experiment, self.k, spec, trial.trial_id, status, trial.last_result or {}, **extra)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._write(trial, "failed", error=_error_line(trial))
+        uri = record_uri(self.experiment, run_name(trial.config["trial"], trial.trial_id))
+        own = json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+        # the trial's own failed record has its error; this adds how far it got
+        self._write(trial, "failed", error=own.get("error") if own.get("status") == "failed" else _error_line(trial))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._write(trial, "stopped")
