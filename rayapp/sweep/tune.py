@@ -352,12 +352,16 @@ def _phase(cfg: SweepConfig, phase: int, max_concurrent: int) -> None:
                 name=name, storage_path=path, storage_filesystem=fs, callbacks=[GapRecords(cfg.experiment, cfg.k)],
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
         )
-    results = tuner.fit()
-    if results.num_terminated + results.num_errors < len(results):
-        # Tune returns normally when interrupted (Ctrl-C, SIGTERM): the next phase needs this
-        # one's best runs, so stop here rather than start it on a partial phase
+    tuner.fit()
+    # Tune returns normally when interrupted (Ctrl-C, SIGTERM): the next phase needs this one's
+    # best runs, so stop unless every trial of the phase left a record (done, failed or stopped)
+    planned = cfg.trials(phase)
+    methods = {t["method"] for t in planned}
+    ended = sum(r.swept and r.method in methods for r in read_runs([cfg.experiment])) \
+        if storage.exists(storage.join(cfg.experiment, RECORDS)) else 0
+    if ended < len(planned):
         raise SweepInterrupted(f"sweep {cfg.experiment} stopped in phase {phase + 1} of {len(cfg.phases)} "
-                               f"({results.num_terminated + results.num_errors}/{len(results)} trials ended); "
+                               f"({ended}/{len(planned)} trials ended); "
                                f"continue it with `rayapp sweep --resume {cfg.experiment}`")
 
 
