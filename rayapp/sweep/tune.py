@@ -112,13 +112,14 @@ def _annotation(experiment: str, k: int, trial: dict, trial_id: str) -> dict:
 
 # --- the trial (runs in a Tune actor) --------------------------------------------------------
 
-def _finished(uri: str) -> dict | None:
-    """The record at `uri` if its trial finished: the recipe's record is written by the recipe
-    and then annotated by the trial (`sweep`, `status`), so one without both is unfinished."""
-    if not storage.exists(uri):
-        return None
-    rec = json.loads(storage.read_text(uri))
-    return rec if rec.get("status") == "done" and "sweep" in rec else None
+def _record(uri: str) -> dict:
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+
+
+def _finished(rec: dict) -> bool:
+    """Whether a trial's record says it finished: the recipe writes its record, then the trial
+    annotates it (`sweep`, `status`), so one without both is unfinished."""
+    return rec.get("status") == "done" and "sweep" in rec
 
 
 def trial_fn(config: dict) -> None:
@@ -127,8 +128,8 @@ def trial_fn(config: dict) -> None:
     trial, trial_id = config["trial"], tune.get_context().get_trial_id()
     name = run_name(trial, trial_id)
     uri = record_uri(cfg.experiment, name)
-    done = _finished(uri)
-    if done is not None:  # finished before an interruption: keep its record, tell Tune its result
+    done = _record(uri)
+    if _finished(done):  # finished before an interruption: keep its record, tell Tune its result
         run = parse_run(done, uri)
         tune.report({"dev": run.best_dev, "test": run.test, "final": True,
                      "step": run.dev_curve[-1][0] if run.dev_curve else 0})
@@ -191,18 +192,18 @@ class GapRecords(tune.Callback):
     def __init__(self, experiment: str, k: int):
         self.experiment, self.k = experiment, k
 
-    def _write(self, trial, status: str, **extra) -> None:
+    def _write(self, trial, status: str) -> None:
         spec = trial.config["trial"]
-        uri = record_uri(self.experiment, run_name(spec, trial.trial_id))
-        if _finished(uri) is not None:
+        own = _record(record_uri(self.experiment, run_name(spec, trial.trial_id)))
+        if _finished(own):
             return  # the trial finished and wrote its own record
+        extra = {}
+        if status == "failed":  # the trial's own failed record has its error; this adds how far it got
+            extra["error"] = own["error"] if own.get("status") == "failed" else _error_line(trial)
         _write_gap(self.experiment, self.k, spec, trial.trial_id, status, trial.last_result or {}, **extra)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        uri = record_uri(self.experiment, run_name(trial.config["trial"], trial.trial_id))
-        own = json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
-        # the trial's own failed record has its error; this adds how far it got
-        self._write(trial, "failed", error=own.get("error") if own.get("status") == "failed" else _error_line(trial))
+        self._write(trial, "failed")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._write(trial, "stopped")
