@@ -314,7 +314,10 @@ def measure(stage: str, source: str, out: str, examples: int) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    stats = build_cache(source, str(asset(*TEACHER)), out, task="smash-pairs", top_k=64,
+    # both actors from the start (`--num-actors 2`, the machine's CPUs): without it the pool
+    # starts with one actor and grows while it is busy, the right default on an autoscaling
+    # cluster but one core idle for the first actor's start-up here
+    stats = build_cache(source, str(asset(*TEACHER)), out, task="smash-pairs", top_k=64, num_actors=2,
                         rows_per_shard=math.ceil(examples / CACHE_SHARDS))
     examples = stats["examples"]
     seconds = time.perf_counter() - start

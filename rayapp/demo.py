@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 
-def _stage(work: Path, name: str, build) -> dict:
+def stage(work: Path, name: str, build) -> dict:
     """Run `build()` unless its record is already in `work` (stages resume); print timing."""
     path = work / f"{name}.json"
     if path.exists():
@@ -37,23 +37,43 @@ def _stage(work: Path, name: str, build) -> dict:
 
 
 def _quiet() -> None:
-    """A clean captured log: no Ray Data progress lines or HF loading bars (the stages print
-    their own progress; Ray's logs stay in /tmp/ray/session_*/logs)."""
+    """A clean captured log: no Ray Data progress or INFO lines, no HF loading bars, no colour
+    codes around worker lines in a file (the stages print their own progress; Ray's logs stay
+    in /tmp/ray/session_*/logs: Ray Data's file handlers keep every level)."""
     import logging
+    import os
+    import sys
 
     import ray.data
     import transformers
 
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by the driver when it prints worker lines
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray").setLevel(logging.WARNING)
+    for handler in logging.getLogger("ray.data").handlers:  # its own logger, DEBUG, console at INFO
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.ERROR)  # also "progress bars disabled", a WARNING
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
 
-def main(argv: list[str] | None = None) -> dict:
+def start_local() -> None:
+    """A local Ray cluster for a pipeline on this machine, with the LOCAL flags and a clean log."""
     import ray
 
     from rayapp import env
+
+    env.apply(env.LOCAL)
+    _quiet()
+    if not ray.is_initialized():  # Ray's own logs go to files; workers only forward progress bars and errors
+        quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
+        # the dashboard stays: Ray Train's placement-group cleaner polls the State API it serves
+        # and logs a warning every second without it
+        ray.init(dashboard_host="127.0.0.1", logging_level="ERROR", runtime_env={"env_vars": quiet})
+
+
+def main(argv: list[str] | None = None) -> dict:
     from rayapp.assets import asset
     from rayapp.data.pairs import build_pairs
     from rayapp.data.teacher_cache import build_cache
@@ -75,24 +95,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env.apply(env.LOCAL)
-    _quiet()
-    if not ray.is_initialized():  # Ray's own logs go to files; workers only forward progress bars and errors
-        quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
-        # the dashboard stays: Ray Train's placement-group cleaner polls the State API it serves
-        # and logs a warning every second without it
-        ray.init(dashboard_host="127.0.0.1", logging_level="ERROR", runtime_env={"env_vars": quiet})
+    start_local()
     teacher = str(asset("models", "minilm-l6-mlm-wiki"))
     engine = EngineConfig(num_workers=1)
 
     pairs = str(work / "pairs")
-    _stage(work, "pairs", lambda: build_pairs(str(asset("corpus", "wikipedia-en", "AA")), pairs,
+    stage(work, "pairs", lambda: build_pairs(str(asset("corpus", "wikipedia-en", "AA")), pairs,
                                               num_examples=args.pairs, seed=0))
     student = str(work / "student")
-    _stage(work, "student", lambda: {"model": make_student(teacher, student)})
+    stage(work, "student", lambda: {"model": make_student(teacher, student)})
     cache = str(work / "cache")
-    _stage(work, "cache", lambda: build_cache(pairs, teacher, cache, task="smash-pairs", top_k=64))
-    smash = _stage(work, "distill", lambda: distill(DistillConfig(
+    stage(work, "cache", lambda: build_cache(pairs, teacher, cache, task="smash-pairs", top_k=64))
+    smash = stage(work, "distill", lambda: distill(DistillConfig(
         student=student, teacher=teacher, data=cache, batch_size=16, lr=1e-4, max_steps=args.distill_steps,
         checkpoint_every=args.distill_steps, log_every=25, output_dir=str(work / "runs"), name="smash",
         engine=engine)))

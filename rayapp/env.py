@@ -32,6 +32,12 @@ LOCAL: dict[str, str] = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback only; see the module docstring
     "HF_HUB_OFFLINE": "1",                     # local assets only: fail fast instead of retrying the hub
     "HF_DATASETS_OFFLINE": "1",
+    # Ray Train's spot-preemption watcher has nothing to watch on one machine, and its actor
+    # logs an error line (constructor arguments in the object store) for every run
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # the driver folds worker lines that differ only in numbers into "[repeated Nx across
+    # cluster]": progress lines ("step 12/30 loss=...") are exactly those
+    "RAY_DEDUP_LOGS": "0",
 }
 
 

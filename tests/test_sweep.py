@@ -153,6 +153,20 @@ def test_asha_compares_grid_points_of_one_split_only():
     assert len(grouped._groups) == 2
 
 
+def test_a_log_file_gets_one_line_per_ended_trial(capsys):
+    """Without a terminal Tune is silent (its boxes and tables were most of a captured demo log)
+    and the sweep prints one line per trial that ended, with its metrics."""
+    lines = sweep.TrialLines(total=3)
+    spec = {"method": "prompt", "task": "SST-2", "seed": 13}
+    lines.on_trial_complete(0, [], SimpleNamespace(trial_id="ab_00000", config={"trial": spec},
+                                                   last_result={"dev": 0.625, "test": 0.6123, "step": 30}))
+    lines.on_trial_error(0, [], SimpleNamespace(trial_id="ab_00001", config={"trial": {**spec, "seed": 21}},
+                                                last_result=None))
+    assert capsys.readouterr().out.splitlines() == [
+        "[1/3] prompt-SST-2-s13-ab_00000 done dev=0.6250 test=0.6123",
+        "[2/3] prompt-SST-2-s21-ab_00001 failed"]
+
+
 # --- records concurrent trials cannot lose -----------------------------------------------------
 
 @pytest.mark.parametrize("where", ["local", "s3"])

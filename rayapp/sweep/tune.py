@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 
@@ -209,6 +210,26 @@ class GapRecords(tune.Callback):
         self._write(trial, "stopped")
 
 
+class TrialLines(tune.Callback):
+    """One plain line per ended trial: the sweep's progress in a log file (`ray job submit`, a
+    captured `make demo`), where Tune's per-trial boxes and status tables are noise."""
+
+    def __init__(self, total: int):
+        self.total, self.ended = total, 0
+
+    def _line(self, trial, status: str) -> None:
+        self.ended += 1
+        result = trial.last_result or {}
+        metrics = "".join(f" {k}={result[k]:.4f}" for k in ("dev", "test") if isinstance(result.get(k), (int, float)))
+        print(f"[{self.ended}/{self.total}] {_trial_name(trial)} {status}{metrics}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, "failed")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trial, "done")
+
+
 class GroupedASHA(FIFOScheduler):
     """One ASHA per (method, task, split): only the grid points of one split compete."""
 
@@ -333,6 +354,7 @@ def _phase(cfg: SweepConfig, phase: int, max_concurrent: int) -> None:
     path, fs = _tune_storage(cfg.experiment)
     name = f"tune-{phase}"
     trainable = tune.with_resources(trial_fn, {"memory": DRIVER_MEMORY})
+    live = sys.stdout.isatty()
     exp_path = f"{path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         # finished trials stay finished; unfinished and errored ones run again (their Train runs
@@ -349,9 +371,11 @@ def _phase(cfg: SweepConfig, phase: int, max_concurrent: int) -> None:
                 metric="dev", mode="max", max_concurrent_trials=max_concurrent, reuse_actors=True,
                 scheduler=GroupedASHA(cfg.asha.grace_period, cfg.asha.reduction_factor, max_t) if cfg.asha else None,
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            # Tune's live status tables in a terminal; one line per trial in a log file
             run_config=tune.RunConfig(
-                name=name, storage_path=path, storage_filesystem=fs, callbacks=[GapRecords(cfg.experiment, cfg.k)],
-                failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+                name=name, storage_path=path, storage_filesystem=fs,
+                callbacks=[GapRecords(cfg.experiment, cfg.k)] + ([] if live else [TrialLines(len(cfg.trials(phase)))]),
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=1 if live else 0),
         )
     tuner.fit()
     # Tune returns normally when interrupted (Ctrl-C, SIGTERM): the next phase needs this one's

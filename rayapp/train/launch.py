@@ -54,7 +54,7 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
     `storage` is a local dir or `s3://` URI (RunConfig storage); the run lives in
     storage/name. `callbacks` go to the RunConfig (a Tune trial passes its report callback)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
@@ -75,6 +75,9 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=list(callbacks),
+            # Ray Train's own INFO lines (worker group start, process group, result reports) go
+            # to its session log files only; the console gets rayapp's progress and warnings
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     try:

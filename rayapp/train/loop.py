@@ -16,6 +16,7 @@ model (the best, or the last) and the recipe's final metrics (e.g. test).
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -26,6 +27,8 @@ from rayapp.train.config import TrainConfig
 from rayapp.train.engine import Engine, split_batch
 from rayapp.train.launch import report, restore
 from rayapp.train.stream import pop_digest
+
+log = logging.getLogger(__name__)
 
 Batches = Iterator[list[dict]]  # one list of `grad_accum` micro-batches per optimizer step
 
@@ -47,7 +50,8 @@ class Progress:
     """Rank 0's progress. `live`: a bar rendered by the driver (`ray.experimental.tqdm_ray`),
     one live bar in a terminal instead of a log line per update. Otherwise (the driver's
     output is a file: `ray job submit` logs, a captured `make demo`, a Tune trial) plain lines,
-    about every tenth of the run, with no cursor escapes."""
+    about every tenth of the run, with no cursor escapes, as log records: Ray Train V2 patches a
+    worker's `print` to log *and* echo to its redirected stdout, so a print showed twice."""
 
     def __init__(self, desc: str, total: int, initial: int = 0, live: bool = True):
         import ray.train
@@ -71,7 +75,7 @@ class Progress:
                 self.bar.set_description(text)
             self.bar.update(1)
         elif self.rank0 and (self.step % self.every == 0 or self.step == self.total):
-            print(f"{text} step {self.step}/{self.total}", flush=True)
+            log.info("%s step %d/%d", text, self.step, self.total)
 
     def close(self) -> None:
         if self.bar is not None:
