@@ -111,3 +111,18 @@ def test_progress_without_a_terminal_is_plain_lines(monkeypatch, caplog):
     out = "\n".join(r.getMessage() for r in caplog.records)
     assert out.splitlines() == [f"prompt SST-2 loss=0.5000 step {s}/20" for s in range(12, 21, 2)]
     assert "\x1b" not in out and "\r" not in out
+
+
+def test_ray_train_loggers_named_by_file_are_held_to_warnings():
+    """Ray Train V2 logs "Reporting training result N" through getLogger(__file__), which the
+    run's LoggingConfig(log_level=WARNING) does not reach; the loop holds those to WARNING."""
+    import logging
+    import os
+
+    from rayapp.train.loop import quiet_train_file_loggers
+
+    train = logging.getLogger(os.path.join(os.sep, "venv", "ray", "train", "v2", "_internal", "context.py"))
+    other = logging.getLogger(os.path.join(os.sep, "venv", "mylib", "context.py"))
+    quiet_train_file_loggers()
+    assert not train.isEnabledFor(logging.INFO) and train.isEnabledFor(logging.WARNING)
+    assert other.level == logging.NOTSET

@@ -17,6 +17,7 @@ model (the best, or the last) and the recipe's final metrics (e.g. test).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -87,12 +88,23 @@ def snapshot(module: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def quiet_train_file_loggers() -> None:
+    """Some Ray Train V2 modules log through `logging.getLogger(__file__)` (e.g. "Reporting
+    training result N: TrainingReport(...)" at every report), a name that escapes the
+    `ray.train` level set by the run's `LoggingConfig`: hold them to WARNING on the console too."""
+    marker = os.sep + os.path.join("ray", "train") + os.sep
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(".py") and marker in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop(loop_cfg: dict) -> None:
     """Ray Train's per-worker function: `loop_cfg` = {"cfg": TrainConfig, "setup": fn, ...inputs}."""
     import ray.train
     import ray.train.torch
 
     loop_started = time.perf_counter()  # the loop's own time (in the record), beside the run's wall time
+    quiet_train_file_loggers()
     cfg: TrainConfig = loop_cfg["cfg"]
     torch.manual_seed(cfg.train_seed)
     micro, accum = split_batch(cfg.batch_size, ray.train.get_context().get_world_size(), cfg.engine.max_device_batch)
