@@ -47,8 +47,8 @@ ROWS = ["zero-shot", "prompt-ft", "fine-tune", "smash-zero-shot", "smash", "dist
         "teacher-zero-shot", "teacher"]
 
 
-def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash: str, teacher: str,
-                 steps: int, intermediate: str):
+def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash: str, teacher: str, steps: int):
+    """One of the two sweeps (same methods; `smash` = the SMASH student for these tasks)."""
     from rayapp.sweep.spec import SweepConfig, TableSpec
 
     return SweepConfig(
@@ -61,7 +61,7 @@ def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash:
             "prompt-ft": {"method": "prompt", "label": "student prompt FT"},
             "fine-tune": {"method": "classifier", "label": "student standard FT"},
             "smash-zero-shot": {"method": "zero-shot", "model": smash, "label": "SMASH student zero-shot"},
-            "smash": {"method": "prompt", "model": smash, "label": f"SMASH student ({intermediate}) prompt FT"},
+            "smash": {"method": "prompt", "model": smash, "label": "SMASH student prompt FT"},
             "distill": {"method": "prompt", "teacher": "{best:teacher}", "label": "distill (KD in prompt FT)"},
             "teacher-zero-shot": {"method": "zero-shot", "model": teacher, "label": "teacher (MiniLM-L6) zero-shot"},
             "teacher": {"method": "prompt", "model": teacher, "label": "teacher (MiniLM-L6) prompt FT"},
@@ -88,6 +88,9 @@ def main() -> None:
                                               "Wikipedia; scoring all 25 MB takes about an hour on 2 cores)")
     p.add_argument("--distill-steps", type=int, default=600)
     p.add_argument("--finetune-steps", type=int, default=40)
+    p.add_argument("--with-sweep", nargs="*", default=[],
+                   help="more finished sweeps for the report, e.g. the Prompt-Distiller local sweep "
+                        "(runs/sweeps/pd-table1-local: student PT, Prompt-KD, Prompt-Distiller on SST-2, MR)")
     args = p.parse_args()
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -113,13 +116,13 @@ def main() -> None:
     experiments = []
     for task, tasks in (("pairs", PAIR_TASKS), ("sentiment", SENTIMENT_TASKS)):
         cfg = sweep_config(f"fidelity-{task}", str(work / "sweeps"), tasks, student, smash[task], teacher,
-                           args.finetune_steps, task)
+                           args.finetune_steps)
         started = time.time()
         done = sweep.run(cfg, resume=(Path(cfg.storage) / cfg.name / "sweep.json").exists())
         print(f"[sweep {cfg.name}] {done['done']} trials done, {len(done['failed'])} failed, "
               f"{time.time() - started:.0f} s this sitting", flush=True)
         experiments.append(done["experiment"])
-    rep = report.write(experiments, str(work / "report"))
+    rep = report.write(experiments + args.with_sweep, str(work / "report"))
     stages = {f.stem: json.loads(f.read_text()).get("stage_seconds") for f in sorted(work.glob("*.json"))}
     print("\nstage wall times (s):", json.dumps(stages))
     print("\n" + rep["markdown"])
