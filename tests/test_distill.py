@@ -78,6 +78,16 @@ def _registered(run_dir: Path) -> dict | None:
         return None
 
 
+def test_online_teacher_distills_from_intermediate_examples(pairs, student, tiny_roberta, tmp_path):
+    """teacher_mode=online reads the pairs folder itself (no cache): the teacher's full
+    distribution at the mask each step (eq. 1), then the student is exported."""
+    rec = run(_cfg(tmp_path, student=student, teacher=tiny_roberta, data=pairs, teacher_mode="online",
+                   max_steps=3, checkpoint_every=3, log_every=1))
+    assert rec["step"] == 3 and rec["objective"] == "ce"
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in rec["loss_curve"])
+    assert AutoModelForMaskedLM.from_pretrained(rec["model"]).config.num_hidden_layers == 1
+
+
 def test_deepspeed_zero2_survives_a_killed_worker(cache, student, tmp_path):
     import ray
     from ray.util.state import list_actors
