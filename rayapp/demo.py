@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     pairs = str(work / "pairs")
     stage(work, "pairs", lambda: build_pairs(str(asset("corpus", "wikipedia-en", "AA")), pairs,
-                                              num_examples=args.pairs, seed=0))
+                                             num_examples=args.pairs, seed=0))
     student = str(work / "student")
     stage(work, "student", lambda: {"model": make_student(teacher, student)})
     cache = str(work / "cache")
