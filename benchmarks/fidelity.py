@@ -124,7 +124,7 @@ def main() -> None:
             done = sweep.run(cfg, resume=(Path(cfg.storage) / cfg.name / "sweep.json").exists())
         except sweep.SweepInterrupted as stopped:  # Ctrl-C: the same command continues it
             sys.exit(f"{stopped}; or re-run this command")
-        print(f"[sweep {cfg.name}] {done['done']} trials done, {len(done['failed'])} failed, "
+        print(f"[sweep {cfg.name}] {done['done']} trials done, {done['failed']} failed, "
               f"{time.time() - started:.0f} s this sitting", flush=True)
         experiments.append(done["experiment"])
     rep = report.write(experiments + args.with_sweep, str(work / "report"))
