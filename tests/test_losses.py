@@ -84,7 +84,7 @@ def test_soft_ce_topk_tail_gradient_follows_eq_1():
     the tail bucket's gradient points where eq. 1's does; renormalising does not."""
     torch.manual_seed(0)
     vocab, k = 50_000, 64
-    teacher = torch.randn(8, vocab) * 3.0  # top-64 covers ~half the mass (the demo's real cache: 37%)
+    teacher = torch.randn(8, vocab) * 3.0  # top-64 covers ~half the mass (the issue's tiny demo teacher: 37%)
     student = (teacher + torch.randn(8, vocab)).requires_grad_(True)
     values, indices = teacher.topk(k, dim=-1)
     lse = teacher.logsumexp(-1)
