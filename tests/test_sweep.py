@@ -71,6 +71,18 @@ def test_trials_resolve_placeholders_and_layers(tmp_path):
     assert (rc.lr, rc.seed, rc.task, rc.k, rc.name, rc.output_dir) == (1e-3, 21, "SST-2", 16, "run-x", cfg.experiment)
 
 
+def test_a_method_runs_on_its_own_splits(tmp_path):
+    """`seeds:` on a method (zero-shot: nothing trained, one test file for every split): only
+    those splits are planned, run and expected by the report."""
+    cfg = _sweep(tmp_path, seeds=[13, 21, 42],
+                 methods={"prompt": {"method": "prompt"}, "zero": {"method": "zero-shot", "grid": {}, "seeds": [21]}})
+    assert [(t["method"], t["seed"]) for t in cfg.trials() if t["method"] == "zero"] == [("zero", 21)]
+    assert len(cfg.trials()) == 3 * 2 + 1
+    assert cfg.expected().seeds["zero", "SST-2"] == [21] and cfg.expected().seeds["prompt", "SST-2"] == [13, 21, 42]
+    with pytest.raises(ConfigError, match=r"methods\.zero\.seeds must be .* from the sweep's seeds \[13, 21, 42\]"):
+        _sweep(tmp_path, seeds=[13, 21, 42], methods={"zero": {"method": "zero-shot", "seeds": [7]}})
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"grid": {"lr": []}}, r"grid\.lr must be a non-empty list"),
     ({"methods": {"a": {"method": "prompt", "grid": {"batch_size": []}}}}, r"methods\.a\.grid\.batch_size must be a non-empty"),

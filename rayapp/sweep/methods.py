@@ -9,8 +9,10 @@
       smash:     {method: prompt, init: s3://bucket/smash-student/model}
 
 Reserved keys: `recipe` (a name in `rayapp.recipes.RECIPES`, default finetune), `label` (the
-table's row label), `grid` (this method's own grid instead of the sweep's), `per_task`
-(task -> overrides for that task only). Everything else overrides the recipe's config, on
+table's row label), `grid` (this method's own grid instead of the sweep's), `seeds` (a subset
+of the sweep's splits for this method: zero-shot trains nothing and LM-BFF's test file is the
+same for every split, so one split gives all five test numbers), `per_task` (task ->
+overrides for that task only). Everything else overrides the recipe's config, on
 top of the sweep's `base` and `per_task`; each trial's config is checked against the
 recipe's config class before anything runs.
 
@@ -50,6 +52,7 @@ class Method:
     per_task: dict[str, dict]      # task -> overrides on top (e.g. SMASH's pairs vs sentiment student)
     grid: dict[str, list]          # key -> values; {} = one fixed point
     label: str
+    seeds: list[int] | None = None  # None: the sweep's splits
 
     def points(self) -> list[dict]:
         """The grid's points in order (the last key varies fastest)."""
@@ -114,7 +117,7 @@ def check_grid(grid: Any, where: str) -> dict[str, list]:
     return grid
 
 
-def parse_methods(raw: dict, grid: dict[str, list]) -> dict[str, Method]:
+def parse_methods(raw: dict, grid: dict[str, list], seeds: list[int] | None = None) -> dict[str, Method]:
     """`Method`s from the sweep YAML's `methods` mapping (order kept: it is the table's row order)."""
     if not raw:
         raise ConfigError("the sweep has no methods; add at least one under `methods:` (e.g. prompt: {method: prompt})")
@@ -134,6 +137,14 @@ def parse_methods(raw: dict, grid: dict[str, list]) -> dict[str, Method]:
                               "run per few-shot task and split")
         label = str(spec.pop("label", name))
         own_grid = check_grid(spec.pop("grid"), f"methods.{name}.grid") if "grid" in spec else grid
+        own_seeds = spec.pop("seeds", None)
+        if own_seeds is not None:
+            if isinstance(own_seeds, int):
+                own_seeds = [own_seeds]
+            if (not isinstance(own_seeds, list) or not own_seeds or len(set(own_seeds)) != len(own_seeds)
+                    or (seeds is not None and not set(own_seeds) <= set(seeds))):
+                raise ConfigError(f"methods.{name}.seeds must be a non-empty list of distinct seeds from the "
+                                  f"sweep's seeds {seeds}, got {own_seeds!r}")
         per_task = spec.pop("per_task", {}) or {}
         if not isinstance(per_task, dict) or not all(isinstance(v, dict) for v in per_task.values()):
             raise ConfigError(f"methods.{name}.per_task must map task -> overrides, got {per_task!r}")
@@ -144,7 +155,7 @@ def parse_methods(raw: dict, grid: dict[str, list]) -> dict[str, Method]:
         if clash:
             raise ConfigError(f"method {name!r} sets {clash}, which its grid varies; "
                               f"give the method its own grid (methods.{name}.grid)")
-        methods[name] = Method(name, recipe, spec, per_task, own_grid, label)
+        methods[name] = Method(name, recipe, spec, per_task, own_grid, label, own_seeds)
     for m in methods.values():
         unknown = sorted(m.needs() - set(methods))
         if unknown:

@@ -84,7 +84,7 @@ class SweepConfig:
             if not isinstance(extra, dict):
                 raise ConfigError(f"per_task.{task} must be a mapping of overrides, got {extra!r}")
             check_swept(extra, f"per_task.{task}")
-        self._methods = parse_methods(self.methods, self.grid)
+        self._methods = parse_methods(self.methods, self.grid, self.seeds)
         self._phases = phases(self._methods)
         self._students = {}
         for name, spec in self.students.items():
@@ -133,7 +133,13 @@ class SweepConfig:
         partial table compares methods on the same splits."""
         names = self.method_names if phase is None else self._phases[phase]
         return [{"method": m, "task": t, "seed": s, "point": p}
-                for t in self.tasks for s in self.seeds for m in names for p in self._methods[m].points()]
+                for t in self.tasks for s in self.seeds for m in names if s in self.method_seeds(m)
+                for p in self._methods[m].points()]
+
+    def method_seeds(self, name: str) -> list[int]:
+        """The splits `name` runs on: its own `seeds` (in the sweep's order), else the sweep's."""
+        own = self.method(name).seeds
+        return [s for s in self.seeds if own is None or s in own]
 
     def recipe_config(self, trial: dict, name: str, fill=None):
         """The recipe config of one trial: base < per_task < method < grid point < task, split,
@@ -147,7 +153,7 @@ class SweepConfig:
         """The plan as the report checks runs against it."""
         return Expected(
             methods=self.method_names, tasks=list(self.tasks),
-            seeds={(m, t): list(self.seeds) for m in self._methods for t in self.tasks},
+            seeds={(m, t): self.method_seeds(m) for m in self._methods for t in self.tasks},
             points={(m, t): [point_key(p) for p in self._methods[m].points()] for m in self._methods for t in self.tasks},
         )
 
