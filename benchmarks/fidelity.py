@@ -14,7 +14,9 @@ distillation budget here consumes `--distill-steps` x 16 examples of them.
 Rows, on all 5 LM-BFF splits, test = the split's test file: zero-shot and prompt FT of the
 plain student, the SMASH student and the teacher; standard FT (classification head) of the
 plain student; "distill" = KD during prompt FT of the plain student from the teacher's best
-prompt-FT checkpoint of the same split (eq. 1 at the mask).
+prompt-FT checkpoint of the same split (eq. 1 at the mask). On SST-2 and MR also
+Prompt-Distiller's rows (its student PT row is the plain student's prompt FT): Prompt-KD and
+Prompt-Distiller, T' = the teacher, T = its best prompt-FT run of the same split.
 
 Where this differs from the paper, to fit 2 CPU cores: `--finetune-steps` (default 40,
 dev every 10; the paper 1000 / 100) at one fixed point (lr 1e-4, batch 4) instead of the
@@ -32,7 +34,8 @@ be built over several sittings by re-running the same command. Prints the tables
 `report.html` beside them.
 
     python benchmarks/fidelity.py [--work-dir runs/fidelity] [--pairs 100000]
-        [--sentiment-corpus PATH] [--distill-steps 400] [--finetune-steps 40]
+        [--sentiment-corpus PATH] [--distill-steps 400]
+        [--pairs-distill-steps N] [--finetune-steps 40]
 """
 from __future__ import annotations
 
@@ -53,6 +56,17 @@ SENTIMENT_TASKS = ["SST-2", "MR"]
 ONE_SPLIT = [13]
 ROWS = ["zero-shot", "prompt-ft", "fine-tune", "smash-zero-shot", "smash", "distill",
         "teacher-zero-shot", "teacher"]
+
+PD_ROWS = ["prompt-kd", "prompt-distiller"]
+
+
+def PD_METHODS(teacher: str) -> dict:
+    """Prompt-Distiller's rows on SST-2 and MR (its student PT row is `prompt-ft`): T' = the
+    teacher, T = the teacher's best prompt-FT run of the same split, the paper's alpha,
+    lambdas and n; the sweep's lr/batch/steps like every other row."""
+    pd = {"recipe": "prompt-distill", "teacher": teacher, "tuned_teacher": "{best:teacher}"}
+    return {"prompt-kd": {**pd, "method": "prompt-kd", "label": "Prompt-KD (PD Table 1)"},
+            "prompt-distiller": {**pd, "method": "prompt-distiller", "label": "Prompt-Distiller"}}
 
 
 def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash: str, teacher: str, steps: int):
@@ -75,8 +89,10 @@ def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash:
             "teacher-zero-shot": {"method": "zero-shot", "seeds": ONE_SPLIT, "model": teacher,
                                   "label": "teacher (MiniLM-L6) zero-shot"},
             "teacher": {"method": "prompt", "model": teacher, "label": "teacher (MiniLM-L6) prompt FT"},
+            **(PD_METHODS(teacher) if set(tasks) <= set(SENTIMENT_TASKS) else {}),
         },
-        tables=[TableSpec(name="fidelity", title="16-shot test, mean (std) over the 5 LM-BFF splits", rows=ROWS)])
+        tables=[TableSpec(name="fidelity", title="16-shot test, mean (std) over the 5 LM-BFF splits",
+                          rows=ROWS + (PD_ROWS if set(tasks) <= set(SENTIMENT_TASKS) else []))])
 
 
 def main() -> None:
@@ -97,10 +113,13 @@ def main() -> None:
     p.add_argument("--sentiment-corpus", help="corpus the teacher labels (default: one 1 MB file of the local "
                                               "Wikipedia; scoring all 25 MB takes about an hour on 2 cores)")
     p.add_argument("--distill-steps", type=int, default=400)
+    p.add_argument("--pairs-distill-steps", type=int, help="SMASH distillation steps on the pairs task "
+                                                            "(default: --distill-steps; a step costs 2.3x a "
+                                                            "sentiment step: length 128 vs 64)")
     p.add_argument("--finetune-steps", type=int, default=40)
     p.add_argument("--with-sweep", nargs="*", default=[],
                    help="more finished sweeps for the report, e.g. the Prompt-Distiller local sweep "
-                        "(runs/sweeps/pd-table1-local: student PT, Prompt-KD, Prompt-Distiller on SST-2, MR)")
+                        "(runs/sweeps/pd-table1-local: its Tables 1 and 2)")
     args = p.parse_args()
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -117,12 +136,13 @@ def main() -> None:
     # one branch at a time (intermediate data, SMASH student, its sweep), sentiment first: SST-2
     # and MR are where this teacher is clearly above chance (RTE is not), so a sitting cut short
     # still has the informative half of the table
+    steps = {"sentiment": args.distill_steps, "pairs": args.pairs_distill_steps or args.distill_steps}
     for task, tasks in (("sentiment", SENTIMENT_TASKS), ("pairs", PAIR_TASKS)):
         data = str(work / task)
         stage(work, task, lambda: builders[task](data))
         smash = stage(work, f"distill-{task}", lambda: distill(DistillConfig(
             student=student, teacher=teacher, data=data, task=f"smash-{task}", teacher_mode="online",
-            batch_size=16, lr=1e-4, max_steps=args.distill_steps, checkpoint_every=max(1, args.distill_steps // 4),
+            batch_size=16, lr=1e-4, max_steps=steps[task], checkpoint_every=max(1, steps[task] // 4),
             log_every=25, output_dir=str(work / "runs"), name=f"smash-{task}",
             engine=EngineConfig(num_workers=1))))["model"]
         cfg = sweep_config(f"fidelity-{task}", str(work / "sweeps"), tasks, student, smash, teacher,
