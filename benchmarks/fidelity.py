@@ -60,7 +60,7 @@ ROWS = ["zero-shot", "prompt-ft", "fine-tune", "smash-zero-shot", "smash", "dist
 PD_ROWS = ["prompt-kd", "prompt-distiller"]
 
 
-def PD_METHODS(teacher: str) -> dict:
+def pd_methods(teacher: str) -> dict:
     """Prompt-Distiller's rows on SST-2 and MR (its student PT row is `prompt-ft`): T' = the
     teacher, T = the teacher's best prompt-FT run of the same split, the paper's alpha,
     lambdas and n; the sweep's lr/batch/steps like every other row."""
@@ -73,6 +73,7 @@ def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash:
     """One of the two sweeps (same methods; `smash` = the SMASH student for these tasks)."""
     from rayapp.sweep.spec import SweepConfig, TableSpec
 
+    sentiment = set(tasks) <= set(SENTIMENT_TASKS)  # Prompt-Distiller's rows: SST-2 and MR only
     return SweepConfig(
         name=name, storage=storage, tasks=tasks, grid={},
         base={"model": student, "batch_size": 4, "lr": 1e-4, "max_steps": steps, "eval_every": 10,
@@ -89,10 +90,10 @@ def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash:
             "teacher-zero-shot": {"method": "zero-shot", "seeds": ONE_SPLIT, "model": teacher,
                                   "label": "teacher (MiniLM-L6) zero-shot"},
             "teacher": {"method": "prompt", "model": teacher, "label": "teacher (MiniLM-L6) prompt FT"},
-            **(PD_METHODS(teacher) if set(tasks) <= set(SENTIMENT_TASKS) else {}),
+            **(pd_methods(teacher) if sentiment else {}),
         },
         tables=[TableSpec(name="fidelity", title="16-shot test, mean (std) over the 5 LM-BFF splits",
-                          rows=ROWS + (PD_ROWS if set(tasks) <= set(SENTIMENT_TASKS) else []))])
+                          rows=ROWS + (PD_ROWS if sentiment else []))])
 
 
 def main() -> None:

@@ -117,7 +117,16 @@ def check_grid(grid: Any, where: str) -> dict[str, list]:
     return grid
 
 
-def parse_methods(raw: dict, grid: dict[str, list], seeds: list[int] | None = None) -> dict[str, Method]:
+def check_seeds(seeds: Any, where: str, allowed: list[int] | None = None) -> list[int]:
+    """A non-empty list of distinct split seeds (all of them in `allowed` when given)."""
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or (allowed is not None and not set(seeds) <= set(allowed))):
+        among = "split seeds" if allowed is None else f"seeds from the sweep's seeds {allowed}"
+        raise ConfigError(f"{where} must be a non-empty list of distinct {among}, got {seeds!r}")
+    return seeds
+
+
+def parse_methods(raw: dict, grid: dict[str, list], seeds: list[int]) -> dict[str, Method]:
     """`Method`s from the sweep YAML's `methods` mapping (order kept: it is the table's row order)."""
     if not raw:
         raise ConfigError("the sweep has no methods; add at least one under `methods:` (e.g. prompt: {method: prompt})")
@@ -137,14 +146,7 @@ def parse_methods(raw: dict, grid: dict[str, list], seeds: list[int] | None = No
                               "run per few-shot task and split")
         label = str(spec.pop("label", name))
         own_grid = check_grid(spec.pop("grid"), f"methods.{name}.grid") if "grid" in spec else grid
-        own_seeds = spec.pop("seeds", None)
-        if own_seeds is not None:
-            if isinstance(own_seeds, int):
-                own_seeds = [own_seeds]
-            if (not isinstance(own_seeds, list) or not own_seeds or len(set(own_seeds)) != len(own_seeds)
-                    or (seeds is not None and not set(own_seeds) <= set(seeds))):
-                raise ConfigError(f"methods.{name}.seeds must be a non-empty list of distinct seeds from the "
-                                  f"sweep's seeds {seeds}, got {own_seeds!r}")
+        own_seeds = check_seeds(spec.pop("seeds"), f"methods.{name}.seeds", seeds) if "seeds" in spec else None
         per_task = spec.pop("per_task", {}) or {}
         if not isinstance(per_task, dict) or not all(isinstance(v, dict) for v in per_task.values()):
             raise ConfigError(f"methods.{name}.per_task must map task -> overrides, got {per_task!r}")

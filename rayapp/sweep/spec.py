@@ -15,7 +15,7 @@ from rayapp import storage
 from rayapp.config import build, to_dict
 from rayapp.errors import ConfigError, DataError
 from rayapp.config import _merge
-from rayapp.sweep.methods import Method, check_grid, check_swept, parse_methods, phases
+from rayapp.sweep.methods import Method, check_grid, check_seeds, check_swept, parse_methods, phases
 from rayapp.sweep.results import Expected, point_key
 
 SEEDS = [13, 21, 42, 87, 100]  # LM-BFF's five few-shot splits
@@ -72,8 +72,7 @@ class SweepConfig:
             raise ConfigError(f"sweep name {self.name!r}: use letters, digits and _ . - (it names a directory)")
         if not self.tasks:
             raise ConfigError("the sweep has no tasks; set tasks: [SST-2, ...]")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds must be a non-empty list of distinct split seeds, got {self.seeds}")
+        check_seeds(self.seeds, "seeds")
         if self.k <= 0 or self.max_concurrent_trials < 0 or self.max_failures < 0:
             raise ConfigError("k must be > 0, max_concurrent_trials and max_failures >= 0")
         check_grid(self.grid, "grid")
