@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -286,9 +287,11 @@ def test_tiny_sweep_is_killed_resumed_and_reported(ray_cluster, tiny_bert, tmp_p
     assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
 
 
-def test_sweep_on_s3_keeps_tune_results_records_and_report_there(ray_cluster, s3_server, tiny_bert, tmp_path):
+def test_sweep_on_s3_keeps_tune_results_records_and_report_there(ray_cluster, s3_server, tiny_bert, tmp_path,
+                                                                capsys):
     """Storage s3://: sweep.json, Tune's experiment (results, TensorBoard events) and the
-    records live in the bucket, and the report reads them from there (one zero-shot trial)."""
+    records live in the bucket, and the report reads them from there (one zero-shot trial).
+    Its output, not a terminal, is the sweep's own lines only (no Tune boxes)."""
     import boto3
 
     from rayapp.sweep import report
@@ -299,6 +302,9 @@ def test_sweep_on_s3_keeps_tune_results_records_and_report_there(ray_cluster, s3
                               "methods": {"zero-shot": {"method": "zero-shot"}}})
     summary = sweep.run(cfg)
     assert (summary["done"], summary["failed"]) == (1, 0), summary
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("sweep s3://sweeps/exp/on-s3: 1 trials"), out
+    assert re.fullmatch(r"\[1/1\] zero-shot-SST-2-s13-\w+ done dev=0\.\d{4} test=0\.\d{4}", out[1]), out
     files = storage.list_files(cfg.experiment)
     assert any(f.endswith("/sweep.json") for f in files)
     assert any("/tune-0/" in f and "events.out.tfevents" in f for f in files)

@@ -355,6 +355,8 @@ def _phase(cfg: SweepConfig, phase: int, max_concurrent: int) -> None:
     name = f"tune-{phase}"
     trainable = tune.with_resources(trial_fn, {"memory": DRIVER_MEMORY})
     live = sys.stdout.isatty()
+    if not live:  # Tune's new output prints its experiment box and paths even at verbose=0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     exp_path = f"{path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         # finished trials stay finished; unfinished and errored ones run again (their Train runs
