@@ -38,6 +38,11 @@ LOCAL: dict[str, str] = {
     # the driver folds worker lines that differ only in numbers into "[repeated Nx across
     # cluster]": progress lines ("step 12/30 loss=...") are exactly those
     "RAY_DEDUP_LOGS": "0",
+    # Ray Train's controller takes a worker's report (its queue holds one) only when it polls,
+    # every 2 s by default: a short run that evaluates and checkpoints every few steps waited
+    # on that clock (measured: a zero-shot run 21 -> 17 s, 80 DeepSpeed steps with a
+    # checkpoint every 10 56 -> 42 s on 2 cores). Polling 2 local workers 4x a second is cheap.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
 }
 
 

@@ -92,7 +92,9 @@ def test_deepspeed_zero2_survives_a_killed_worker(cache, student, tmp_path):
     import ray
     from ray.util.state import list_actors
 
-    cfg = _cfg(tmp_path, student=student, data=cache, max_steps=300, checkpoint_every=10, log_every=10,
+    # the worker dies just after the first checkpoint (step 10): 70 more steps keep the run alive
+    # well past the kill, however slow the machine, without paying for hundreds of steps
+    cfg = _cfg(tmp_path, student=student, data=cache, max_steps=80, checkpoint_every=10, log_every=10,
                batch_size=4, name="ft-run",
                engine=EngineConfig(num_workers=2, cpus_per_worker=0.5, engine="deepspeed", zero_stage=2,
                                    use_gpu=False, max_failures=1))
@@ -112,13 +114,13 @@ def test_deepspeed_zero2_survives_a_killed_worker(cache, student, tmp_path):
     registered = registered["metrics"]["step"]
     thread.join(timeout=900)
     assert not thread.is_alive() and result, "distillation did not finish after the worker was killed"
-    assert result["step"] == 300 and registered < 300
+    assert result["step"] == 80 and registered < 80
     (resumed_at,) = result["restarts"]  # exactly one restart, from the latest checkpoint
     # at most one checkpoint interval of steps was lost: it resumed from the newest checkpoint
     assert resumed_at >= registered and resumed_at % 10 == 0
     # every rank saved its ZeRO shard into the checkpoint
     last = run_dir / _registered(run_dir)["checkpoint_dir_name"]
-    assert json.loads((last / "trainer_state.json").read_text())["step"] == 300
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 80
     shards = list((last / "deepspeed" / "state").glob("*optim_states.pt"))
     assert len(shards) == 2
 
@@ -150,7 +152,7 @@ def test_resubmitted_run_trains_exactly_the_unseen_batches(ray_cluster, cache, s
     import subprocess
     import sys
 
-    kw = dict(student=student, data=cache, max_steps=120, checkpoint_every=10, log_every=50, batch_size=4)
+    kw = dict(student=student, data=cache, max_steps=60, checkpoint_every=10, log_every=50, batch_size=4)
     full = run(_cfg(tmp_path / "full", **kw))
     cfg = _cfg(tmp_path / "cut", **kw)
     script = (f"import ray, pickle; ray.init(address={ray_cluster.get_runtime_context().gcs_address!r}); "
@@ -164,9 +166,9 @@ def test_resubmitted_run_trains_exactly_the_unseen_batches(ray_cluster, cache, s
         os.killpg(driver.pid, signal.SIGKILL)  # the job's driver dies mid-run
         driver.wait()
     resumed = run(cfg)
-    assert resumed["name"] == full["name"] and registered["metrics"]["step"] < 120
+    assert resumed["name"] == full["name"] and registered["metrics"]["step"] < 60
     assert len(resumed["restarts"]) == 1 and resumed["restarts"][0] % 10 == 0
-    assert resumed["data_digest"] == full["data_digest"] and len(full["data_digest"]) == 120
+    assert resumed["data_digest"] == full["data_digest"] and len(full["data_digest"]) == 60
 
 
 def test_distill_config_errors(cache, tiny_bert, tmp_path):
