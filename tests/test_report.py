@@ -176,3 +176,31 @@ def test_plain_run_records_report_by_their_method(tmp_path):
     md = report.write([_write(tmp_path / "runs", recs)], str(tmp_path / "out"))["markdown"]
     assert "| prompt | **60.0 (10.0)** |" in md
     assert math.isclose(report.gather([str(tmp_path / "runs")]).runs[0].test, 0.5)
+
+
+def test_cells_say_how_many_splits_they_are_over(tmp_path):
+    """A method planned on one split has no std to show (not `(0.0)`); in a table that mixes
+    split counts a cell over fewer splits says n=; the caption says what the cells are over."""
+    from rayapp.config import build
+    from rayapp.sweep import spec
+
+    cfg = build(spec.SweepConfig, {
+        "name": "counts", "storage": str(tmp_path), "tasks": ["RTE"], "seeds": [13, 21, 42], "grid": {"lr": [1]},
+        "methods": {"one": {"seeds": [13]}, "two": {"seeds": [13, 21]}, "three": {}}})
+    spec.save(cfg)
+    runs = [_record("one", "RTE", 13, 1, 0.7, 0.60),
+            _record("two", "RTE", 13, 1, 0.7, 0.60), _record("two", "RTE", 21, 1, 0.7, 0.70),
+            _record("three", "RTE", 13, 1, 0.7, 0.50), _record("three", "RTE", 21, 1, 0.7, 0.50),
+            _record("three", "RTE", 42, 1, 0.7, 0.80)]
+    _write(tmp_path / "counts", runs)
+    md = report.write([str(tmp_path / "counts")], str(tmp_path / "out"))["markdown"]
+    cells = _cells(md)
+    assert cells["one", "RTE (acc)"] == "60.0 (1 split)"
+    assert cells["two", "RTE (acc)"] == "**65.0 (5.0) n=2**"
+    assert cells["three", "RTE (acc)"] == "60.0 (14.1)"
+    assert "mean (std) over 3 few-shot splits, or as many as the cell says." in md
+    rows = {r[0]: r[1] for r in csv.reader((tmp_path / "out" / "table.csv").open())}
+    assert rows["two"] == "65.0 (5.0) n=2" and rows["one"] == "60.0 (1 split)"
+    # one count for every cell: said once, no n= on the cells
+    uniform = report.write([_write(tmp_path / "u", RUNS)], str(tmp_path / "out2"))["markdown"]
+    assert "Cells: test metric x100, mean (std) over 2 few-shot splits." in uniform and "n=" not in uniform

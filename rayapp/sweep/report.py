@@ -5,7 +5,9 @@ rows = methods, columns = tasks, cells `mean (std)` over the few-shot splits of 
 metric x100 with one decimal, the best cell of each column in bold. The selection behind
 each cell is `rayapp.sweep.results` (best grid point by dev, its test metric). A cell with a
 failed or missing run is a marked gap (`—` plus a numbered note saying which split and grid
-point), never a number over the runs that happened to finish.
+point), never a number over the runs that happened to finish. Under each table a caption
+says how many splits the cells are over; a cell over fewer splits than the others (a method
+planned on fewer seeds) says `n=`, and a cell over one split shows `(1 split)`, not a std of 0.
 
 A sweep directory brings its plan (`sweep.json`): its methods' row labels and order, the
 tables its config asks for (`tables:` rows/columns), and every trial it planned, so a
@@ -93,6 +95,22 @@ class Table:
         metric = next((c.metric for m in self.rows if (c := self.cells.get((m, task))) and c.metric), None)
         return f"{task} ({metric})" if metric else task
 
+    def split_counts(self) -> list[int]:
+        """How many splits the complete cells are over, each count once, ascending."""
+        return sorted({len(c.splits) for c in self.cells.values() if c.complete})
+
+    def caption(self) -> str:
+        counts = self.split_counts()
+        if len(counts) <= 1:
+            over = f"{counts[0]} few-shot split{'s' * (counts[0] != 1)}" if counts else "the few-shot splits"
+            return f"Cells: test metric x100, mean (std) over {over}."
+        return f"Cells: test metric x100, mean (std) over {counts[-1]} few-shot splits, or as many as the cell says."
+
+    def number(self, cell: Cell) -> str:
+        """A complete cell's `mean (std)`, with `n=` when it is over fewer splits than others."""
+        n = len(cell.splits)
+        return cell.text() + (f" n={n}" if 1 < n < max(self.split_counts()) else "")
+
     def notes(self) -> list[tuple[str, str, str]]:
         """(method, task, why) of every gap, numbered in table order."""
         return [(m, t, c.gap) for m in self.rows for t in self.columns
@@ -125,7 +143,7 @@ def _cell_texts(table: Table, bold: tuple[str, str]) -> dict[tuple[str, str], st
             elif not c.complete:
                 out[m, t] = f"{GAP} [{notes[m, t]}]"
             else:
-                text = c.text()
+                text = table.number(c)
                 out[m, t] = f"{bold[0]}{text}{bold[1]}" if c.mean == table.best(t) else text
     return out
 
@@ -137,6 +155,7 @@ def markdown(table: Table) -> str:
              "|---|" + "---|" * len(table.columns)]
     lines += ["| " + table.labels[m] + " | " + " | ".join(texts[m, t] for t in table.columns) + " |"
               for m in table.rows]
+    lines += ["", table.caption()]
     notes = table.notes()
     if notes:
         lines += [""] + [f"[{i}] {table.labels[m]} / {t}: {why}" for i, (m, t, why) in enumerate(notes, 1)]
@@ -151,7 +170,7 @@ def table_csv(table: Table) -> str:
         row = []
         for t in table.columns:
             c = table.cells.get((m, t))
-            row.append("" if c is None else c.text() if c.complete else f"gap: {c.gap}")
+            row.append("" if c is None else table.number(c) if c.complete else f"gap: {c.gap}")
         w.writerow([table.labels[m]] + row)
     return buf.getvalue()
 
@@ -268,7 +287,7 @@ def _html_table(table: Table) -> str:
                    + "".join(f"<td>{esc(texts[m, t])}</td>" for t in table.columns) + "</tr>" for m in table.rows)
     notes = "".join(f"<li>{html.escape(table.labels[m])} / {html.escape(t)}: {html.escape(why)}</li>"
                     for m, t, why in table.notes())
-    return (f"<h2>{html.escape(table.title or table.name)}</h2><table>{head}{body}</table>"
+    return (f"<h2>{html.escape(table.title or table.name)}</h2><table>{head}{body}</table><p>{html.escape(table.caption())}</p>"
             + (f'<ol class="notes">{notes}</ol>' if notes else ""))
 
 

@@ -224,7 +224,10 @@ class Cell:
         return f"{done}/{len(self.splits)} splits; " + " | ".join(reasons)
 
     def text(self) -> str:
-        return f"{self.mean:.1f} ({self.std:.1f})" if self.complete else "—"
+        """`mean (std)`; over one split there is no spread to show, so not a std of 0.0."""
+        if not self.complete:
+            return "—"
+        return f"{self.mean:.1f} ({self.std:.1f})" if len(self.splits) > 1 else f"{self.mean:.1f} (1 split)"
 
 
 @dataclass(frozen=True)
