@@ -60,3 +60,13 @@ def test_user_error_raised_in_a_ray_task_comes_back_as_its_own_line():
     assert isinstance(wrapped, ConfigError) and str(wrapped) != "batch_size=3"
     assert str(find_user_error(wrapped)) == "batch_size=3"
     assert find_user_error(RuntimeError("x")) is None
+
+
+@pytest.mark.parametrize("recipe", ["distill", "pretrain"])
+def test_a_recipe_that_exports_a_model_needs_steps(recipe):
+    """0 steps save no weights (a zero-shot FT run's model is its input): nothing to export."""
+    from rayapp.recipes.pretrain import PretrainConfig
+
+    cls = DistillConfig if recipe == "distill" else PretrainConfig
+    with pytest.raises(ConfigError, match="max_steps must be > 0: a .* of 0 steps has no"):
+        load_config(cls, None, ["data=x", "max_steps=0"])

@@ -43,6 +43,9 @@ def test_zero_shot_evaluation_trains_nothing(ray_cluster, tiny_roberta, tmp_path
     rec = run(_cfg(tiny_roberta, tmp_path, task="RTE", method="zero-shot", engine=EngineConfig(num_workers=1)))
     assert rec["loss_curve"] == [] and [s for s, _ in rec["dev_curve"]] == [0]
     assert rec["split"]["test"].endswith("test.tsv") and 0.0 <= rec["test"] <= 1.0
+    # no copy of the untouched weights: the record points at the model it evaluated
+    assert rec["checkpoint"] == tiny_roberta
+    assert [p.name for p in (tmp_path / "runs" / rec["name"]).glob("checkpoint_*/*")] == ["trainer_state.json"]
 
 
 def test_regression_stsb_and_init_from_checkpoint(ray_cluster, tiny_bert, tmp_path):

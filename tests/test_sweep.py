@@ -312,7 +312,7 @@ def test_sweep_on_s3_keeps_tune_results_records_and_report_there(ray_cluster, s3
     (rec,) = [f for f in files if "/records/" in f]
     md = report.write([cfg.experiment], str(tmp_path / "out"))["markdown"]
     test = json.loads(storage.read_text(rec))["test"]
-    assert f"**{100 * test:.1f} (0.0)**" in md
+    assert f"**{100 * test:.1f} (1 split)**" in md
 
 
 def test_trials_are_split_major():

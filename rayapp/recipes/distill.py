@@ -87,6 +87,8 @@ class DistillConfig(TrainConfig):
                 if getattr(self, key) == defaults[key].default:  # a preset never overrides an explicit key
                     setattr(self, key, value)
         super().__post_init__()
+        if self.max_steps == 0:
+            raise ConfigError("max_steps must be > 0: a distillation of 0 steps has no student to export")
         if not self.data:
             raise ConfigError("data is required: a teacher cache (rayapp teacher-cache), a corpus (distilbert) "
                               "or intermediate examples URI")

@@ -217,13 +217,18 @@ def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) ->
     extra = {"task": task.name, "method": cfg.method, "metric": task.metric, "k": cfg.k, "seed": cfg.seed,
              "split": split.source}
     return run_recipe("finetune", cfg, setup, inputs, extra, callbacks=callbacks,
-                      prefix=f"{cfg.method}-{task.name}-{cfg.k}-{cfg.seed}", keep_checkpoints=1, derive=_summary)
+                      prefix=f"{cfg.method}-{task.name}-{cfg.k}-{cfg.seed}", keep_checkpoints=1,
+                      derive=lambda record: _summary(record, cfg))
 
 
-def _summary(record: dict) -> dict:
-    """The few-shot protocol's numbers: dev curve, best dev (selection) and its test."""
-    return {"dev_curve": [[step, m["dev"]] for step, m in record["evals"]],
-            "best_dev": record["best"], "test": record["metrics"].get("test")}
+def _summary(record: dict, cfg: FinetuneConfig) -> dict:
+    """The few-shot protocol's numbers: dev curve, best dev (selection) and its test. A
+    zero-shot run saved no copy of its model: its checkpoint is the model it evaluated."""
+    out = {"dev_curve": [[step, m["dev"]] for step, m in record["evals"]],
+           "best_dev": record["best"], "test": record["metrics"].get("test")}
+    if cfg.method == "zero-shot":
+        out["checkpoint"] = cfg.init or cfg.model
+    return out
 
 
 def check_same_vocabulary(student: str, teacher: str) -> None:

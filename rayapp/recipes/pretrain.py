@@ -41,6 +41,8 @@ class PretrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.max_steps == 0:
+            raise ConfigError("max_steps must be > 0: a pre-training of 0 steps has no model to export")
         if not self.data:
             raise ConfigError("data is required: a corpus (text, WikiExtractor, JSONL or parquet files)")
 

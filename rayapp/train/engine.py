@@ -210,15 +210,19 @@ class Engine:
             restore_master()
 
     # --- checkpoints: every rank calls these ---------------------------------------------
-    def save(self, ckpt_dir: str | Path, state: dict, tokenizer=None) -> None:
+    def save(self, ckpt_dir: str | Path, state: dict, tokenizer=None, weights: bool = True) -> None:
         """Write a checkpoint: `model/` is an HF directory (safetensors, `export_dtype`) that
         `from_pretrained` loads, written by rank 0 (ZeRO <= 2 keeps full parameters on every
         rank); DeepSpeed ranks each add their optimizer shard under `deepspeed/`, DDP adds
-        `optimizer.pt`."""
+        `optimizer.pt`. `weights=False`: the trainer state only (a run that trained nothing)."""
         import ray.train
 
         ckpt_dir = Path(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if not weights:
+            if ray.train.get_context().get_world_rank() == 0:
+                (ckpt_dir / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            return
         if self.cfg.engine == "deepspeed":
             self.model.save_checkpoint(str(ckpt_dir / "deepspeed"), tag="state", exclude_frozen_parameters=True)
         if ray.train.get_context().get_world_rank() == 0:
@@ -229,7 +233,11 @@ class Engine:
             (ckpt_dir / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
     def load(self, ckpt_dir: str | Path) -> dict:
+        """Restore a checkpoint of `save` and return its trainer state."""
         ckpt_dir = Path(ckpt_dir)
+        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+        if not (ckpt_dir / "model").exists():  # a trainer state only: the weights stay as given
+            return state
         if self.cfg.engine == "deepspeed":
             self.model.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state")
         else:
@@ -241,7 +249,7 @@ class Engine:
             opt = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=False)
             self.optimizer.load_state_dict(opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])
-        return json.loads((ckpt_dir / "trainer_state.json").read_text())
+        return state
 
 
 def _mean_over_workers(logs: dict[str, float], device: torch.device) -> dict[str, float]:

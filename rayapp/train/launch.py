@@ -18,15 +18,18 @@ from rayapp.errors import find_user_error
 from rayapp.train.engine import Engine, EngineConfig
 
 
-def report(metrics: dict, engine: Engine | None = None, state: dict | None = None, tokenizer=None) -> None:
-    """`ray.train.report` from every rank, with a checkpoint of `engine` when given."""
+def report(metrics: dict, engine: Engine | None = None, state: dict | None = None, tokenizer=None,
+           weights: bool = True) -> None:
+    """`ray.train.report` from every rank, with a checkpoint of `engine` when given (of its
+    trainer state only with `weights=False`: Train V2's result carries the metrics of the
+    last checkpoint, so a final report always has one)."""
     import ray.train
 
     if engine is None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save(tmp, state or {}, tokenizer)
+        engine.save(tmp, state or {}, tokenizer, weights)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

@@ -12,7 +12,8 @@ model and a restart resumes from it (later steps are recomputed: their data orde
 function of the step). Selection is among the evaluations *during training* (steps >= 1), as
 in LM-BFF: the untrained model is evaluated at step 0 for the curve only. Recipes without a
 selection metric checkpoint every `checkpoint_every` steps. The final report holds the kept
-model (the best, or the last) and the recipe's final metrics (e.g. test).
+model (the best, or the last) and the recipe's final metrics (e.g. test); a run of 0 steps
+(zero-shot evaluation) checkpoints its trainer state only: its model is the one it was given.
 """
 from __future__ import annotations
 
@@ -172,5 +173,6 @@ def train_loop(loop_cfg: dict) -> None:
     final = setup.finish(engine.module) if setup.finish is not None else {}
     selected = {setup.select: state["best"]} if setup.select else {}
     curves = ("step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts", "data_digest")
+    # a run that trained nothing (zero-shot) keeps no copy of the weights it was given
     report({"final": True, **selected, **final, "loop_seconds": round(time.perf_counter() - loop_started, 2),
-            **{k: state[k] for k in curves}}, engine, dict(state), setup.tokenizer)
+            **{k: state[k] for k in curves}}, engine, dict(state), setup.tokenizer, weights=steps > 0)

@@ -30,7 +30,8 @@ def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, 
     record = {"recipe": recipe, "name": name, "config": to_dict(cfg), **extra,
               **{k: metrics.pop(k) for k in _LOOP_KEYS if k in metrics},
               "metrics": metrics,  # the recipe's final metrics (e.g. test)
-              "checkpoint": checkpoint_uri(cfg.output_dir, result.checkpoint, "model"),
+              # a run of 0 steps saved no weights (its model is its input)
+              "checkpoint": checkpoint_uri(cfg.output_dir, result.checkpoint, "model") if cfg.max_steps else None,
               "seconds": round(time.time() - started, 1)}
     if derive is not None:
         record.update(derive(record))
