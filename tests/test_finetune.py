@@ -39,24 +39,22 @@ def test_prompt_finetune_on_two_workers(ray_cluster, tiny_bert, tmp_path):
     AutoModelForMaskedLM.from_pretrained(rec["checkpoint"])
 
 
-def test_zero_shot_evaluation_trains_nothing(ray_cluster, tiny_roberta, tmp_path):
-    rec = run(_cfg(tiny_roberta, tmp_path, task="RTE", method="zero-shot", engine=EngineConfig(num_workers=1)))
-    assert rec["loss_curve"] == [] and [s for s, _ in rec["dev_curve"]] == [0]
-    assert rec["split"]["test"].endswith("test.tsv") and 0.0 <= rec["test"] <= 1.0
-    # no copy of the untouched weights: the record points at the model it evaluated
-    assert rec["checkpoint"] == tiny_roberta
-    assert [p.name for p in (tmp_path / "runs" / rec["name"]).glob("checkpoint_*/*")] == ["trainer_state.json"]
-
-
-def test_regression_stsb_and_init_from_checkpoint(ray_cluster, tiny_bert, tmp_path):
+def test_regression_stsb_then_zero_shot_from_its_checkpoint(ray_cluster, tiny_bert, tmp_path):
     first = run(_cfg(tiny_bert, tmp_path, task="STS-B", max_steps=4, lr=3e-4, engine=EngineConfig(num_workers=1)))
     assert first["metric"] == "pearson" and math.isfinite(first["test"])
     assert first["loss_curve"][-1][1] < first["loss_curve"][0][1]
-    # a later run starts from that checkpoint (the run dir or its model/ both work)
+    # a later run starts from that checkpoint (the run dir or its model/ both work): zero-shot
+    # evaluation trains nothing and reproduces the selected dev metric
     ckpt_dir = first["checkpoint"].removesuffix("/model")
     second = run(_cfg(tiny_bert, tmp_path, task="STS-B", init=ckpt_dir, method="zero-shot",
                       engine=EngineConfig(num_workers=1)))
     assert second["dev_curve"][0][1] == pytest.approx(first["best_dev"], abs=1e-6)
+    assert second["loss_curve"] == [] and [s for s, _ in second["dev_curve"]] == [0]
+    assert second["split"]["test"].endswith("test.tsv") and math.isfinite(second["test"])
+    # no copy of the untouched weights: the record points at the model it evaluated
+    assert second["checkpoint"] == ckpt_dir
+    kept = (tmp_path / "runs" / second["name"]).glob("checkpoint_*/*")
+    assert [p.name for p in kept] == ["trainer_state.json"]
 
 
 def test_classifier_baseline(ray_cluster, tiny_bert, tmp_path):
