@@ -23,6 +23,7 @@ def test_student_keeps_the_chosen_teacher_layers(tmp_path):
         make_student(str(teacher_dir), str(tmp_path / "bad"), layers=[0, 7])
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. Ray Data's about a Python filter per row
 def test_mlm_pretraining_learns(ray_cluster, tiny_bert, tmp_path):
     data = tmp_path / "corpus.txt"  # a plain-text corpus: one document per blank-line-separated block
     data.write_text("\n\n".join(f"the cat sat on the mat number {i % 5} today ." for i in range(400)) + "\n")

@@ -66,10 +66,14 @@ def build_text_chunks(corpus: str, root: str, max_length: int, eval_examples: in
     out = storage.join(root, "text-" + hashlib.sha1(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:10])
     if shards.read_meta(out) is not None:
         return out
-    text = read_text_chunks(corpus, max_length)
-    held = [r["text"] for r in text.filter(lambda r: held_out(r["text"])).take(eval_examples)]
+    from ray.data.expressions import col
+
+    # the held-out flag as a column, so both halves are expression filters (Ray Data warns on
+    # every run about a Python predicate per row)
+    text = read_text_chunks(corpus, max_length).map(lambda r: {"text": r["text"], "held": held_out(r["text"])})
+    held = [r["text"] for r in text.filter(expr=col("held")).take(eval_examples)]
     fs, path = storage.filesystem(out)
-    text.filter(lambda r: not held_out(r["text"])).write_parquet(path, filesystem=fs)
+    text.filter(expr=col("held") == False).drop_columns(["held"]).write_parquet(path, filesystem=fs)  # noqa: E712
     files = sorted(os.path.basename(f) for f in storage.list_files(out, suffix=".parquet"))
     if not files:
         raise DataError(f"corpus {corpus} gave no text to train on")
