@@ -73,7 +73,7 @@ def build_text_chunks(corpus: str, root: str, max_length: int, eval_examples: in
     text = read_text_chunks(corpus, max_length).map(lambda r: {"text": r["text"], "held": held_out(r["text"])})
     held = [r["text"] for r in text.filter(expr=col("held")).take(eval_examples)]
     fs, path = storage.filesystem(out)
-    text.filter(expr=col("held") == False).drop_columns(["held"]).write_parquet(path, filesystem=fs)  # noqa: E712
+    text.filter(expr=~col("held")).drop_columns(["held"]).write_parquet(path, filesystem=fs)
     files = sorted(os.path.basename(f) for f in storage.list_files(out, suffix=".parquet"))
     if not files:
         raise DataError(f"corpus {corpus} gave no text to train on")

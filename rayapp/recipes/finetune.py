@@ -222,11 +222,11 @@ def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) ->
 
 
 def _summary(record: dict, cfg: FinetuneConfig) -> dict:
-    """The few-shot protocol's numbers: dev curve, best dev (selection) and its test. A
-    zero-shot run saved no copy of its model: its checkpoint is the model it evaluated."""
+    """The few-shot protocol's numbers: dev curve, best dev (selection) and its test. A run
+    of 0 steps (zero-shot) saved no copy of its model: its checkpoint is the model it evaluated."""
     out = {"dev_curve": [[step, m["dev"]] for step, m in record["evals"]],
            "best_dev": record["best"], "test": record["metrics"].get("test")}
-    if cfg.method == "zero-shot":
+    if record["checkpoint"] is None:
         out["checkpoint"] = cfg.init or cfg.model
     return out
 

@@ -219,17 +219,14 @@ class Engine:
 
         ckpt_dir = Path(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if not weights:
-            if ray.train.get_context().get_world_rank() == 0:
-                (ckpt_dir / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            return
-        if self.cfg.engine == "deepspeed":
+        if weights and self.cfg.engine == "deepspeed":
             self.model.save_checkpoint(str(ckpt_dir / "deepspeed"), tag="state", exclude_frozen_parameters=True)
         if ray.train.get_context().get_world_rank() == 0:
-            save_hf(self.hf_model, ckpt_dir / "model", self.cfg.export_dtype, tokenizer)
-            if self.cfg.engine != "deepspeed":
-                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                           ckpt_dir / "optimizer.pt")
+            if weights:
+                save_hf(self.hf_model, ckpt_dir / "model", self.cfg.export_dtype, tokenizer)
+                if self.cfg.engine != "deepspeed":
+                    torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                               ckpt_dir / "optimizer.pt")
             (ckpt_dir / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
     def load(self, ckpt_dir: str | Path) -> dict:
