@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -178,31 +177,6 @@ def write_text(uri: str, text: str) -> None:
 
 def _parent(local_uri: str) -> str:
     return os.path.dirname(filesystem(local_uri)[1])
-
-
-def append_jsonl(uri: str, record: dict) -> None:
-    """Append one JSON line. Locally a single `write` in append mode (atomic for lines
-    shorter than the pipe buffer, so concurrent writers interleave whole lines). S3 has no
-    append: read, add the line, write back; one writer per file, as for metric logs."""
-    line = json.dumps(record, sort_keys=True) + "\n"
-    if is_remote(uri):
-        old = read_bytes(uri) if exists(uri) else b""
-        write_bytes(uri, old + line.encode("utf-8"))
-        return
-    makedirs(_parent(uri))
-    with open(filesystem(uri)[1], "a", encoding="utf-8") as f:
-        f.write(line)
-
-
-def read_jsonl(uri: str) -> list[dict]:
-    records = []
-    for n, line in enumerate(read_text(uri).splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{uri} line {n} is not JSON ({e}); fix or remove that line") from e
-    return records
 
 
 def list_files(uri: str, suffix: str | None = None) -> list[str]:

@@ -41,20 +41,6 @@ def test_write_read_exists_list(root):
     assert storage.read_text(storage.join(root, "a.json")) == "[]"
 
 
-def test_jsonl_append_and_read(root):
-    log = storage.join(root, "logs", "metrics.jsonl")
-    for step in range(3):
-        storage.append_jsonl(log, {"step": step, "loss": 1.0 / (step + 1)})
-    assert storage.read_jsonl(log) == [{"loss": 1.0, "step": 0}, {"loss": 0.5, "step": 1},
-                                       {"loss": 1 / 3, "step": 2}]
-
-
-def test_bad_jsonl_line_names_file_and_line(tmp_path):
-    (tmp_path / "m.jsonl").write_text('{"a": 1}\nnot json\n')
-    with pytest.raises(DataError, match=r"m.jsonl line 2 is not JSON"):
-        storage.read_jsonl(str(tmp_path / "m.jsonl"))
-
-
 def test_missing_paths_are_data_errors(root):
     with pytest.raises(DataError, match=r"nope.txt does not exist"):
         storage.read_text(storage.join(root, "nope.txt"))
