@@ -143,7 +143,7 @@ def test_distilbert_setting_trains_on_raw_corpus_text(student, tiny_roberta, tmp
     rec = run(_cfg(tmp_path, student=student, teacher=tiny_roberta, data=str(corpus), setting=5, max_steps=2,
                    batch_size=4, log_every=1))
     assert rec["objective"] == "distilbert" and rec["step"] == 2
-    assert read_records(str(tmp_path / "runs"))[0]["name"] == rec["name"]
+    assert list(read_records(str(tmp_path / "runs")).values())[0]["name"] == rec["name"]
 
 
 def test_resubmitted_run_trains_exactly_the_unseen_batches(ray_cluster, cache, student, tmp_path):

@@ -31,7 +31,7 @@ def test_prompt_finetune_on_two_workers(ray_cluster, tiny_bert, tmp_path):
     assert [s for s, _ in rec["dev_curve"]] == [0, 2, 4]
     assert rec["best_step"] in (2, 4) and 0.0 <= rec["test"] <= 1.0
     # one record file per run, with config and split provenance
-    (line,) = read_records(str(tmp_path / "2" / "runs"))
+    (line,) = read_records(str(tmp_path / "2" / "runs")).values()
     assert line["name"] == rec["name"] and rec["record"].endswith(f"records/{rec['name']}.json")
     assert line["config"]["engine"]["num_workers"] == 2 and line["split"]["train"].endswith("train.tsv")
     # the kept checkpoint is an HF dir in safetensors that from_pretrained loads

@@ -201,7 +201,7 @@ def test_records_written_at_once_are_all_kept(where, tmp_path, s3_server):
     with ThreadPoolExecutor(n) as pool:
         uris = list(pool.map(trial, range(n)))
     assert len(set(uris)) == n
-    assert sorted(r["i"] for r in read_records(out)) == list(range(n))
+    assert sorted(r["i"] for r in read_records(out).values()) == list(range(n))
 
 
 # --- a tiny sweep through Tune: killed, resumed, reported -------------------------------------

@@ -17,13 +17,12 @@ finished runs that are not candidates.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from rayapp import storage
 from rayapp.errors import DataError
+from rayapp.train.records import read_records
 
 STATUSES = ("done", "failed", "stopped")
 Point = tuple[tuple[str, Any], ...]  # a grid point as sorted (key, value) pairs: hashable
@@ -117,28 +116,9 @@ def parse_run(rec: Any, source: str) -> Run:
     )
 
 
-def records_dir(uri: str) -> str:
-    """`uri` itself when it is a records folder, else its `records/` folder."""
-    return uri if uri.rstrip("/").rsplit("/", 1)[-1] == "records" else storage.join(uri, "records")
-
-
 def read_runs(uris: Iterable[str]) -> list[Run]:
     """Every run record below the given output dirs / sweep dirs / records folders."""
-    runs = []
-    for uri in uris:
-        root = records_dir(uri)
-        if not storage.exists(root):
-            raise DataError(f"{uri} holds no run records ({root} does not exist); give a sweep or run output dir")
-        files = storage.list_files(root, suffix=".json")
-        if not files:
-            raise DataError(f"{root} holds no run records (*.json); have any runs finished?")
-        for f in files:
-            try:
-                rec = json.loads(storage.read_text(f))
-            except json.JSONDecodeError as e:
-                raise DataError(f"run record {f} is not JSON ({e}); remove it or re-run that run") from None
-            runs.append(parse_run(rec, f))
-    return runs
+    return [parse_run(rec, f) for uri in uris for f, rec in read_records(uri).items()]
 
 
 # --- selection -------------------------------------------------------------------------------

@@ -33,17 +33,18 @@ def write_record(output_dir: str, record: dict) -> str:
     return uri
 
 
-def read_records(uri: str) -> list[dict]:
-    """Every record under `uri` (an output dir or its `records/` folder), in name order."""
-    root = uri if uri.rstrip("/").endswith(RECORDS) else storage.join(uri, RECORDS)
+def read_records(uri: str) -> dict[str, dict]:
+    """{file URI: record} of every record under `uri` (a run or sweep output dir, or its
+    `records/` folder), in name order."""
+    root = uri if uri.rstrip("/").rsplit("/", 1)[-1] == RECORDS else storage.join(uri, RECORDS)
     if not storage.exists(root):
-        raise DataError(f"{uri} holds no run records ({root} does not exist); point at a run output dir")
-    records = []
+        raise DataError(f"{uri} holds no run records ({root} does not exist); give a sweep or run output dir")
+    records = {}
     for f in storage.list_files(root, suffix=".json"):
         try:
-            records.append(json.loads(storage.read_text(f)))
+            records[f] = json.loads(storage.read_text(f))
         except json.JSONDecodeError as e:
             raise DataError(f"run record {f} is not JSON ({e}); remove it or re-run that run") from None
     if not records:
-        raise DataError(f"{root} holds no run records (*.json); did the runs finish?")
+        raise DataError(f"{root} holds no run records (*.json); have any runs finished?")
     return records
