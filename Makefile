@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+# DeepSpeed JIT-compiles its CPU shared-memory allreduce op in the first DeepSpeed-on-CPU run of
+# a machine (gcc, 37-52 s on 2 cores, inside that run's workers); build it once here instead,
+# with the call DeepSpeed makes (it skips the op where the CPU lacks it), into
+# ~/.cache/torch_extensions, where every later run loads it
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -73,20 +73,28 @@ def test_init_that_is_not_a_model(tmp_path):
         run(_cfg("unused", tmp_path, init=str(tmp_path)))
 
 
-def test_step_zero_never_wins_the_selection(ray_cluster, tiny_bert, tmp_path):
+@pytest.fixture(scope="module")
+def untrained(ray_cluster, tiny_bert, tmp_path_factory):
+    """(config, record) of a run whose lr is too small to change the dev metric (two tests use it)."""
+    cfg = _cfg(tiny_bert, tmp_path_factory.mktemp("lr-tiny"), lr=1e-12, max_steps=4, eval_every=2,
+               engine=EngineConfig(num_workers=1))
+    return cfg, run(cfg)
+
+
+def test_step_zero_never_wins_the_selection(untrained):
     """LM-BFF selects among evaluations during training: with an lr too small to change the
     dev metric, every evaluation ties and the first one after step 0 is kept, not the
     untrained weights (which a strict `>` against the step-0 evaluation used to keep)."""
-    rec = run(_cfg(tiny_bert, tmp_path, lr=1e-12, max_steps=4, eval_every=2, engine=EngineConfig(num_workers=1)))
+    _, rec = untrained
     dev = [d for _, d in rec["dev_curve"]]
     assert dev[0] == dev[1] == dev[2]  # the weights did not move
     assert rec["best_step"] == 2
 
 
-def test_same_config_resumes_the_finished_run(ray_cluster, tiny_bert, tmp_path):
+def test_same_config_resumes_the_finished_run(untrained):
     """Run names derive from the config: running it again finds the run and trains nothing."""
-    cfg = _cfg(tiny_bert, tmp_path, max_steps=2, eval_every=2, engine=EngineConfig(num_workers=1))
-    first, again = run(cfg), run(cfg)
+    cfg, first = untrained
+    again = run(cfg)
     assert first["name"] == again["name"] and first["name"].startswith("prompt-SST-2-16-13-")
     assert again["test"] == first["test"] and again["loss_curve"] == first["loss_curve"]
 

@@ -206,21 +206,22 @@ def test_records_written_at_once_are_all_kept(where, tmp_path, s3_server):
 
 # --- a tiny sweep through Tune: killed, resumed, reported -------------------------------------
 
-def _independent_cells(records: list[dict], grid: list[float]) -> dict[str, str]:
-    """`mean (std)` per method, computed here from the records: per split the best dev (ties
-    to the earlier grid point), its test x100; numpy's std over splits."""
+def _independent_cells(records: list[dict], grids: dict[str, list[float]]) -> dict[str, str]:
+    """`mean (std)` per method, computed here from the records: per split the best dev over the
+    method's grid (ties to the earlier point), its test x100; numpy's std over splits, and
+    `(1 split)` for a method run on one."""
     out = {}
     for method in sorted({r["sweep"]["method"] for r in records}):
         tests = []
-        for seed in sorted({r["sweep"]["seed"] for r in records}):
+        for seed in sorted({r["sweep"]["seed"] for r in records if r["sweep"]["method"] == method}):
             mine = {r["sweep"]["point"]["lr"]: r for r in records
                     if r["sweep"]["method"] == method and r["sweep"]["seed"] == seed}
             best = None
-            for lr in grid:
+            for lr in grids[method]:
                 if best is None or mine[lr]["best_dev"] > best["best_dev"]:
                     best = mine[lr]
             tests.append(100 * best["test"])
-        out[method] = f"{np.mean(tests):.1f} ({np.std(tests):.1f})"
+        out[method] = f"{np.mean(tests):.1f} " + ("(1 split)" if len(tests) == 1 else f"({np.std(tests):.1f})")
     return out
 
 
@@ -231,7 +232,9 @@ def test_tiny_sweep_is_killed_resumed_and_reported(ray_cluster, tiny_bert, tmp_p
         "name": "tiny", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13, 21],
         "grid": {"lr": grid},
         "base": {"model": tiny_bert, "max_steps": 3, "eval_every": 1, "batch_size": 8, "eval_batch_size": 128},
-        "methods": {"prompt": {"method": "prompt", "label": "prompt FT"}, "classifier": {"method": "classifier"},
+        # classifier on one split and grid point: a second row at the cost of one trial
+        "methods": {"prompt": {"method": "prompt", "label": "prompt FT"},
+                    "classifier": {"method": "classifier", "seeds": [13], "grid": {"lr": grid[:1]}},
                     # fails in its trial (a global batch of 3 does not split over 2 workers): a gap in the report
                     "broken": {"method": "prompt", "grid": {}, "batch_size": 3, "seeds": [13],
                                "engine": {"num_workers": 2, "cpus_per_worker": 0.5}}}}))
@@ -260,18 +263,18 @@ def test_tiny_sweep_is_killed_resumed_and_reported(ray_cluster, tiny_bert, tmp_p
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     before = {f.name: f.stat().st_mtime_ns for f in finished()}
-    assert 2 <= len(before) < 8
+    assert 2 <= len(before) < 5
 
-    # --resume completes it: all 8 trials, the finished ones untouched; the broken method's one failed
+    # --resume completes it: all 6 trials, the finished ones untouched; the broken method's one failed
     assert main(["sweep", "--resume", str(exp)]) == 0
     summary = capsys.readouterr().out
     records = [json.loads(f.read_text()) for f in sorted((exp / "records").glob("*.json"))]
     failed = [r for r in records if r["status"] == "failed"]
     records = [r for r in records if r["status"] == "done"]
-    assert len(records) == 8 and len(failed) == 1, summary
+    assert len(records) == 5 and len(failed) == 1, summary
     assert all("cannot be split evenly over 2 workers" in r["error"] for r in failed)
     assert {f: (exp / "records" / f).stat().st_mtime_ns for f in before} == before
-    assert len({(r["sweep"]["method"], r["sweep"]["seed"], r["sweep"]["point"]["lr"]) for r in records}) == 8
+    assert len({(r["sweep"]["method"], r["sweep"]["seed"], r["sweep"]["point"]["lr"]) for r in records}) == 5
     # every trial reported dev to Tune, which logged it for TensorBoard
     logged = {f.parent.name for f in exp.glob("tune-0/*/events.out.tfevents*")}
     assert all(any(d.startswith(r["name"]) for d in logged) for r in records), logged
@@ -281,7 +284,7 @@ def test_tiny_sweep_is_killed_resumed_and_reported(ray_cluster, tiny_bert, tmp_p
     md = (tmp_path / "report" / "table.md").read_text()
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip().strip("*") for line in md.splitlines()
             if line.startswith("| ") and not line.startswith("| method")}
-    expected = _independent_cells(records, grid)
+    expected = _independent_cells(records, {"prompt": grid, "classifier": grid[:1]})
     assert rows == {"prompt FT": expected["prompt"], "classifier": expected["classifier"], "broken": "— [1]"}
     assert "[1] broken / SST-2: 0/1 splits; seed 13: (fixed) failed: batch_size=3 (global) cannot be split" in md
     assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
