@@ -60,7 +60,7 @@ class RayHead:
             return json.loads(response.read())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # stopped after the module that uses it: no idle second cluster beside later tests
 def ray_head(s3_server):
     """A head node as users start one, on loopback: `ray start --head --block` with free ports,
     token authentication (Ray 2.60's default for new clusters; clients need RAY_AUTH_MODE=token)
