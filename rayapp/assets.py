@@ -8,7 +8,9 @@ Every model or dataset reference resolves in one order:
    at `ROOT/datasets/<name>/<config or default>/<split>` (a `save_to_disk` folder);
 3. else the hub itself (unless `HF_HUB_OFFLINE=1`).
 A reference found nowhere is one error naming every place looked (`not_found`).
-`rayapp assets pull ID --to ROOT` fills a mirror on a machine that has the hub.
+`rayapp assets pull ID --to ROOT` fills a mirror on a machine that has the hub; `rayapp assets
+push --to ROOT` copies the local few-shot data (LM-BFF splits and pools) there, where
+`fewshot_dir` finds it.
 
 `asset()`/`data_root()` are the repo's own local assets (`../shared/data`): tests, benchmarks
 and the demo read the LM-BFF splits, the Wikipedia corpus and the MiniLM weights from there.
@@ -77,6 +79,23 @@ def resolve(ref: str) -> str:
     return ref
 
 
+def fewshot_dir(name: str) -> str:
+    """LM-BFF's `fewshot/<name>` folder (`k-shot`: the splits, `pool`: the original train
+    pools): under the mirror `$RAYAPP_ASSETS` when it holds one (every node of a cluster
+    reads that), else the local assets."""
+    root = mirror_root()
+    if root is not None and storage.exists(storage.join(root, "fewshot", name)):
+        return storage.join(root, "fewshot", name)
+    try:
+        return str(asset("fewshot", name))
+    except DataError as e:
+        looked = f"not in the mirror ({storage.join(root, 'fewshot', name)})" if root else \
+            f"no mirror (${MIRROR_ENV} is not set)"
+        raise DataError(f"no few-shot data fewshot/{name}: {looked}; {e}. Pass data_dir=s3://BUCKET/mirror/"
+                        f"fewshot/k-shot, or copy the local assets with `rayapp assets push --to ROOT` "
+                        f"and set {MIRROR_ENV}=ROOT") from None
+
+
 def not_found(ref: str, detail: str = "") -> str:
     """One line naming every place `ref` was looked for, and how to fix it."""
     key, root = mirror_key(ref), mirror_root()
@@ -116,6 +135,28 @@ def pull(ref: str, root: str) -> list[str]:
         raise DataError(f"cannot pull {ref!r} from the hub: {str(e).splitlines()[0]}") from None
     storage.copy_dir(local, storage.join(root, key))
     return [storage.join(root, key)]
+
+
+def push(root: str, data: str | Path | None = None) -> list[str]:
+    """Copy the few-shot data (`DATA/fewshot/k-shot` and `DATA/fewshot/pool`; DATA default:
+    the local assets) to `ROOT/fewshot/...`, a task folder at a time with a progress bar, so
+    that every node of a cluster reads it from `ROOT` (`$RAYAPP_ASSETS` or `data_dir=`).
+    Returns the folders written."""
+    from tqdm.auto import tqdm
+
+    base = Path(data).expanduser() if data is not None else data_root()
+    folders = {name: base / "fewshot" / name for name in ("k-shot", "pool")}
+    for name, folder in folders.items():
+        if not folder.is_dir():
+            raise DataError(f"{folder} does not exist; --data must be a folder holding fewshot/k-shot and "
+                            "fewshot/pool (the layout of the local assets, README 'Local assets')")
+    written = []
+    for name, folder in folders.items():
+        dst = storage.join(root, "fewshot", name)
+        for task in tqdm(sorted(p for p in folder.iterdir() if p.is_dir()), desc=f"fewshot/{name}", unit="task"):
+            storage.copy_dir(str(task), storage.join(dst, task.name))
+        written.append(dst)
+    return written
 
 
 def _pull_dataset(ref: str, root: str, tmp: str) -> list[str]:

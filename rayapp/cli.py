@@ -12,6 +12,7 @@
     rayapp sweep --config FILE key=value ...       methods x tasks x splits x grid on Ray Tune (--resume DIR)
     rayapp report DIR... [--out DIR]               tables (Markdown/CSV), plots and report.html from run records
     rayapp assets pull ID --to ROOT                copy a hub model/dataset into a mirror (RAYAPP_ASSETS)
+    rayapp assets push --to ROOT                   copy the local few-shot splits and pools there
     rayapp demo                                    the pipeline end to end on local assets
 
 User mistakes print one line `error: ...` and exit 2; they are never tracebacks.
@@ -163,8 +164,17 @@ def cmd_report(args) -> None:
 
 
 def cmd_assets(args) -> None:
-    from rayapp.assets import pull
+    from rayapp.assets import pull, push
+    from rayapp.errors import ConfigError
 
+    if args.action == "push":
+        if args.ref is not None:
+            raise ConfigError(f"`rayapp assets push` takes no ID (got {args.ref!r}); it copies --data's fewshot/")
+        for uri in push(args.to, args.data):
+            print(f"-> {uri}")
+        return
+    if args.ref is None:
+        raise ConfigError("`rayapp assets pull` needs an ID: a hub model id or hf://NAME[/CONFIG][?split=S]")
     for uri in pull(args.ref, args.to):
         print(f"{args.ref} -> {uri}")
 
@@ -272,10 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="local output dir (default: DIR/report for a local DIR, else ./report)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("assets", help="fill an asset mirror (RAYAPP_ASSETS) from the hub, for clusters without it")
-    p.add_argument("action", choices=["pull"])
-    p.add_argument("ref", help="hub model id (roberta-large, org/name) or dataset hf://NAME[/CONFIG][?split=S]")
+    p = sub.add_parser("assets", help="fill an asset mirror (RAYAPP_ASSETS): pull from the hub, push the few-shot data")
+    p.add_argument("action", choices=["pull", "push"])
+    p.add_argument("ref", nargs="?", help="(pull) hub model id (roberta-large, org/name) or dataset "
+                   "hf://NAME[/CONFIG][?split=S]")
     p.add_argument("--to", required=True, help="mirror root: a local dir or s3:// prefix")
+    p.add_argument("--data", help="(push) folder holding fewshot/k-shot and fewshot/pool; default: local assets")
     p.set_defaults(func=cmd_assets)
 
     p = sub.add_parser("demo", help="the whole SMASH pipeline on this machine's CPU (local assets)", add_help=False)

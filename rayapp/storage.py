@@ -19,6 +19,7 @@ where they are used instead of expiring inside a pickled copy of the driver's.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -135,6 +136,10 @@ def exists(uri: str) -> bool:
     return _info(uri).type != pafs.FileType.NotFound
 
 
+def is_file(uri: str) -> bool:
+    return _info(uri).type == pafs.FileType.File
+
+
 def makedirs(uri: str) -> None:
     """Create a directory and its parents (S3: only checks the bucket; prefixes need no creation)."""
     _check_bucket(uri)
@@ -237,10 +242,108 @@ def local_copy(uri: str) -> str:
     return str(local)
 
 
+def _fingerprint(path: str, marker: str | None = None) -> list | None:
+    """What a node sees at a local path: None if nothing; a folder's probe marker (a file
+    the driver just wrote into it) or, where it could not write one, its entry names; a
+    file's size and mtime. Equal on every node that shares the path."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    if os.path.isdir(path):
+        if marker is not None:
+            return ["dir", os.path.exists(os.path.join(path, marker))]
+        return ["dir", sorted(os.listdir(path))[:1000]]
+    return ["file", info.st_size, info.st_mtime_ns]
+
+
+def _fingerprints(paths: list[tuple[str, str | None]]) -> list:
+    return [_fingerprint(path, marker) for path, marker in paths]
+
+
+def _place_marker(path: str, marker: str) -> str | None:
+    """Write the probe marker into a local folder; None where the folder is read-only."""
+    if not os.path.isdir(path):
+        return None
+    try:
+        with open(os.path.join(path, marker), "w"):
+            return marker
+    except OSError:
+        return None
+
+
+def _shared_fix(key: str) -> str:
+    return (f"put it on storage every node reads (s3://BUCKET/PREFIX, or a filesystem mounted on every "
+            f"node) and pass {key}=<that URI>")
+
+
+_SEEN_SHARED: set[tuple[str, str]] = set()  # (node, path) pairs found shared: a sweep's trials ask once
+
+
+def require_shared(paths: dict[str, str | None], timeout: float = 120.0) -> None:
+    """Refuse local paths that the other nodes of the Ray cluster would not see.
+
+    `paths` maps a config key to its value (None and `s3://` URIs pass). On one node (or
+    with no cluster to join: the embedded one is this machine) every local path is fine. On a
+    cluster each alive node is asked, by a zero-CPU task pinned to it, what it sees at each
+    local path; a node that sees nothing, or other content (its own disk, not a shared
+    filesystem), makes this a DataError naming the key, the path and the fix, raised on the
+    driver before any work starts. A driver node without CPUs and no other node yet (a cluster
+    scaling up from zero) cannot ask anyone, so its local paths are refused: the work will run
+    on nodes that do not exist yet. Outputs are checked once the driver has created them."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    local = {key: filesystem(uri)[1] for key, uri in paths.items() if uri and not is_remote(uri)}
+    if not local:
+        return
+    if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):  # no cluster named: Ray will start one on this machine
+            return
+        ray.init()  # a job's driver (`ray job submit` sets RAY_ADDRESS): connect now to ask its nodes
+    here = ray.get_runtime_context().get_node_id()
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    others = [n["NodeID"] for n in alive if n["NodeID"] != here]
+    if not others:
+        if any(n["NodeID"] == here and (n["Resources"].get("CPU") or n["Resources"].get("GPU")) for n in alive):
+            return
+        key = next(iter(local))
+        raise DataError(f"{key}={paths[key]} is a local path, but this Ray driver's node runs no tasks and no "
+                        f"other node has joined yet: the work will run on nodes that cannot see it; {_shared_fix(key)}")
+    others = [node for node in others if any((node, path) not in _SEEN_SHARED for path in local.values())]
+    if not others:  # every node was asked about these paths before, by this process
+        return
+    name = f".rayapp-probe-{uuid.uuid4().hex}"
+    probes = [(path, _place_marker(path, name)) for path in local.values()]
+    try:
+        mine = _fingerprints(probes)
+        task = ray.remote(num_cpus=0, max_retries=0)(_fingerprints)
+        refs = {node: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(probes)
+                for node in others}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        for node, ref in refs.items():
+            if ref not in ready:  # a node that does not answer (dying, still starting) is not judged
+                ray.cancel(ref, force=True)
+                continue
+            for (key, path), seen, want in zip(local.items(), ray.get(ref), mine):
+                if seen != want:
+                    raise DataError(f"{key}={paths[key]} is a path only the driver's node has: Ray node "
+                                    f"{node[:12]} sees {'nothing' if seen is None else 'other content'} at "
+                                    f"{path}; {_shared_fix(key)}")
+            _SEEN_SHARED.update((node, path) for path in local.values())
+    finally:
+        for path, marker in probes:
+            if marker is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(path, marker))
+
+
 def parse_hf_uri(uri: str) -> tuple[str, str | None, str]:
     """`hf://NAME/CONFIG?split=S` or `hf://ORG/NAME?config=C&split=S` -> (name, config, split).
 
-    Two path parts mean NAME/CONFIG (`hf://wikipedia/20220301.en`); with `config=` in the
+    Two path parts mean NAME/CONFIG (`hf://glue/sst2`); with `config=` in the
     query the whole path is the name, for org-scoped datasets."""
     parsed = urlparse(uri)
     query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}

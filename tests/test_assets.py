@@ -1,6 +1,7 @@
 """The asset lookup order (local path or URI, mirror `$RAYAPP_ASSETS`, hub) with a local
 mirror and a moto S3 mirror, and `rayapp assets pull` from the HF cache."""
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ from rayapp import assets, storage
 from rayapp.cli import main
 from rayapp.data.formats import load_hf
 from rayapp.errors import ConfigError, DataError
+from rayapp.tasks.registry import get_task
 from rayapp.modeling.models import check_model, load_mlm, load_tokenizer, local_model_dir, portable_model
 
 
@@ -131,3 +133,65 @@ def test_assets_pull_errors_are_one_line(mirror, tmp_path, monkeypatch, capsys):
     assert err.startswith("error: cannot pull 'tiny-org/absent' from the hub") and "\n" not in err
     with pytest.raises(DataError, match="is a local path or URI, not a hub reference"):
         assets.pull(str(tmp_path), mirror)
+
+
+def _small_data(tmp_path) -> Path:
+    """A data root in the local assets' layout: SST-2 split 16-13, MNLI split 16-13 (its
+    test file absent, as locally: the test falls back to the pool) and both tasks' pools."""
+    data = tmp_path / "data"
+    kshot, pool = assets.asset("fewshot", "k-shot"), assets.asset("fewshot", "pool")
+    for task in ("SST-2", "MNLI"):
+        shutil.copytree(kshot / task / "16-13", data / "fewshot" / "k-shot" / task / "16-13")
+        shutil.copytree(pool / task, data / "fewshot" / "pool" / task)
+    return data
+
+
+def test_assets_push_and_the_splits_read_from_the_mirror(mirror, tmp_path, monkeypatch, capsys):
+    """`rayapp assets push` copies the few-shot data; with the local assets gone (a cluster
+    node) every default reads the mirror's copy: splits, the pool-test fallback, X~'s pool."""
+    from rayapp.data.fewshot import load_lmbff
+    from rayapp.data.unlabelled import draw_unlabelled
+
+    data = _small_data(tmp_path)
+    local = {t: load_lmbff(data / "fewshot" / "k-shot", t) for t in ("SST-2", "MNLI")}
+    main(["assets", "push", "--to", mirror, "--data", str(data)])
+    assert capsys.readouterr().out.split() == ["->", storage.join(mirror, "fewshot", "k-shot"),
+                                               "->", storage.join(mirror, "fewshot", "pool")]
+    monkeypatch.setenv("RAYAPP_DATA", str(tmp_path / "no-local-assets"))
+    for task in ("SST-2", "MNLI"):
+        split = load_lmbff(None, task)
+        assert (split.train, split.dev, split.test) == (local[task].train, local[task].dev, local[task].test)
+        assert split.source["root"] == storage.join(mirror, "fewshot", "k-shot")
+    assert split.source["test"] == storage.join(mirror, "fewshot", "pool", "MNLI", "dev.json")  # the fallback
+    xu = draw_unlabelled(load_lmbff(None, "SST-2"), get_task("SST-2"), n=2)
+    assert xu.source["pool"] == storage.join(mirror, "fewshot", "pool", "SST-2", "train.json")
+    assert len(xu.examples) == 2 * len(local["SST-2"].train)
+    missing = storage.join(mirror, "fewshot", "k-shot", "RTE", "16-13", "train.tsv")
+    with pytest.raises(DataError, match=rf"^{re.escape(missing)} does not exist"):
+        load_lmbff(None, "RTE")
+
+
+def test_a_split_given_as_a_uri_draws_x_tilde_from_the_pool_beside_it(mirror, tmp_path, monkeypatch):
+    """data_dir=ROOT/fewshot/k-shot (no $RAYAPP_ASSETS): X~ comes from ROOT/fewshot/pool."""
+    from rayapp.data.fewshot import load_lmbff
+    from rayapp.data.unlabelled import draw_unlabelled
+
+    assets.push(mirror, _small_data(tmp_path))
+    monkeypatch.delenv("RAYAPP_ASSETS")
+    split = load_lmbff(storage.join(mirror, "fewshot", "k-shot"), "SST-2")
+    assert draw_unlabelled(split, get_task("SST-2"), n=1).source["pool"] == storage.join(
+        mirror, "fewshot", "pool", "SST-2", "train.json")
+
+
+def test_no_few_shot_data_anywhere_says_what_to_do(tmp_path, monkeypatch, capsys):
+    from rayapp.data.fewshot import load_lmbff
+
+    monkeypatch.delenv("RAYAPP_ASSETS", raising=False)
+    monkeypatch.setenv("RAYAPP_DATA", str(tmp_path / "none"))
+    with pytest.raises(DataError, match=r"no few-shot data fewshot/k-shot: no mirror \(\$RAYAPP_ASSETS is not "
+                       r"set\); .*Pass data_dir=s3://.*`rayapp assets push --to ROOT`"):
+        load_lmbff(None, "SST-2")
+    assert main(["assets", "push", "--to", str(tmp_path / "m"), "--data", str(tmp_path / "none")]) == 2
+    assert "none/fewshot/k-shot does not exist; --data must be a folder" in capsys.readouterr().err
+    assert main(["assets", "pull", "--to", str(tmp_path / "m")]) == 2
+    assert "`rayapp assets pull` needs an ID" in capsys.readouterr().err

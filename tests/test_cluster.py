@@ -1,12 +1,12 @@
-"""What a cluster user runs: cluster.yaml through the autoscaler's own checks, the image
-recipe against the pins, the env flags in one place, and `ray job submit` of the jobs/
+"""What a cluster user runs: cluster.yaml through the autoscaler's own checks and what its
+nodes get (GPUs, shm, profiles, the token's mode), the image recipe against the pins and its
+build context, the env flags in one place, and `ray job submit` of the jobs/
 entrypoints to a real head node (`ray start --head`, conftest `ray_head`), local and on S3."""
 import copy
 import json
 import os
 import re
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -62,12 +62,93 @@ def test_the_autoscaler_check_rejects_a_broken_config():
 def test_the_image_installs_the_pinned_ray_and_torch():
     docker = (ROOT / "cluster" / "Dockerfile").read_text()
     pins = dict(re.findall(r'"([\w-]+)(?:\[[\w,]+\])?==([\w.]+)"', (ROOT / "pyproject.toml").read_text()))
-    assert f"rayproject/ray:{pins['ray']}-py3" in docker
     torch = re.search(r"torch==([\w.]+) --index-url https://download.pytorch.org/whl/cu(\d+)", docker)
     assert torch and torch.group(1) == pins["torch"]
+    # Ray's CUDA image of the same CUDA as the torch wheel (`-gpu` is another CUDA's alias)
+    (base,) = re.findall(r"^FROM (\S+)", docker, re.M)
+    assert base == f"rayproject/ray:{pins['ray']}-py311-cu{torch.group(2)}", base
+    # the container toolkit exposes the node's GPUs to compute only when the image asks for them
+    env_lines = " ".join(re.findall(r"^ENV (.+)$", docker, re.M))
+    assert "NVIDIA_VISIBLE_DEVICES=all" in env_lines.split()
+    assert "compute" in re.search(r"NVIDIA_DRIVER_CAPABILITIES=(\S+)", env_lines).group(1).split(",")
     # the AMI's driver must serve that CUDA: cluster.yaml documents >= 580 (CUDA 13.x needs 580+)
     if torch.group(2).startswith("13"):
         assert "driver >= 580" in (ROOT / "cluster.yaml").read_text()
+
+
+def test_the_build_context_leaves_out_the_venv_and_the_repo():
+    """.dockerignore keeps the venv, git history, runs and caches out of `docker build .`,
+    and nothing the Dockerfile copies."""
+    from fnmatch import fnmatch
+
+    patterns = [line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    def ignored(path: str) -> bool:  # a path is left out when it or a folder above it matches
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return any(fnmatch(p, pat) or (pat.startswith("**/") and fnmatch(p.rsplit("/", 1)[-1], pat[3:]))
+                   for p in prefixes for pat in patterns)
+
+    for path in (".venv/bin/python", ".git/HEAD", "runs/local/pairs/_meta.json", ".cache/huggingface/x",
+                 ".pytest_cache/v", "rayapp/__pycache__/cli.cpython-311.pyc", "rayapp.egg-info/PKG-INFO"):
+        assert ignored(path), path
+    docker = (ROOT / "cluster" / "Dockerfile").read_text()
+    copied = [src for line in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", docker, re.M) for src in line.split()]
+    assert copied and not any(ignored(src) for src in copied), copied
+
+
+# memory of the instance types cluster.yaml uses, GiB (AWS's instance type specifications)
+INSTANCE_MEMORY_GIB = {"m6i.2xlarge": 32, "m6i.4xlarge": 64, "g5.2xlarge": 32}
+
+
+def _run_options(config: dict, node_type: str) -> list[str]:
+    """The `docker run` options the autoscaler starts `node_type`'s container with: the shared
+    ones, then the head's or the workers' (a node type's own `docker` replaces the keys it sets)."""
+    docker = {**config["docker"], **(config["available_node_types"][node_type].get("docker") or {})}
+    own = "head_run_options" if node_type == config["head_node_type"] else "worker_run_options"
+    return docker.get("run_options", []) + docker.get(own, [])
+
+
+def _gib(size: str) -> float:
+    """A docker size (`10g`, `512m`, binary units) in GiB."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([bkmg]?)", size.strip("'\"").lower()).groups()
+    return float(number) * 1024 ** "bkmg".index(unit or "b") / 1024 ** 3
+
+
+def test_gpu_containers_get_the_gpus_and_every_node_shm_for_its_object_store():
+    prepared = _validated(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    for name, t in prepared["available_node_types"].items():
+        instance = t["node_config"]["InstanceType"]
+        options = " ".join(_run_options(prepared, name)).split()
+        gpu = instance.startswith(("g", "p"))
+        assert ("--gpus" in options and options[options.index("--gpus") + 1] == "all") == gpu, (name, options)
+        # Ray puts its object store (30% of the node's memory) in /dev/shm and caps it at its size
+        shm = [o.split("=", 1)[1] for o in options if o.startswith("--shm-size=")]
+        assert len(shm) == 1, (name, options)
+        assert _gib(shm[0]) >= 0.3 * INSTANCE_MEMORY_GIB[instance], (name, shm, instance)
+
+
+def test_head_and_workers_have_their_own_instance_profiles():
+    """The head launches workers (EC2, iam:PassRole); workers only need the bucket and ECR,
+    so they run with another, narrower profile (README lists both policies)."""
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    types = config["available_node_types"]
+    profile = {name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in types.items()}
+    head = profile.pop(config["head_node_type"])
+    assert profile and head not in profile.values(), (head, profile)
+    assert len(set(profile.values())) == 1, profile  # the head may pass one worker role only
+
+
+def test_every_node_keeps_the_auth_token_to_its_owner():
+    """file_mounts copies ~/.ray/auth_token with the mode it has on the client; every node's
+    setup makes it 0600 before Ray starts."""
+    prepared = _validated(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    assert "~/.ray/auth_token" in prepared["file_mounts"]
+    for name, t in prepared["available_node_types"].items():
+        commands = (prepared["head_setup_commands"] if name == prepared["head_node_type"]
+                    else t.get("worker_setup_commands") or prepared["worker_setup_commands"])
+        assert "chmod 600 ~/.ray/auth_token" in commands, (name, commands)
 
 
 def test_env_flags_are_defined_once_and_used_everywhere():
@@ -85,31 +166,6 @@ def test_env_flags_are_defined_once_and_used_everywhere():
 
 
 # --- ray job submit to a real head node ---------------------------------------------------------
-
-def _submit(head, entrypoint: str) -> str:
-    """`ray job submit` as the README shows, from the repo root; returns the submission id."""
-    sid = f"pipeline-{uuid.uuid4().hex[:8]}"
-    ray_cli = str(Path(sys.executable).parent / "ray")
-
-    def submitted():
-        done = subprocess.run([ray_cli, "job", "submit", "--address", head.address, "--submission-id", sid,
-                               "--no-wait", "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
-                               "bash", "-c", entrypoint], cwd=ROOT, env=head.env, capture_output=True, text=True)
-        if done.returncode == 0:
-            return sid
-        # the dashboard answers before the node's job agent has registered: Ray says to retry
-        assert "No available agent to submit job" in done.stderr, done.stderr[-3000:] + head.logs()
-        return None
-
-    return wait_until(submitted, timeout=180, what="the head node to accept a job")
-
-
-def _finished(head, sid: str) -> dict:
-    job = wait_until(lambda: (lambda j: j if j["status"] in ("SUCCEEDED", "FAILED", "STOPPED") else None)(
-        head.api(f"/api/jobs/{sid}")), timeout=600, what=f"job {sid}")
-    assert job["status"] == "SUCCEEDED", head.api(f"/api/jobs/{sid}/logs")["logs"][-5000:]
-    return job
-
 
 def _pipeline(corpus: str, out: str, model: str) -> str:
     """pairs -> teacher cache -> distill (2 steps), each stage its own `python -m jobs.X`."""
@@ -145,13 +201,13 @@ def pipeline_jobs(ray_head, tiny_bert, tmp_path_factory, s3_server):
     corpus = asset("corpus", "wikipedia-en", "AA", "wiki_00")
     storage.write_bytes(f"s3://{bucket}/corpus/wiki_00", corpus.read_bytes())
     s3_out = f"s3://{bucket}/out"
-    return {"local": (_submit(ray_head, _pipeline(str(corpus), local_out, tiny_bert)), local_out),
-            "s3": (_submit(ray_head, _pipeline(f"s3://{bucket}/corpus", s3_out, tiny_bert)), s3_out)}
+    return {"local": (ray_head.submit(_pipeline(str(corpus), local_out, tiny_bert)), local_out),
+            "s3": (ray_head.submit(_pipeline(f"s3://{bucket}/corpus", s3_out, tiny_bert)), s3_out)}
 
 
 def test_pipeline_job_on_a_head_node(ray_head, pipeline_jobs):
     sid, out = pipeline_jobs["local"]
-    _finished(ray_head, sid)
+    ray_head.wait_job(sid)
     _check_outputs(out)
 
 
@@ -159,5 +215,5 @@ def test_pipeline_job_reads_and_writes_s3(ray_head, pipeline_jobs):
     """Corpus read from and every output (checkpoints included) written to the S3 server by
     Ray workers that were handed no keys: they use the node's credential chain."""
     sid, out = pipeline_jobs["s3"]
-    _finished(ray_head, sid)
+    ray_head.wait_job(sid)
     _check_outputs(out)

@@ -208,7 +208,37 @@ def test_hf_saved_dataset_folder(ray_cluster, tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"text": ["One doc.", "Two doc."]}).save_to_disk(str(tmp_path / "saved"))
-    assert docs_of(read_documents(str(tmp_path / "saved"))) == {"0#0": "One doc.", "0#1": "Two doc."}
+    assert docs_of(read_documents(str(tmp_path / "saved"))) == {
+        "data-00000-of-00001.arrow#0": "One doc.", "data-00000-of-00001.arrow#1": "Two doc."}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x."]})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"dd holds splits \['train'\]; point at one split's folder"):
+        read_documents(str(tmp_path / "dd"), fmt="hf")
+
+
+def test_saved_dataset_read_from_s3_file_by_file(ray_cluster, s3_server, tmp_path, monkeypatch):
+    """A mirrored hub corpus on s3:// is read by every node from the bucket, a source per
+    data file: nothing downloads the dataset to one node's disk first."""
+    import datasets
+
+    from rayapp import storage
+
+    texts = [f"Document number {i} is here." for i in range(30)]
+    saved = datasets.Dataset.from_dict({"text": texts, "id": [f"w{i}" for i in range(30)]})
+    saved.save_to_disk(str(tmp_path / "local"), num_shards=3)
+    bucket = f"mirror-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    mirror = f"s3://{bucket}/mirror"
+    storage.copy_dir(str(tmp_path / "local"), f"{mirror}/datasets/wikimedia/wikipedia/20231101.en/train")
+    monkeypatch.setattr(storage, "local_copy", lambda uri: pytest.fail(f"copied {uri} to local disk"))
+    remote = f"{mirror}/datasets/wikimedia/wikipedia/20231101.en/train"
+    sources = plan_sources(remote)
+    assert [s.name for s in sources] == [f"data-0000{i}-of-00003.arrow" for i in range(3)]
+    assert docs_of(read_documents(remote)) == docs_of(read_documents(str(tmp_path / "local")))
+    monkeypatch.setenv("RAYAPP_ASSETS", mirror)
+    by_ref = docs_of(read_documents("hf://wikimedia/wikipedia?config=20231101.en", id_column="id"))
+    assert by_ref == {f"w{i}": t for i, t in enumerate(texts)}
+    with pytest.raises(DataError, match=r"data-00000-of-00003.arrow has no column 'body' \(text_column\)"):
+        plan_sources("hf://wikimedia/wikipedia?config=20231101.en", text_column="body")
 
 
 def test_parse_hf_uri():

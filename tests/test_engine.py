@@ -55,11 +55,19 @@ def test_checkpoint_weights_load_strictly(tiny_bert):
         load_hf_weights(model, weights)
 
 
+def _fit_on_workers(loop, config: dict, tmp_path, num_workers: int) -> None:
+    """Run `loop` on `num_workers` CPU Ray Train workers (gloo); raises if a worker failed."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    TorchTrainer(loop, train_loop_config=config, torch_config=TorchConfig(backend="gloo"),
+                 scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 0.5}),
+                 run_config=RunConfig(name="run", storage_path=str(tmp_path / "ray"))).fit()
+
+
 def test_deepspeed_load_weights_updates_the_fp32_master(ray_cluster, tmp_path):
     """`Engine.load_weights` also refreshes ZeRO's fp32 master partition, so the next
     checkpoint's optimizer shard holds the loaded (e.g. best-on-dev) weights."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     def _deepspeed_load_weights_loop(config):  # defined here: workers cannot import test modules
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -83,11 +91,131 @@ def test_deepspeed_load_weights_updates_the_fp32_master(ray_cluster, tmp_path):
         diff = max(float((master[k] - v).abs().max()) for k, v in kept.items())
         assert diff < 1e-6, f"fp32 master differs from the loaded weights by {diff}"
 
-    trainer = TorchTrainer(_deepspeed_load_weights_loop, train_loop_config={"dir": str(tmp_path / "ds")},
-                           torch_config=TorchConfig(backend="gloo"),
-                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-                           run_config=RunConfig(name="ds", storage_path=str(tmp_path)))
-    trainer.fit()  # raises if the worker's assertion failed
+    _fit_on_workers(_deepspeed_load_weights_loop, {"dir": str(tmp_path / "ds")}, tmp_path, 1)
+
+
+def test_deepspeed_bf16_exports_the_fp32_master_weights(ray_cluster, tiny_bert, tmp_path):
+    """A ZeRO-2 bf16 run on 2 workers exports the fp32 master weights of the optimizer
+    shards, not the bf16 module cast up; its shards load back weights-only, and a shard
+    holding a pickled object is refused."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM
+
+    def _bf16_export_loop(config):  # defined here: workers cannot import test modules
+        import shutil
+        from pathlib import Path
+
+        import ray.train
+        import torch.distributed as dist
+        from transformers import AutoModelForMaskedLM
+
+        from rayapp.errors import DataError
+        from rayapp.train.engine import Engine
+
+        rank = ray.train.get_context().get_world_rank()
+        engine = Engine(AutoModelForMaskedLM.from_pretrained(config["model"]),
+                        EngineConfig(engine="deepspeed", zero_stage=2, precision="bf16", num_workers=2, use_gpu=False),
+                        lr=1e-2, weight_decay=0.01, warmup_steps=0, total_steps=10, micro_batch=2, grad_accum=1)
+        ids = torch.randint(1000, 2000, (2, 8), generator=torch.Generator().manual_seed(rank))
+        for _ in range(3):
+            engine.train_step([{"input_ids": ids, "labels": ids}], lambda m, b: (m(**b).loss, {}))
+        out = Path(config["dir"])
+        engine.save(out, {"step": 3})
+        if rank == 0:
+            torch.save({k: v.float() for k, v in engine.hf_model.state_dict().items()}, out / "bf16.pt")
+            bad = out.parent / "tampered"
+            shutil.copytree(out, bad)
+
+            class Payload:
+                def __reduce__(self):
+                    return (open, (config["marker"], "w"))
+
+            torch.save({"module": Payload()}, bad / "deepspeed" / "state" / "mp_rank_00_model_states.pt")
+        dist.barrier()
+        assert engine.load(out) == {"step": 3}  # DeepSpeed's own files pass the weights-only load
+        try:
+            engine.load(out.parent / "tampered")
+        except DataError as e:
+            assert "mp_rank_00_model_states.pt holds pickled objects" in str(e), e
+        else:
+            raise AssertionError("a shard holding a pickled object was loaded")
+
+    out, marker = tmp_path / "ckpt", tmp_path / "ran"
+    _fit_on_workers(_bf16_export_loop, {"model": tiny_bert, "dir": str(out), "marker": str(marker)}, tmp_path, 2)
+    assert not marker.exists()
+    exported = load_file(out / "model" / "model.safetensors")
+    master = get_fp32_state_dict_from_zero_checkpoint(str(out / "deepspeed"), tag="state")
+    bf16 = torch.load(out / "bf16.pt", weights_only=True)
+    names = [n for n, _ in AutoModelForMaskedLM.from_pretrained(tiny_bert).named_parameters()]
+    assert {exported[n].dtype for n in names} == {torch.float32}
+    assert max(float((exported[n] - master[n].detach()).abs().max()) for n in names) <= 1e-7
+    # the bf16 module, cast up, is what the export must not be
+    assert max(float((exported[n] - bf16[n]).abs().max()) for n in names) > 1e-5
+
+
+def test_deepspeed_zero0_bf16_exports_its_fp32_copies(ray_cluster, tmp_path):
+    """ZeRO 0 keeps whole fp32 copies beside the bf16 module (no ZeRO partitions): the export
+    is those, so it rounds to the module's weights exactly and is not the module cast up."""
+
+    def _zero0_export_loop(config):
+        from rayapp.train.engine import Engine
+
+        torch.manual_seed(0)
+        engine = Engine(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)),
+                        EngineConfig(engine="deepspeed", zero_stage=0, precision="bf16", use_gpu=False),
+                        lr=1e-2, weight_decay=0.0, warmup_steps=0, total_steps=10, micro_batch=4, grad_accum=1)
+        batch = {"x": torch.randn(4, 4), "y": torch.tensor([0, 1, 0, 1])}
+        def loss_fn(m, b):  # the module is bf16 under DeepSpeed
+            return torch.nn.functional.cross_entropy(m(b["x"].to(torch.bfloat16)).float(), b["y"]), {}
+
+        for _ in range(3):
+            engine.train_step([batch], loss_fn)
+        exported, module = engine.export_state(), engine.module.state_dict()
+        assert exported.keys() == module.keys()
+        for k, v in exported.items():
+            assert v.dtype == torch.float32 and torch.equal(v.to(torch.bfloat16), module[k]), k
+        assert any(not torch.equal(v, module[k].float()) for k, v in exported.items())
+
+    _fit_on_workers(_zero0_export_loop, {}, tmp_path, 1)
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused(ray_cluster, tiny_bert, tmp_path):
+    """`optimizer.pt` of a DDP checkpoint loads weights-only: what `save` writes loads, and
+    a file holding a pickled object is refused with an error naming it, its code never run."""
+
+    def _ddp_refuse_loop(config):
+        from pathlib import Path
+
+        from transformers import AutoModelForMaskedLM
+
+        from rayapp.errors import DataError
+        from rayapp.train.engine import Engine
+
+        engine = Engine(AutoModelForMaskedLM.from_pretrained(config["model"]), EngineConfig(use_gpu=False),
+                        lr=1e-3, weight_decay=0.01, warmup_steps=1, total_steps=10, micro_batch=2, grad_accum=1)
+        ids = torch.randint(1000, 2000, (2, 8))
+        engine.train_step([{"input_ids": ids, "labels": ids}], lambda m, b: (m(**b).loss, {}))
+        out = Path(config["dir"])
+        engine.save(out, {"step": 1})
+        assert engine.load(out) == {"step": 1}
+
+        class Payload:
+            def __reduce__(self):
+                return (open, (config["marker"], "w"))
+
+        torch.save({"optimizer": Payload(), "scheduler": {}}, out / "optimizer.pt")
+        try:
+            engine.load(out)
+        except DataError as e:
+            assert "optimizer.pt holds pickled objects rayapp does not write" in str(e) and "open" in str(e), e
+        else:
+            raise AssertionError("an optimizer.pt holding a pickled object was loaded")
+
+    marker = tmp_path / "ran"
+    _fit_on_workers(_ddp_refuse_loop, {"model": tiny_bert, "dir": str(tmp_path / "ckpt"), "marker": str(marker)},
+                    tmp_path, 1)
+    assert not marker.exists()
 
 
 def test_progress_without_a_terminal_is_plain_lines(monkeypatch, caplog):

@@ -293,3 +293,86 @@ def test_split_does_not_depend_on_hash_seed(sst2_pool):
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert out.strip() == str([ex.text_a for ex in sample_fewshot(sst2_pool, "SST-2", 4, 87)[0]])
+
+
+# --- s3:// roots: what every node of a multi-node cluster reads ------------------------------
+
+
+@pytest.fixture
+def s3_data(s3_server, tmp_path, monkeypatch):
+    """A small data root in the LM-BFF layout (SST-2 16-13 with its test file, QQP 16-13
+    without one, both tasks' pools), locally and pushed to a fresh bucket; no mirror, no
+    local assets, so nothing can be read from anywhere but the given root."""
+    import uuid
+
+    import boto3
+
+    from rayapp import assets
+
+    data = tmp_path / "data"
+    source = asset("fewshot", "k-shot", "SST-2", "16-13")
+    (data / "fewshot" / "k-shot" / "SST-2" / "16-13").mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv", "test.tsv"):
+        lines = (source / name).read_text(encoding="utf-8").splitlines(keepends=True)
+        write(data / "fewshot" / "k-shot" / "SST-2" / "16-13" / name, "".join(lines[:9] if name == "test.tsv" else lines))
+    qqp = data / "fewshot" / "k-shot" / "QQP" / "16-13"
+    qqp.mkdir(parents=True)
+    header = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+    rows = [f"{i}\t0\t0\tq{i}?\tp{i}?\t{i % 2}\n" for i in range(4)]
+    write(qqp / "train.tsv", header + "".join(rows[:2]))
+    write(qqp / "dev.tsv", header + "".join(rows[2:]))
+    for task, pair in (("SST-2", False), ("QQP", True)):
+        (data / "fewshot" / "pool" / task).mkdir(parents=True)
+        for name, size in (("train", 400), ("dev", 3)):
+            pool = {str(i): {"text_a": f"{task} {name} {i}", "text_b": f"b{i}" if pair else None, "label": str(i % 2)}
+                    for i in range(size)}
+            write(data / "fewshot" / "pool" / task / f"{name}.json", json.dumps(pool))
+    bucket = f"fewshot-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    root = f"s3://{bucket}/mirror"
+    assets.push(root, data)
+    monkeypatch.delenv("RAYAPP_ASSETS", raising=False)
+    monkeypatch.setenv("RAYAPP_DATA", str(tmp_path / "no-local-assets"))
+    return data / "fewshot", f"{root}/fewshot"
+
+
+def test_load_lmbff_from_s3_equals_local(s3_data):
+    local, uri = s3_data
+    for task in ("SST-2", "QQP"):
+        here, there = load_lmbff(local / "k-shot", task), load_lmbff(f"{uri}/k-shot", task)
+        assert (there.train, there.dev, there.test) == (here.train, here.dev, here.test)
+        assert there.source["root"] == f"{uri}/k-shot"
+        assert there.source["train"] == f"{uri}/k-shot/{task}/16-13/train.tsv"
+    assert len(here.test) == 3 and not load_lmbff(f"{uri}/k-shot", "SST-2").source["test_fallback"]
+    # QQP has no test file: the pool beside the s3 root stands in, named by its URI
+    assert there.source["test_fallback"] and there.source["test"] == f"{uri}/pool/QQP/dev.json"
+    assert f"{uri}/pool/QQP/dev.json" in there.source["test_note"]
+    assert read_table(f"{uri}/pool/SST-2/dev.json", None, "SST-2") == read_table(local / "pool" / "SST-2" / "dev.json",
+                                                                                 None, "SST-2")
+
+
+def test_missing_s3_files_name_the_uri(s3_data):
+    _, uri = s3_data
+    with pytest.raises(DataError, match=rf"^{uri}/k-shot/RTE/16-13/train.tsv does not exist; expected LM-BFF's"):
+        load_lmbff(f"{uri}/k-shot", "RTE")
+    with pytest.raises(DataError, match=rf"^{uri}/pool/SST-2/nope.json does not exist; check the path"):
+        read_table(f"{uri}/pool/SST-2/nope.json", None, "SST-2")
+    with pytest.raises(DataError, match=rf"^{uri}/k-shot/QQP/16-13/test.tsv does not exist; .*a pool at "
+                       rf"{uri}/other-pool/QQP/dev.json"):
+        load_lmbff(f"{uri}/k-shot", "QQP", pool_root=f"{uri}/other-pool")
+
+
+def test_draw_unlabelled_from_s3(s3_data):
+    from rayapp.data.unlabelled import default_pool, draw_unlabelled
+
+    local, uri = s3_data
+    task = get_task("SST-2")
+    split = load_lmbff(f"{uri}/k-shot", task)
+    beside = draw_unlabelled(split, task, n=2)  # the pool beside the split's root
+    assert beside.source["pool"] == f"{uri}/pool/SST-2/train.json" and len(beside.examples) == 2 * len(split.train)
+    given = draw_unlabelled(split, task, n=2, pool=f"{uri}/pool/SST-2/train.json")
+    assert given.examples == beside.examples == draw_unlabelled(load_lmbff(local / "k-shot", task), task, n=2).examples
+    # a root without a pool beside it, no mirror, no local assets: one error naming both
+    with pytest.raises(DataError, match=rf"no unlabelled pool for task SST-2: {uri}/nowhere/pool/SST-2/train.json "
+                       r"does not exist; no few-shot data fewshot/pool: .*rayapp assets push"):
+        default_pool(task, f"{uri}/nowhere/k-shot")

@@ -52,6 +52,35 @@ def test_every_config_loads_as_its_typed_config(name):
         assert all(not p.startswith("s3://") for p in paths)
 
 
+def _gpu_flags(name: str) -> list[bool]:
+    """Whether each run that runs a model on a config of jobs/configs/ takes GPUs, the config
+    loaded as its job loads it: a Train run's engine, a data stage's scoring actors, every
+    trial of a sweep (base < method < task overrides); [] for a stage without a model."""
+    if name.startswith("sweep-"):
+        from rayapp.sweep import tune
+        from rayapp.sweep.spec import SweepConfig
+
+        cfg = load_config(SweepConfig, CONFIGS / name)
+        return [cfg.recipe_config(t, "check", tune._unfilled).engine.use_gpu for t in cfg.trials()]
+    cfg = load_config(_config_class(name), CONFIGS / name)
+    if hasattr(cfg, "engine"):
+        return [cfg.engine.use_gpu]
+    return [cfg.use_gpu] if hasattr(cfg, "use_gpu") else []
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_paper_scale_configs_run_their_models_on_gpus(name):
+    """Paper scale trains and scores on the GPU worker group (a CPU DDP worker is the engine's
+    default); the `_local` configs are for one CPU machine."""
+    flags = _gpu_flags(name)
+    if name.endswith("_local.yaml"):
+        assert not any(flags), flags
+    elif name.startswith("intermediate-pairs"):
+        assert flags == []  # sentence pairs: text only, the CPU worker group
+    else:
+        assert flags and all(flags), flags
+
+
 def test_local_configs_sit_next_to_paper_scale_ones():
     for name in MINE:
         if name.endswith("_local.yaml"):

@@ -240,7 +240,7 @@ def test_tiny_sweep_is_killed_resumed_and_reported(ray_cluster, tiny_bert, tmp_p
                                "engine": {"num_workers": 2, "cpus_per_worker": 0.5}}}}))
     cfg = load_config(SweepConfig, cfg_file)
     exp = Path(cfg.experiment)
-    assert sweep.concurrency(cfg) == 2  # two 1-CPU trials side by side on the 2-CPU cluster
+    assert sweep.cluster_fits(sweep.trial_resources(cfg)) == 2  # two 1-CPU trials side by side on the 2-CPU cluster
 
     # the driver in its own process group on the session's cluster; killed once some trials finished
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
@@ -350,6 +350,28 @@ def test_an_interrupted_phase_stops_the_sweep_before_the_next(tmp_path, monkeypa
 
     monkeypatch.setattr(sweep.tune, "Tuner", Tuner)
     with pytest.raises(sweep.SweepInterrupted, match=r"stopped in phase 1 of 2 \(1/2 trials ended\).*--resume"):
-        sweep._phase(cfg, 0, 1)
+        sweep._phase(cfg, 0)
     sweep._write_gap(cfg.experiment, cfg.k, first[1], "t1", "failed", {}, error="y")
-    sweep._phase(cfg, 0, 1)  # both ended: the next phase may start
+    sweep._phase(cfg, 0)  # both ended: the next phase may start
+
+
+def test_sweep_concurrency_follows_the_autoscalers_maximum(ray_cluster):
+    """Trials fill the cluster an autoscaler may grow to (its cluster config, as `ray up`'s
+    autoscaler reports it to the GCS), not the nodes alive at submit time; without one, the
+    nodes alive now (the multi-node test adds a node mid-sweep)."""
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY as KEY, GCS_AUTOSCALER_STATE_NAMESPACE as NS
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    cpu, gpu = {"CPU": 1.0, "GPU": 0.0}, {"CPU": 0.0, "GPU": 1.0}
+    assert sweep.cluster_fits(cpu) == 2 and sweep.cluster_fits(gpu) == 1  # 2 CPUs; no GPU: one waits
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="cpu", resources={"CPU": 8}, max_count=4),
+        autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 4, "GPU": 1}, max_count=6)])
+    _internal_kv_put(KEY.encode(), config.SerializeToString(), namespace=NS.encode())
+    try:
+        assert sweep.cluster_fits(cpu) == 8 * 4 + 4 * 6 and sweep.cluster_fits(gpu) == 6
+        assert sweep.ClusterPacedGrid(gpu).limit() == 6
+    finally:
+        _internal_kv_del(KEY.encode(), namespace=NS.encode())
+    assert sweep.cluster_fits(gpu) == 1

@@ -6,8 +6,10 @@ Documents (`read_documents`: rows `{doc_id, text}`), by `fmt` (input -> doc_id):
   (`per_file=True`: a document per file -> `FILE`);
 - `jsonl`: a JSON object per line, text in `text_column` -> `id_column`, else `FILE#BYTE`;
 - `parquet`: a table with `text_column` -> `id_column`, else `FILE#ROW`;
-- `hf`: `hf://NAME/CONFIG[?split=..]`, `hf://ORG/NAME?config=..[&split=..]` (streamed
-  from the hub) or a local `save_to_disk` folder -> `id_column`, else `SHARD#ROW`.
+- `hf`: a `save_to_disk` folder (local or s3://) -> `id_column`, else `FILE#ROW`; or
+  `hf://NAME/CONFIG[?split=..]`, `hf://ORG/NAME?config=..[&split=..]`: its mirror copy
+  under `$RAYAPP_ASSETS` (a `save_to_disk` folder, as above) when there is one, else
+  streamed from the hub -> `id_column`, else `SHARD#ROW`.
 FILE is the file's name relative to the corpus root (the same for local and s3:// copies),
 BYTE the offset where the document starts in it, ROW its row in the file or shard: an id
 depends on the file alone, never on how the file was cut into pieces. Doc ids must be
@@ -25,8 +27,9 @@ and its pieces are read in parallel.
   line starting `<doc` (WikiExtractor), the line after the next blank line (text). Both
   neighbours compute the same boundary, so every record is read once and whole, however
   long; a task holds its range plus one record.
-- Parquet files are cut into runs of row groups, read batch by batch; a hub dataset gives
-  one source per shard (data file), streamed row by row.
+- Parquet files are cut into runs of row groups, read batch by batch; a `save_to_disk`
+  folder gives one source per Arrow data file (the IPC stream format cannot seek, and
+  `save_to_disk` writes files of at most 500 MB), a hub dataset one per shard, streamed.
 `read_documents` is a Ray Data dataset over the sources; `rayapp.data.pairs` runs its own
 tasks over the same sources.
 
@@ -376,6 +379,29 @@ class ParquetSource:
 
 
 @dataclass(frozen=True, eq=False)
+class ArrowSource:
+    """One data file of a `save_to_disk` folder (an Arrow IPC stream), read batch by batch
+    straight from its filesystem: every node reads its own files from s3://, none copies
+    the dataset first."""
+
+    fs: pafs.FileSystem
+    path: str
+    name: str
+    text_column: str = "text"
+    id_column: str | None = None
+
+    def docs(self) -> Iterator[tuple[str, str]]:
+        row = 0
+        with self.fs.open_input_stream(self.path) as f:
+            for batch in pa.ipc.open_stream(f):
+                texts = batch.column(self.text_column).to_pylist()
+                ids = ([str(v) for v in batch.column(self.id_column).to_pylist()] if self.id_column
+                       else [f"{self.name}#{row + n}" for n in range(len(texts))])
+                yield from zip(ids, (t or "" for t in texts))
+                row += len(texts)
+
+
+@dataclass(frozen=True, eq=False)
 class HfShard:
     """One shard (data file) of a `datasets.IterableDataset`, streamed row by row."""
 
@@ -391,7 +417,7 @@ class HfShard:
                    r.get(self.text_column) or "")
 
 
-Source = TextSource | ParquetSource | HfShard
+Source = TextSource | ParquetSource | ArrowSource | HfShard
 
 
 def _pack(pieces: list[tuple[Any, int]], limit: int) -> list[list[Any]]:
@@ -440,30 +466,40 @@ def _check_columns(columns: list[str], text_column: str, id_column: str | None, 
 
 
 def _is_saved_hf_dataset(uri: str) -> bool:
-    return not storage.is_remote(uri) and storage.exists(storage.join(uri, "state.json")) \
-        and storage.exists(storage.join(uri, "dataset_info.json"))
+    return storage.exists(storage.join(uri, "state.json")) and storage.exists(storage.join(uri, "dataset_info.json"))
 
 
-def _load_hf(uri: str):
-    """The corpus as a `datasets.IterableDataset`: streamed from the hub, or from a local
-    `save_to_disk` folder (memory-mapped, cut into shards so tasks can share the work)."""
-    import datasets
-
-    if uri.startswith("hf://"):
-        return load_hf(uri, streaming=True)
+def _saved_sources(uri: str, text_column: str, id_column: str | None) -> list[ArrowSource]:
+    """A source per data file of a `save_to_disk` folder (local or s3://), listed in its
+    `state.json`. Not `datasets.load_from_disk`: it needs the whole folder on local disk."""
     if not _is_saved_hf_dataset(uri):
+        splits = storage.join(uri, "dataset_dict.json")
+        if storage.exists(splits):
+            raise DataError(f"{uri} holds splits {json.loads(storage.read_text(splits)).get('splits')}; "
+                            "point at one split's folder (e.g. .../train)")
         raise DataError(f"{uri} is not a folder written by datasets' save_to_disk "
                         "(no state.json / dataset_info.json); use hf://NAME for hub datasets")
-    local = datasets.load_from_disk(storage.filesystem(uri)[1])
-    if isinstance(local, datasets.DatasetDict):
-        raise DataError(f"{uri} holds splits {list(local)}; point at one split's folder")
-    return local.to_iterable_dataset(num_shards=max(1, min(64, len(local) // 10_000)))
+    files = [f["filename"] for f in json.loads(storage.read_text(storage.join(uri, "state.json")))["_data_files"]]
+    if not files:
+        raise DataError(f"{uri}/state.json lists no data files; save the dataset again")
+    fs, root = storage.filesystem(uri)
+    sources = [ArrowSource(fs, f"{root}/{name}", name, text_column, id_column) for name in files]
+    with fs.open_input_stream(sources[0].path) as f:
+        _check_columns(pa.ipc.open_stream(f).schema.names, text_column, id_column, f"{uri}/{files[0]}")
+    return sources
 
 
-def _hf_sources(uri: str, text_column: str, id_column: str | None) -> list[HfShard]:
-    """A source per shard. Not `ray.data.from_huggingface`: it probes the hub over HTTP
-    first and reads an IterableDataset in a single task."""
-    dataset = _load_hf(uri)
+def _hf_sources(uri: str, text_column: str, id_column: str | None) -> list[ArrowSource] | list[HfShard]:
+    """An `hf://` dataset from its mirror copy (`rayapp.assets.resolve`; a `save_to_disk`
+    folder) when there is one, else streamed from the hub a source per shard. Not
+    `ray.data.from_huggingface`: it probes the hub over HTTP first and reads an
+    IterableDataset in a single task."""
+    from rayapp import assets
+
+    mirrored = assets.resolve(uri)
+    if mirrored != uri:
+        return _saved_sources(mirrored, text_column, id_column)
+    dataset = load_hf(uri, streaming=True)
     if dataset.column_names is not None:  # None when a streamed dataset declares no features
         _check_columns(dataset.column_names, text_column, id_column, uri)
     return [HfShard(dataset, shard, text_column, id_column) for shard in range(dataset.num_shards)]
@@ -499,8 +535,10 @@ def plan_sources(uri: str, *, fmt: str = "auto", text_column: str = "text", id_c
         raise DataError(f"unknown corpus format {fmt!r}; use one of auto, {', '.join(CORPUS_FORMATS)}")
     if chunk_bytes < 1:
         raise DataError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    if fmt == "hf" or (fmt == "auto" and (uri.startswith("hf://") or _is_saved_hf_dataset(uri))):
+    if uri.startswith("hf://"):
         return _hf_sources(uri, text_column, id_column)
+    if fmt == "hf" or (fmt == "auto" and _is_saved_hf_dataset(uri)):
+        return _saved_sources(uri, text_column, id_column)
     files = _corpus_files(uri)
     fmt = _detect_format(files) if fmt == "auto" else fmt
     if per_file and fmt != "text":

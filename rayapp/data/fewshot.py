@@ -37,13 +37,15 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from rayapp.assets import asset
+from rayapp import storage
+from rayapp.assets import fewshot_dir
 from rayapp.data.formats import TABLE_FORMATS, detect_format, load_hf
 from rayapp.errors import DataError
 from rayapp.tasks.prompts import Task
@@ -142,40 +144,51 @@ def load_lmbff(
     *,
     pool_root: str | Path | None = None,
 ) -> FewShotSplit:
-    """One split from `root/TASK/K-SEED/` (root None: the local LM-BFF assets).
+    """One split from `root/TASK/K-SEED/`: a local folder or an `s3://` prefix (what every
+    node of a cluster reads); root None: `assets.fewshot_dir("k-shot")`, the mirror's copy
+    when `$RAYAPP_ASSETS` has one, else the local LM-BFF assets.
 
     Reads rayapp's JSONL layout when `train.jsonl` is there, else LM-BFF's per-task files.
     A missing LM-BFF test file falls back to `pool_root/TASK/dev.json` (default: the `pool`
     folder beside root), see the module docstring.
     """
     task = _task(task)
-    root = Path(root) if root is not None else asset("fewshot", "k-shot")
-    seed_dir = root / task.name / f"{k}-{seed}"
-    if (seed_dir / "train.jsonl").is_file():
-        files = {split: seed_dir / f"{split}.jsonl" for split in SPLITS}
+    root = str(root) if root is not None else fewshot_dir("k-shot")
+    seed_dir = storage.join(root, task.name, f"{k}-{seed}")
+    folder = task.name
+    if storage.is_file(storage.join(seed_dir, "train.jsonl")):
+        files = {split: storage.join(seed_dir, f"{split}.jsonl") for split in SPLITS}
         columns, header = example_columns(task), True
     else:
         fmt = lmbff_format(task)
-        seed_dir = root / (fmt.folder or task.name) / f"{k}-{seed}"
+        folder = fmt.folder or task.name
+        seed_dir = storage.join(root, folder, f"{k}-{seed}")
         stems = {"train": "train", "dev": fmt.dev, "test": fmt.test}
-        files = {split: seed_dir / f"{stem}.{fmt.ext}" for split, stem in stems.items()}
+        files = {split: storage.join(seed_dir, f"{stem}.{fmt.ext}") for split, stem in stems.items()}
         columns, header = fmt.columns, fmt.header
     hint = f"expected LM-BFF's {k}-shot layout ROOT/TASK/{k}-SEED/ or rayapp's from make_splits"
     for split in ("train", "dev"):
-        if not files[split].is_file():
+        if not storage.is_file(files[split]):
             raise _missing(files[split], hint)
     train, dev = (read_table(files[s], columns, task, header=header) for s in ("train", "dev"))
-    own = files["test"].suffix == ".jsonl"  # rayapp's layout: make_splits wrote the test set
-    source = {"root": str(root), **{s: str(files[s]) for s in SPLITS},
-              "test_source": TEST_SOURCES["given" if own else "lmbff"], "test_fallback": False}
-    if files["test"].is_file():
+    own = files["test"].endswith(".jsonl")  # rayapp's layout: make_splits wrote the test set
+    source = {"root": root, **files, "test_source": TEST_SOURCES["given" if own else "lmbff"],
+              "test_fallback": False}
+    if storage.is_file(files["test"]):
         test = read_table(files["test"], columns, task, header=header)
     else:
-        pool_dir = Path(pool_root) if pool_root is not None else root.parent / "pool"
-        pool_file = pool_dir / seed_dir.parent.name / "dev.json"
+        pool_file = storage.join(str(pool_root) if pool_root is not None else sibling(root, "pool"),
+                                 folder, "dev.json")
         test, note = _fallback_test(files["test"], pool_file, task, train + dev)
-        source.update(test=str(pool_file), test_source=TEST_SOURCES["pool"], test_fallback=True, test_note=note)
+        source.update(test=pool_file, test_source=TEST_SOURCES["pool"], test_fallback=True, test_note=note)
     return FewShotSplit(task.name, k, seed, train, dev, test, source)
+
+
+def sibling(root: str, name: str) -> str:
+    """The folder `name` beside `root` (a local path or URI): where LM-BFF keeps `pool`."""
+    if storage.is_remote(root):
+        return root.rstrip("/").rsplit("/", 1)[0] + "/" + name
+    return str(Path(root).parent / name)
 
 
 # `FewShotSplit.source["test_source"]`: where a split's test set came from
@@ -191,7 +204,7 @@ NO_POOL_TEST = {
 }
 
 
-def _fallback_test(missing: Path, pool_file: Path, task: Task, seen: list[Example]) -> tuple[list[Example], str]:
+def _fallback_test(missing: str, pool_file: str, task: Task, seen: list[Example]) -> tuple[list[Example], str]:
     """Test set from the labelled pool's dev split when LM-BFF's test file is absent."""
     if task.name in NO_POOL_TEST:
         raise DataError(
@@ -199,14 +212,14 @@ def _fallback_test(missing: Path, pool_file: Path, task: Task, seen: list[Exampl
             "put the labelled mismatched set there (GLUE MNLI dev_mismatched.tsv, LM-BFF's test_mismatched.tsv), "
             "or run task MNLI"
         )
-    if not pool_file.is_file():
+    if not storage.is_file(pool_file):
         raise _missing(missing, f"put the task's labelled test file there (or a pool at {pool_file})")
     # the pool is drawn from the original train set, so drop what the split trains/selects on
     seen_texts = {(ex.text_a, ex.text_b) for ex in seen}
     pool = read_table(pool_file, example_columns(task), task)
     test = [ex for ex in pool if (ex.text_a, ex.text_b) not in seen_texts]
     note = (
-        f"{missing.name} is missing; test = labelled pool {pool_file} ({len(test)} examples, "
+        f"{PurePosixPath(missing).name} is missing; test = labelled pool {pool_file} ({len(test)} examples, "
         f"{len(pool) - len(test)} also in train/dev removed), drawn from the original train set, "
         "not the original dev set"
     )
@@ -226,7 +239,8 @@ def read_table(
     fmt: str | None = None,
     header: bool = True,
 ) -> list[Example]:
-    """Examples from a table: a local .tsv/.csv/.jsonl/.json/.parquet file or `hf://` dataset.
+    """Examples from a table: a .tsv/.csv/.jsonl/.json/.parquet file (local or `s3://`) or an
+    `hf://` dataset.
 
     `columns` None means rayapp's own names (text_a, text_b, label), as in the pool JSON.
     `header` applies to TSV/CSV only; without one, name columns by position.
@@ -238,8 +252,8 @@ def read_table(
     fmt = fmt or detect_format(uri, TABLE_FORMATS)
     if fmt not in TABLE_FORMATS:
         raise DataError(f"unknown table format {fmt!r} for {uri}; use one of {', '.join(TABLE_FORMATS)}")
-    if fmt != "hf" and not Path(uri).is_file():
-        raise _missing(Path(uri), "check the path")
+    if fmt != "hf" and not storage.is_file(uri):
+        raise _missing(uri, "check the path")
     names, rows = _READERS[fmt](uri, header)
     if not rows:
         raise DataError(f"{uri} has no data rows; give a table with at least one labelled example")
@@ -249,10 +263,15 @@ def read_table(
 Rows = list[list]
 
 
+def _text_of(uri: str) -> str:
+    """A whole table file (few-shot tables are small), local or `s3://`; utf-8-sig: LM-BFF's
+    MRPC files start with a BOM, which would otherwise glue onto "Quality"."""
+    return storage.read_bytes(uri).decode("utf-8-sig")
+
+
 def _read_delimited(path: str, header: bool, delimiter: str, quoting: int) -> tuple[list[str] | None, Rows]:
-    # utf-8-sig: LM-BFF's MRPC files start with a BOM, which would otherwise glue onto "Quality"
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+    rows = [row for row in csv.reader(io.StringIO(_text_of(path), newline=""), delimiter=delimiter,
+                                      quoting=quoting) if row]
     if header and rows:
         return rows[0], rows[1:]
     return None, rows
@@ -269,30 +288,28 @@ def _read_csv(path: str, header: bool):
 
 def _read_jsonl(path: str, header: bool):
     records = []
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {n} is not valid JSON ({e}); JSONL needs one object a line") from None
+    for n, line in enumerate(_text_of(path).splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n} is not valid JSON ({e}); JSONL needs one object a line") from None
     return _from_records(records, path)
 
 
 def _read_json(path: str, header: bool):
     """A JSON array of records, or the pool format `{"0": {record}, "1": ...}`."""
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} is not valid JSON ({e})") from None
+    try:
+        data = json.loads(_text_of(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e})") from None
     return _from_records(list(data.values()) if isinstance(data, dict) else data, path)
 
 
 def _read_parquet(path: str, header: bool):
     import pyarrow.parquet as pq
 
-    return _from_records(pq.read_table(path).to_pylist(), path)
+    return _from_records(pq.read_table(io.BytesIO(storage.read_bytes(path))).to_pylist(), path)
 
 
 def _read_hf(uri: str, header: bool):
@@ -493,8 +510,11 @@ def _task(task: Task | str) -> Task:
     return get_task(task) if isinstance(task, str) else task
 
 
-def _missing(path: Path, hint: str) -> DataError:
-    """A 'not found' error that lists what the nearest existing folder does hold."""
+def _missing(uri: str, hint: str) -> DataError:
+    """A 'not found' error that lists what the nearest existing local folder does hold."""
+    if storage.is_remote(uri):
+        return DataError(f"{uri} does not exist; {hint}")
+    path = Path(uri)
     parent = path.parent
     while not parent.is_dir() and parent != parent.parent:
         parent = parent.parent

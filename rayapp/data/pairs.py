@@ -393,6 +393,8 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     (local or s3://); returns the stats also saved in `_meta.json` (module docstring)."""
     start = time.perf_counter()
     check_out_dir(cfg.out)
+    storage.makedirs(cfg.out)
+    storage.require_shared({"corpus": cfg.corpus, "out": cfg.out})  # Ray tasks on any node read and write them
     sources = plan_sources(cfg.corpus, fmt=cfg.fmt, text_column=cfg.text_column, id_column=cfg.id_column,
                            chunk_bytes=cfg.chunk_bytes)
     work = storage.join(cfg.out, WORK)

@@ -243,6 +243,8 @@ def run(cfg: SentimentConfig) -> dict[str, Any]:
             "threshold": cfg.threshold, "seed": cfg.seed, "num_examples": cfg.num_examples,
             "max_length": cfg.max_length, **settings}
     done = shards.begin(cfg.out, plan, "sentiment build")
+    # Ray tasks and actors on any node read the corpus and teacher and write the shards
+    storage.require_shared({"corpus": cfg.corpus, "teacher": cfg.teacher, "out": cfg.out})
     start = time.perf_counter()
     table = sentence_table(cfg, settings, done)
     counts = table["counts"]

@@ -190,6 +190,10 @@ def run(cfg: CacheConfig) -> dict:
     if not 1 <= cfg.top_k <= vocab_size:
         raise ConfigError(f"top_k={cfg.top_k} must be between 1 and the teacher's vocabulary size {vocab_size}")
 
+    # actors on any node read the examples and teacher and write the shards the driver reads
+    # back: refuse node-local paths before any work (made first, so both sides see `out`)
+    storage.makedirs(cfg.out)
+    storage.require_shared({"examples": cfg.examples, "teacher": cfg.teacher, "out": cfg.out})
     inputs, carry = _inspect_inputs(cfg.examples, ["text_a", "text_b"][: task.num_inputs])
     plan = {
         "stage": STAGE, "teacher": cfg.teacher, "task": task.name, "template": task.template,

@@ -6,7 +6,7 @@ with our few-shot training/development sets). The classification labels of these
 are removed."
 
 `draw_unlabelled` samples n |X| examples (n = 10) from the task's original train pool (LM-BFF
-layout, `../shared/data/fewshot/pool/TASK/train.json`, or any table `read_table` reads),
+layout, `POOL/TASK/train.json` beside the k-shot root, or any table `read_table` reads),
 leaving out every example whose text is in the split's train, dev or test set. The paper says
 "with replacement"; we sample without, so X~ holds no duplicates (a duplicate would only weigh
 an example twice in eq. 4 and 7), and a pool with fewer than n |X| usable examples is an
@@ -20,8 +20,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rayapp.assets import asset
-from rayapp.data.fewshot import Columns, Example, FewShotSplit, LMBFF_FORMATS, read_table
+from rayapp import storage
+from rayapp.assets import fewshot_dir
+from rayapp.data.fewshot import Columns, Example, FewShotSplit, LMBFF_FORMATS, read_table, sibling
 from rayapp.errors import ConfigError, DataError
 from rayapp.tasks.prompts import Task
 
@@ -33,22 +34,33 @@ class UnlabelledSet:
     source: dict = field(default_factory=dict)
 
 
-def default_pool(task: Task) -> Path:
-    """The local LM-BFF pool of `task` (MNLI-mm shares MNLI's)."""
+def default_pool(task: Task, root: str | None = None) -> str:
+    """`task`'s LM-BFF train pool (MNLI-mm shares MNLI's): beside the k-shot folder `root` the
+    split was read from (`ROOT/../pool/TASK/train.json`, local or `s3://`) when that holds it,
+    else under `assets.fewshot_dir("pool")` (the mirror's, else the local assets)."""
     fmt = LMBFF_FORMATS.get(task.name)
     folder = fmt.folder if fmt is not None and fmt.folder else task.name
-    return asset("fewshot", "pool", folder, "train.json")
+    beside = storage.join(sibling(str(root), "pool"), folder, "train.json") if root is not None else None
+    if beside is not None and storage.is_file(beside):
+        return beside
+    try:
+        return storage.join(fewshot_dir("pool"), folder, "train.json")
+    except DataError as e:
+        if beside is None:
+            raise
+        raise DataError(f"no unlabelled pool for task {task.name}: {beside} does not exist; {e}") from None
 
 
 def draw_unlabelled(split: FewShotSplit, task: Task, n: int = 10, *, pool: str | Path | None = None,
                     columns: Columns | None = None, seed: int | None = None) -> UnlabelledSet:
     """X~: n * |X| pool examples, disjoint (by text) from the split's train, dev and test sets,
     drawn with `random.Random(seed)` (default: the split's seed, so each split has its own X~).
-    `pool` is any table `read_table` reads (default: `default_pool(task)`); `columns` as there
+    `pool` is any table `read_table` reads (default: `default_pool` beside the split's k-shot
+    root, so a split read from s3:// draws from the pool there); `columns` as there
     (None: text_a/text_b/label)."""
     if n < 1:
         raise ConfigError(f"n (|X~| = n |X|) must be >= 1, got {n}; the paper uses 10")
-    uri = str(pool) if pool is not None else str(default_pool(task))
+    uri = str(pool) if pool is not None else default_pool(task, split.source.get("root"))
     table = read_table(uri, columns, task)
     seen = {(ex.text_a, ex.text_b) for ex in split.train + split.dev + split.test}
     unseen, taken = [], set()

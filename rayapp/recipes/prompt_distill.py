@@ -55,7 +55,7 @@ import torch
 from rayapp import storage
 from rayapp.config import build
 from rayapp.data.fewshot import Example, FewShotSplit, load_lmbff
-from rayapp.data.unlabelled import UnlabelledSet, draw_unlabelled, pseudo_label_agreement
+from rayapp.data.unlabelled import UnlabelledSet, default_pool, draw_unlabelled, pseudo_label_agreement
 from rayapp.errors import ConfigError
 from rayapp.modeling.models import (LogitsAt, check_model, load_classifier, load_mlm, load_tokenizer,
                                     portable_model, vocab_fingerprint)
@@ -93,7 +93,7 @@ class PromptDistillConfig(TrainConfig):
     lambda1: float = 0.2                 # weight of the KD terms
     lambda2: float = 0.2                 # weight of the contrastive terms
     n: int = 10                          # |X~| = n |X|
-    unlabelled_pool: str | None = None   # table X~ is drawn from; default the task's LM-BFF pool
+    unlabelled_pool: str | None = None   # table X~ is drawn from; default the LM-BFF pool beside data_dir
     contrastive: bool = True             # False: PD w/o contrastive learning (Table 2)
     unlabelled: bool = True              # False: PD w/o unlabelled data (Table 2)
     probe_steps: int = 200
@@ -388,9 +388,12 @@ def run(cfg: PromptDistillConfig, split: FewShotSplit | None = None, callbacks=(
         # a local T' without its MLM head fails here; others are checked where the workers load them
         load_frozen_mlm(portable_model(cfg.teacher), f"teacher {cfg.teacher!r} (T')", "cpu")
     split = split or load_lmbff(cfg.data_dir, task, k=cfg.k, seed=cfg.seed)
-    # drawn on the driver: a pool too small fails here, before any teacher is tuned
-    xu = draw_unlabelled(split, task, cfg.n, pool=cfg.unlabelled_pool) if cfg.unlabelled and cfg.method in PROMPT_METHODS \
-        else UnlabelledSet([], [])
+    # drawn on the driver: a pool too small fails here, before any teacher is tuned; the default
+    # pool follows the split's k-shot root (data_dir=s3://.../k-shot: s3://.../pool)
+    xu = UnlabelledSet([], [])
+    if cfg.unlabelled and cfg.method in PROMPT_METHODS:
+        pool = cfg.unlabelled_pool or default_pool(task, split.source.get("root") or cfg.data_dir)
+        xu = draw_unlabelled(split, task, cfg.n, pool=pool)
     tuned = tuned_teacher(cfg, split)
     prefix = f"{cfg.variant}-{task.name}-{cfg.k}-{cfg.seed}"
     name = cfg.name or run_name(prefix, cfg)

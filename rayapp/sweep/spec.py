@@ -62,7 +62,7 @@ class SweepConfig:
     per_task: dict[str, dict] = field(default_factory=dict)   # task -> overrides (e.g. max_length)
     methods: dict[str, dict] = field(default_factory=dict)
     students: dict[str, dict] = field(default_factory=dict)   # name -> StudentSpec fields
-    max_concurrent_trials: int = 0       # 0: as many as the cluster's CPUs/GPUs fit
+    max_concurrent_trials: int = 0       # 0: as many as the cluster's CPUs/GPUs fit, followed as it scales
     max_failures: int = 0                # Tune retries of a trial whose driver died
     asha: AshaConfig | None = None
     tables: list[TableSpec] = field(default_factory=list)

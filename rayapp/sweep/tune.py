@@ -20,9 +20,10 @@ Resources. A trial's driver (the Tune actor) only waits on its Train run, so it 
 memory but no CPU: on a 2-CPU machine two trials of one 1-CPU worker each then run side by
 side, where Tune's default (1 CPU per trial driver) leaves no CPU for the workers and the
 trials wait forever. The Train workers are placed by Ray Train itself (its own placement
-group; reserving them in Tune's group too would count them twice), so
-`max_concurrent_trials` (default: from the cluster's CPUs/GPUs and the engine config)
-keeps Tune from starting trials whose workers cannot be placed.
+group; reserving them in Tune's group too would count them twice), so Tune starts a trial
+only while the cluster can hold its workers: `max_concurrent_trials`, or by default
+`ClusterPacedGrid`, which follows the cluster as it grows (an autoscaler's configured
+maximum, nodes that join later) instead of a snapshot taken at submit time.
 
 Phases. Methods that read another method's best runs (`{best:teacher}`) run in a later
 Tune experiment of the same sweep, once those runs exist.
@@ -42,6 +43,7 @@ import time
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from rayapp import storage
 from rayapp.config import to_dict
@@ -325,15 +327,42 @@ def trial_resources(cfg: SweepConfig) -> dict[str, float]:
     return need
 
 
-def concurrency(cfg: SweepConfig) -> int:
-    """`max_concurrent_trials`, or as many trials as the cluster's CPUs/GPUs hold now."""
+def cluster_fits(need: dict[str, float]) -> int:
+    """How many trials needing `need` the cluster holds: at its configured maximum when an
+    autoscaler reports one (the limit Ray Train itself checks worker groups against), else
+    with the nodes alive now (a fixed cluster, or nodes that join by hand). At least 1."""
     import ray
+    from ray._private.state import state
 
-    if cfg.max_concurrent_trials:
-        return cfg.max_concurrent_trials
-    have, need = ray.cluster_resources(), trial_resources(cfg)
-    fits = [int(have.get(r, 0) // n) for r, n in need.items() if n > 0]
+    have, most = ray.cluster_resources(), state.get_max_resources_from_cluster_config() or {}
+    fits = [int(max(have.get(r, 0), most.get(r, 0)) // n) for r, n in need.items() if n > 0]
     return max(1, min(fits)) if fits else 1
+
+
+class ClusterPacedGrid(BasicVariantGenerator):
+    """Tune's grid search, starting a trial only while fewer than `cluster_fits(need)` run.
+
+    Not a number fixed at submit time: on a cluster that scales from zero that was 1, forever.
+    The limit is re-read (every few seconds, at most) whenever Tune asks for a trial, so
+    trials fill an autoscaler's configured maximum (their Train runs' pending placement groups
+    are the demand it scales up for) and nodes that join later. Uses Tune's own
+    `_live_trials` bookkeeping, which `max_concurrent` reads too."""
+
+    REFRESH_S = 2.0
+
+    def __init__(self, need: dict[str, float]):
+        super().__init__()
+        self.need, self._limit, self._read_at = need, 1, float("-inf")
+
+    def limit(self) -> int:
+        if time.monotonic() - self._read_at > self.REFRESH_S:
+            self._limit, self._read_at = cluster_fits(self.need), time.monotonic()
+        return self._limit
+
+    def next_trial(self):
+        if len(self._live_trials) >= self.limit():
+            return None
+        return super().next_trial()
 
 
 # --- running ------------------------------------------------------------------------------
@@ -350,7 +379,7 @@ class SweepInterrupted(RuntimeError):
     """The sweep was stopped before a phase ended; `--resume` continues it."""
 
 
-def _phase(cfg: SweepConfig, phase: int, max_concurrent: int) -> None:
+def _phase(cfg: SweepConfig, phase: int) -> None:
     path, fs = _tune_storage(cfg.experiment)
     name = f"tune-{phase}"
     trainable = tune.with_resources(trial_fn, {"memory": DRIVER_MEMORY})
@@ -370,7 +399,9 @@ def _phase(cfg: SweepConfig, phase: int, max_concurrent: int) -> None:
             tune_config=tune.TuneConfig(
                 # a trial's driver process is reused by the next trial: its imports (torch,
                 # transformers, the recipe) are paid once per process, not once per trial
-                metric="dev", mode="max", max_concurrent_trials=max_concurrent, reuse_actors=True,
+                metric="dev", mode="max", reuse_actors=True,
+                max_concurrent_trials=cfg.max_concurrent_trials or None,
+                search_alg=None if cfg.max_concurrent_trials else ClusterPacedGrid(trial_resources(cfg)),
                 scheduler=GroupedASHA(cfg.asha.grace_period, cfg.asha.reduction_factor, max_t) if cfg.asha else None,
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             # Tune's live status tables in a terminal; one line per trial in a log file
@@ -411,11 +442,12 @@ def run(cfg: SweepConfig, resume: bool = False) -> dict:
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     if not ray.is_initialized():
         ray.init()  # the embedded default: a local cluster on this machine
-    n = concurrency(cfg)
-    print(f"sweep {cfg.experiment}: {len(cfg.trials())} trials, up to {n} at a time "
+    pace = (f"up to {cfg.max_concurrent_trials}" if cfg.max_concurrent_trials else
+            f"as many as the cluster holds ({cluster_fits(trial_resources(cfg))} now)")
+    print(f"sweep {cfg.experiment}: {len(cfg.trials())} trials, {pace} at a time "
           f"(phases: {cfg.phases}); tensorboard --logdir {cfg.experiment}")
     for phase in range(len(cfg.phases)):
-        _phase(cfg, phase, n)
+        _phase(cfg, phase)
     runs = [r for r in read_runs([cfg.experiment]) if r.swept] \
         if storage.exists(storage.join(cfg.experiment, RECORDS)) else []
     counts = {s: sum(r.status == s for r in runs) for s in ("done", "failed", "stopped")}

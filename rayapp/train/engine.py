@@ -5,6 +5,10 @@ DDP is `ray.train.torch.prepare_model`; DeepSpeed runs ZeRO 0-2 with bf16/fp16. 
 use gloo and DeepSpeed runs with `DS_ACCELERATOR=cpu`, so tests exercise the engine GPU
 clusters run.
 
+Checkpoints may come from a bucket, so they are untrusted input: every `.pt` file (DDP's
+`optimizer.pt`, DeepSpeed's shards) is read with `torch.load(weights_only=True)`, which
+refuses pickled objects instead of running them.
+
 Batch sizes are global: the config says how many examples one optimizer step sees, and
 `split_batch` derives the per-worker micro-batch and gradient accumulation from the number
 of workers, so a run's numbers do not depend on how many workers it had.
@@ -12,6 +16,7 @@ of workers, so a run's numbers do not depend on how many workers it had.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -21,7 +26,7 @@ from typing import Callable, Iterable, Literal
 
 import torch
 
-from rayapp.errors import ConfigError
+from rayapp.errors import ConfigError, DataError
 
 
 @dataclass
@@ -84,22 +89,62 @@ def shard(items: list, rank: int, world_size: int) -> list:
     return items[rank * per:(rank + 1) * per]
 
 
-def save_hf(model, out_dir: str | Path, dtype: str = "float32", tokenizer=None) -> None:
-    """Save an HF model directory (safetensors) with weights in `dtype`.
+def save_hf(model, out_dir: str | Path, dtype: str = "float32", tokenizer=None,
+            state: dict[str, torch.Tensor] | None = None) -> None:
+    """Save an HF model directory (safetensors) with weights in `dtype`: `state` (default the
+    model's state dict; `Engine.export_state` gives DeepSpeed's fp32 master weights).
 
-    A bf16 DeepSpeed run holds its module in bf16; saved as such, transformers 5 loads it as
-    bf16 and the next fine-tuning's AdamW updates round away. The export is therefore cast
-    (to fp32 by default) and `config.dtype` says so."""
+    Saved in bf16, transformers 5 loads a model as bf16 and the next fine-tuning's AdamW
+    updates round away. The export is therefore cast (to fp32 by default) and `config.dtype`
+    says so."""
     import copy
 
     target = getattr(torch, dtype)
-    state = {k: v.detach().to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = model.state_dict() if state is None else state
+    state = {k: v.detach().to(target) if v.is_floating_point() else v for k, v in state.items()}
     model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     config = copy.deepcopy(model.config)  # save_pretrained wrote the module's dtype; the weights are `dtype`
     config.dtype = target
     config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+def load_tensors(path: str | Path, map_location=None, allowed: Iterable[type] = ()):
+    """`torch.load` of a checkpoint file that may come from anyone with write access to the
+    bucket: tensors and plain containers only (and the `allowed` state classes), never code.
+    A file holding anything else is refused, not unpickled."""
+    import pickle
+
+    with torch.serialization.safe_globals(list(allowed)):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = str(e).split("WeightsUnpickler error: ", 1)[-1].split(". ", 1)[0]
+            raise DataError(f"checkpoint file {path} holds pickled objects rayapp does not write ({reason}); "
+                            "refusing to load it: resume only from checkpoints rayapp wrote") from None
+
+
+def _deepspeed_state_classes() -> list:
+    """The classes DeepSpeed pickles into its ZeRO optimizer shards (plain state holders)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _fp32_masters(optimizer, params: list[torch.nn.Parameter]) -> dict[int, torch.Tensor]:
+    """id(param) -> the whole fp32 master weight a DeepSpeed bf16/fp16 optimizer keeps for it.
+    ZeRO 1-2 partition the masters over the ranks: gathering one is an all-reduce, so every
+    rank calls this for the same `params` in the same order."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if hasattr(optimizer, "fp32_groups"):  # ZeRO 0 (FP16_UnfusedOptimizer): whole copies on every rank
+        return {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+                for lp, hp in zip(lps, hps)}
+    masters = {id(p): safe_get_full_fp32_param(p) for p in params}
+    return {k: v for k, v in masters.items() if v is not None}  # frozen parameters have none
 
 
 def load_hf_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -154,6 +199,8 @@ class Engine:
             self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                 dist_init_required=False)
+            # DeepSpeed's own loader unpickles anything (weights_only=False)
+            self.model.checkpoint_engine.load = functools.partial(load_tensors, allowed=_deepspeed_state_classes())
             self.autocast = contextlib.nullcontext()  # DeepSpeed casts itself
         else:
             self.model = ray.train.torch.prepare_model(model)
@@ -209,21 +256,35 @@ class Engine:
         if self.cfg.engine == "deepspeed" and restore_master is not None:
             restore_master()
 
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The HF model's weights as `save` exports them; every rank calls it (a collective).
+
+        A DeepSpeed bf16/fp16 module holds its weights rounded to 16 bits (bf16: up to 0.4%
+        off the fp32 master weights the optimizer updates), so its export is the master copy
+        gathered from the ZeRO shards. Frozen parameters and buffers come from the module."""
+        state = self.hf_model.state_dict()
+        if self.cfg.engine != "deepspeed" or self.cfg.precision == "fp32":
+            return state
+        masters = _fp32_masters(self.optimizer, list(self.hf_model.parameters()))
+        params = dict(self.hf_model.named_parameters(remove_duplicate=False))  # tied weights: both names
+        return {k: masters.get(id(params[k]), v) if k in params else v for k, v in state.items()}
+
     # --- checkpoints: every rank calls these ---------------------------------------------
     def save(self, ckpt_dir: str | Path, state: dict, tokenizer=None, weights: bool = True) -> None:
-        """Write a checkpoint: `model/` is an HF directory (safetensors, `export_dtype`) that
-        `from_pretrained` loads, written by rank 0 (ZeRO <= 2 keeps full parameters on every
-        rank); DeepSpeed ranks each add their optimizer shard under `deepspeed/`, DDP adds
-        `optimizer.pt`. `weights=False`: the trainer state only (a run that trained nothing)."""
+        """Write a checkpoint: `model/` is an HF directory (safetensors, `export_dtype`, the
+        weights of `export_state`) that `from_pretrained` loads, written by rank 0; DeepSpeed
+        ranks each add their optimizer shard under `deepspeed/`, DDP adds `optimizer.pt`.
+        `weights=False`: the trainer state only (a run that trained nothing)."""
         import ray.train
 
         ckpt_dir = Path(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if weights and self.cfg.engine == "deepspeed":
             self.model.save_checkpoint(str(ckpt_dir / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        exported = self.export_state() if weights else None
         if ray.train.get_context().get_world_rank() == 0:
             if weights:
-                save_hf(self.hf_model, ckpt_dir / "model", self.cfg.export_dtype, tokenizer)
+                save_hf(self.hf_model, ckpt_dir / "model", self.cfg.export_dtype, tokenizer, exported)
                 if self.cfg.engine != "deepspeed":
                     torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                                ckpt_dir / "optimizer.pt")
@@ -243,7 +304,7 @@ class Engine:
             weights = load_file(ckpt_dir / "model" / "model.safetensors", device=str(self.device))
             params = dict(self.hf_model.named_parameters())
             load_hf_weights(self.hf_model, {k: v.to(params[k].dtype) if k in params else v for k, v in weights.items()})
-            opt = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=False)
+            opt = load_tensors(ckpt_dir / "optimizer.pt", map_location=self.device)
             self.optimizer.load_state_dict(opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])
         return state

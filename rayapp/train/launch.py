@@ -7,8 +7,9 @@ job after a lost head node continue from its last checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
-
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -51,6 +52,22 @@ def scaling_config(cfg: EngineConfig):
                          resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker})
 
 
+def local_paths(cfg, prefix: str = "") -> dict[str, str]:
+    """The config's values that name an existing local file or folder, by dotted key (a
+    model dir, a data folder, an init checkpoint): what Ray workers on other nodes must see."""
+    if cfg is None or not dataclasses.is_dataclass(cfg):
+        return {}
+    found = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            found.update(local_paths(value, f"{prefix}{f.name}."))
+        elif isinstance(value, str) and os.sep in value and not st.is_remote(value) \
+                and os.path.exists(os.path.expanduser(value)):
+            found[prefix + f.name] = value
+    return found
+
+
 def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *, storage: str, name: str,
            keep_checkpoints: int = 2, callbacks: Sequence = ()):
     """Run `loop` on `cfg.num_workers` Ray Train workers; returns the `ray.train.Result`.
@@ -67,6 +84,8 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
         path = str(Path(path).resolve())
         Path(path).mkdir(parents=True, exist_ok=True)
         fs = None
+    # workers on any node read the config's inputs and write to the storage
+    st.require_shared({**local_paths(loop_config.get("cfg")), "output_dir": storage})
     trainer = TorchTrainer(
         loop,
         # a live bar only when someone watches a terminal; log files get plain lines

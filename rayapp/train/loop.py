@@ -99,6 +99,18 @@ def quiet_train_file_loggers() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def rank_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (a collective: every rank calls it)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if not torch.distributed.is_initialized():
+        return [node]
+    nodes = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
+
+
 def train_loop(loop_cfg: dict) -> None:
     """Ray Train's per-worker function: `loop_cfg` = {"cfg": TrainConfig, "setup": fn, ...inputs}."""
     import ray.train
@@ -124,6 +136,8 @@ def train_loop(loop_cfg: dict) -> None:
         state = {"step": 0, "done": False, "best": None, "best_step": None, "evals": [], "loss_curve": [],
                  "throughput": [], "restarts": [], "data_digest": []}
         best_weights = None
+    # where each attempt trained: [first step, node id of every rank] (older checkpoints lack it)
+    state.setdefault("nodes", []).append([state["step"], rank_nodes()])
 
     def evaluate(step: int) -> dict:
         metrics = setup.evaluate(engine.module)
@@ -172,7 +186,7 @@ def train_loop(loop_cfg: dict) -> None:
         state.update(step=steps, done=True)
     final = setup.finish(engine.module) if setup.finish is not None else {}
     selected = {setup.select: state["best"]} if setup.select else {}
-    curves = ("step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts", "data_digest")
+    curves = ("step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts", "data_digest", "nodes")
     # a run that trained nothing (zero-shot) keeps no copy of the weights it was given
     report({"final": True, **selected, **final, "loop_seconds": round(time.perf_counter() - loop_started, 2),
             **{k: state[k] for k in curves}}, engine, dict(state), setup.tokenizer, weights=steps > 0)

@@ -11,7 +11,8 @@ from rayapp.train.loop import train_loop
 from rayapp.train.records import run_name, write_record
 
 # what the loop's final report carries besides the recipe's own final metrics
-_LOOP_KEYS = ("final", "step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts", "loop_seconds", "data_digest")
+_LOOP_KEYS = ("final", "step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts", "loop_seconds",
+              "data_digest", "nodes")
 
 
 def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, prefix: str | None = None,
@@ -32,7 +33,7 @@ def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, 
               "metrics": metrics,  # the recipe's final metrics (e.g. test)
               # a run of 0 steps saved no weights (its model is its input)
               "checkpoint": checkpoint_uri(cfg.output_dir, result.checkpoint, "model") if cfg.max_steps else None,
-              "seconds": round(time.time() - started, 1)}
+              "started": round(started, 3), "seconds": round(time.time() - started, 1)}
     if derive is not None:
         record.update(derive(record))
     record["record"] = write_record(cfg.output_dir, record)
