@@ -16,6 +16,7 @@ other in this process, on the same inputs; printed: both wall times and their ra
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -43,6 +44,7 @@ def main() -> None:
     from rayapp.assets import asset
     from rayapp.recipes.pretrain import make_student
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's per-request log
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
