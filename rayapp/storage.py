@@ -214,6 +214,16 @@ def copy_dir(src_uri: str, dst_uri: str) -> None:
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
+def remove(uri: str) -> None:
+    """Delete the directory or file at `uri`, if there is one."""
+    kind = _info(uri).type
+    fs, path = filesystem(uri)
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def local_copy(uri: str) -> str:
     """A node-local copy of the remote directory `uri` (an `s3://` model, a mirrored
     dataset) under `$RAYAPP_CACHE` (default `~/.cache/rayapp`), downloaded once per node.

@@ -41,6 +41,7 @@ from rayapp.train.config import TrainConfig
 from rayapp.train.engine import split_batch
 from rayapp.train.loop import Setup
 from rayapp.train.stream import plan_blocks, stream_batches
+from rayapp.train.worker import worker
 from rayapp.train.run import export_model, run_recipe
 
 Objective = Literal["ce", "ce+hidden", "ce+attn", "distilbert", "rule", "hard-label"]
@@ -128,9 +129,7 @@ def setup(cfg: DistillConfig, inputs: dict, device) -> Setup:
     if cfg.uses_cache:
         to_batch = lambda rows: cache_batch(rows, tokenizer.pad_token_id)  # noqa: E731
     elif encoder is None:
-        import ray.train
-
-        seed = cfg.train_seed * 1000 + ray.train.get_context().get_world_rank()
+        seed = cfg.train_seed * 1000 + worker().rank
         to_batch = MLMBatcher(tokenizer, max_length, cfg.mlm_probability, seed)
     else:
         to_batch = lambda rows: prompt_batch(rows, encoder)  # noqa: E731

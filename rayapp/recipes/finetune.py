@@ -37,6 +37,7 @@ from rayapp.train.config import TrainConfig
 from rayapp.train.engine import global_batch_indices, shard, split_batch
 from rayapp.train.loop import Setup
 from rayapp.train.run import run_recipe
+from rayapp.train.worker import worker
 
 
 @dataclass
@@ -156,8 +157,6 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer, encoder, cfg
 # --- the recipe -------------------------------------------------------------------------
 
 def setup(cfg: FinetuneConfig, inputs: dict, device) -> Setup:
-    import ray.train
-
     split: FewShotSplit = inputs["split"]
     task: Task = inputs["task"]
     src = model_source(inputs["model_ref"], cfg.init is not None)
@@ -170,8 +169,7 @@ def setup(cfg: FinetuneConfig, inputs: dict, device) -> Setup:
     teacher = None
     if cfg.teacher:
         teacher = LogitsAt(load_mlm(local_model_dir(inputs["teacher_ref"]))).to(device).eval().requires_grad_(False)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = worker().rank, worker().world_size
 
     def batches(first_step: int, micro: int, accum: int):
         step = first_step

@@ -24,6 +24,7 @@ from rayapp.train.config import TrainConfig
 from rayapp.train.engine import split_batch
 from rayapp.train.loop import Setup
 from rayapp.train.stream import plan_blocks, stream_batches
+from rayapp.train.worker import worker
 from rayapp.train.run import export_model, run_recipe
 
 
@@ -62,15 +63,13 @@ def masked_accuracy(model, batches: list[dict], device) -> float:
 
 
 def setup(cfg: PretrainConfig, inputs: dict, device) -> Setup:
-    import ray.train
-
     model_dir = local_model_dir(inputs["model"])
     tokenizer = load_tokenizer(model_dir)
     fixed = MLMBatcher(tokenizer, cfg.max_length, cfg.mlm_probability, cfg.train_seed)  # same masks every eval
     texts = inputs["held_out"]
     eval_batches = [fixed({"text": texts[i:i + 32]}) for i in range(0, len(texts), 32)]
     to_batch = MLMBatcher(tokenizer, cfg.max_length, cfg.mlm_probability,
-                          cfg.train_seed * 1000 + 1 + ray.train.get_context().get_world_rank())
+                          cfg.train_seed * 1000 + 1 + worker().rank)
     return Setup(model=LogitsAt(load_mlm(model_dir)),
                  objective=objectives.bind("mlm", None, objectives.Context(cfg, task=None)),
                  batches=lambda first, micro, accum: stream_batches(inputs["blocks"], to_batch, micro, accum, first,

@@ -69,6 +69,7 @@ from rayapp.train.engine import global_batch_indices, shard, split_batch
 from rayapp.train.loop import Setup
 from rayapp.train.records import RECORDS, run_name
 from rayapp.train.run import run_recipe
+from rayapp.train.worker import worker
 
 PROMPT_METHODS = ("prompt-distiller", "prompt-kd")
 FT_METHODS = ("vanilla-kd", "bert-pkd", "tinybert")
@@ -226,9 +227,7 @@ def _bank(probs: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> tu
 
 
 def _save_probes(views: dict[str, dict], run_dir: str, models: dict[str, str]) -> None:
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() != 0:
+    if worker().rank != 0:
         return
     for key, view in views.items():
         if "probes" in view:
@@ -237,11 +236,8 @@ def _save_probes(views: dict[str, dict], run_dir: str, models: dict[str, str]) -
 
 
 def _step_rows(n: int, cfg: PromptDistillConfig, step: int, seed_offset: int) -> list[int]:
-    import ray.train
-
-    ctx = ray.train.get_context()
     ids = global_batch_indices(n, cfg.batch_size, step, cfg.train_seed + seed_offset)
-    return shard(ids, ctx.get_world_rank(), ctx.get_world_size())
+    return shard(ids, worker().rank, worker().world_size)
 
 
 def _setup_prompt(cfg: PromptDistillConfig, inputs: dict, device) -> Setup:

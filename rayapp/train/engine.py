@@ -1,8 +1,8 @@
 """The training engine: model + optimizer + schedule on one Ray Train worker, DDP or DeepSpeed
 behind one interface (`train_step`, `load_weights`, `save`, `load`).
 
-DDP is `ray.train.torch.prepare_model`; DeepSpeed runs ZeRO 0-2 with bf16/fp16. On CPU both
-use gloo and DeepSpeed runs with `DS_ACCELERATOR=cpu`, so tests exercise the engine GPU
+DDP is the worker's `prepare` (`ray.train.torch.prepare_model` on Ray Train); DeepSpeed
+runs ZeRO 0-2 with bf16/fp16. On CPU both use gloo and DeepSpeed runs with `DS_ACCELERATOR=cpu`, so tests exercise the engine GPU
 clusters run.
 
 Checkpoints may come from a bucket, so they are untrusted input: every `.pt` file (DDP's
@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Literal
 import torch
 
 from rayapp.errors import ConfigError, DataError
+from rayapp.train.worker import worker
 
 
 @dataclass
@@ -43,6 +44,8 @@ class EngineConfig:
     max_failures: int = 0               # worker/node failures to recover from (FailureConfig)
     grad_clip: float = 1.0
     export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of exported HF weights
+    # auto: one DDP worker runs in its Tune trial or one Ray task; train: always Ray Train
+    launcher: Literal["auto", "train"] = "auto"
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -164,12 +167,11 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, cfg: EngineConfig, *, lr: float, weight_decay: float,
                  warmup_steps: int, total_steps: int, micro_batch: int, grad_accum: int):
-        import ray.train.torch
         from transformers import get_linear_schedule_with_warmup
 
         self.cfg = cfg
         self.grad_accum = grad_accum
-        self.device = ray.train.torch.get_device()
+        self.device = worker().device
         decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -203,7 +205,7 @@ class Engine:
             self.model.checkpoint_engine.load = functools.partial(load_tensors, allowed=_deepspeed_state_classes())
             self.autocast = contextlib.nullcontext()  # DeepSpeed casts itself
         else:
-            self.model = ray.train.torch.prepare_model(model)
+            self.model = worker().prepare(model)
             self.optimizer, self.scheduler = optimizer, scheduler
             self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
@@ -275,14 +277,12 @@ class Engine:
         weights of `export_state`) that `from_pretrained` loads, written by rank 0; DeepSpeed
         ranks each add their optimizer shard under `deepspeed/`, DDP adds `optimizer.pt`.
         `weights=False`: the trainer state only (a run that trained nothing)."""
-        import ray.train
-
         ckpt_dir = Path(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if weights and self.cfg.engine == "deepspeed":
             self.model.save_checkpoint(str(ckpt_dir / "deepspeed"), tag="state", exclude_frozen_parameters=True)
         exported = self.export_state() if weights else None
-        if ray.train.get_context().get_world_rank() == 0:
+        if worker().rank == 0:
             if weights:
                 save_hf(self.hf_model, ckpt_dir / "model", self.cfg.export_dtype, tokenizer, exported)
                 if self.cfg.engine != "deepspeed":

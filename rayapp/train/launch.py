@@ -1,9 +1,17 @@
-"""Ray Train plumbing: run a per-worker loop as a `TorchTrainer`, report metrics and
-checkpoints from it, restore after a restart.
+"""Launching the one training loop (`train.loop.train_loop`): on Ray Train, or as one
+local worker (`train.worker`).
 
-A run lives in `<storage>/<name>`. Ray Train V2 resumes a run whose directory already holds
-a checkpoint, so a stable `name` (recipes derive it from their config) makes re-submitting a
-job after a lost head node continue from its last checkpoint.
+A run lives in `<storage>/<name>`; a stable `name` (recipes derive it from their config)
+makes re-submitting a job after a lost head node continue from its last checkpoint, on
+either launcher.
+
+Which launcher (`engine.launcher`):
+- `auto` (default): a run of one DDP worker is one `LocalWorker`: in this process when it is
+  a Tune trial (a sweep's trial actor holds the CPU/GPU, so the loop runs there and the
+  actor, reused by the next trial, keeps torch, transformers and the tokenizers imported),
+  else in one Ray task with that worker's resources (`rayapp finetune`, `evaluate`). Runs
+  of several workers, and DeepSpeed (it needs a process group), run on Ray Train.
+- `train`: Ray Train always (a `TorchTrainer` with a TrainController and a worker group).
 """
 from __future__ import annotations
 
@@ -11,38 +19,43 @@ import dataclasses
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from rayapp import storage as st
 from rayapp.errors import find_user_error
 from rayapp.train.engine import Engine, EngineConfig
+from rayapp.train.worker import LocalWorker, TrainWorker, running_on, scalar_metrics, worker
 
 
 def report(metrics: dict, engine: Engine | None = None, state: dict | None = None, tokenizer=None,
            weights: bool = True) -> None:
-    """`ray.train.report` from every rank, with a checkpoint of `engine` when given (of its
-    trainer state only with `weights=False`: Train V2's result carries the metrics of the
-    last checkpoint, so a final report always has one)."""
-    import ray.train
-
+    """Report from every rank, with a checkpoint of `engine` when given (of its trainer state
+    only with `weights=False`: a run's outcome is its last checkpoint's metrics, so a final
+    report always has one)."""
     if engine is None:
-        ray.train.report(metrics)
+        worker().report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         engine.save(tmp, state or {}, tokenizer, weights)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        worker().report(metrics, tmp)
 
 
 def restore(engine: Engine) -> dict | None:
     """The trainer state of the latest checkpoint after a restart (None on a fresh run)."""
-    import ray.train
+    with worker().latest() as d:
+        return None if d is None else engine.load(d)
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        return engine.load(d)
+
+def is_local(cfg: EngineConfig) -> bool:
+    """Whether a run takes the local launcher (module docstring)."""
+    return cfg.launcher == "auto" and cfg.num_workers == 1 and cfg.engine == "ddp"
+
+
+def local_resources(cfg: EngineConfig) -> dict[str, float]:
+    """What a local run's one worker holds: the resources of one Ray Train worker."""
+    return {"CPU": 1.0, "GPU": 1.0} if cfg.use_gpu else {"CPU": cfg.cpus_per_worker}
 
 
 def scaling_config(cfg: EngineConfig):
@@ -68,28 +81,77 @@ def local_paths(cfg, prefix: str = "") -> dict[str, str]:
     return found
 
 
+@dataclass
+class Outcome:
+    """What a finished run hands its driver: the loop's final report and its checkpoint."""
+    metrics: dict
+    checkpoint: str | None  # URI of the final checkpoint
+
+
+def _train_worker(loop_cfg: dict) -> None:
+    """Ray Train's per-worker function."""
+    with running_on(TrainWorker()):
+        loop_cfg["loop"](loop_cfg)
+
+
+def _local_run(loop: Callable[[dict], None], loop_cfg: dict, run_uri: str, keep: int, use_gpu: bool,
+               on_report: Callable[[dict], None] | None = None) -> Outcome:
+    w = LocalWorker(run_uri, keep, use_gpu, on_report)
+    with running_on(w):
+        loop(loop_cfg)
+    return Outcome(w.committed["metrics"], st.join(run_uri, w.committed["checkpoint"]))
+
+
+def _tune_report(metrics: dict) -> None:
+    from ray import tune
+
+    tune.report(scalar_metrics(metrics))
+
+
 def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *, storage: str, name: str,
-           keep_checkpoints: int = 2, callbacks: Sequence = ()):
-    """Run `loop` on `cfg.num_workers` Ray Train workers; returns the `ray.train.Result`.
-    `storage` is a local dir or `s3://` URI (RunConfig storage); the run lives in
-    storage/name. `callbacks` go to the RunConfig (a Tune trial passes its report callback)."""
+           keep_checkpoints: int = 2, callbacks: Sequence = ()) -> Outcome:
+    """Run `loop` as `storage/name` (a local dir or `s3://` URI) on the launcher `cfg` picks
+    (module docstring). `callbacks` holding Tune's report callback mean "this is a Tune
+    trial": a Ray Train run passes them to its RunConfig, a local run reports to the trial."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     if not ray.is_initialized():
         ray.init()  # the embedded default: a local cluster on this machine
+    # workers on any node read the config's inputs and write to the storage
+    st.require_shared({**local_paths(loop_config.get("cfg")), "output_dir": storage})
+    # a live bar only when someone watches a terminal; log files get plain lines
+    loop_config = {"live_progress": sys.stderr.isatty(), "loop": loop, **loop_config}
+    try:
+        if is_local(cfg):
+            run_uri = st.join(storage if st.is_remote(storage) else str(Path(storage).resolve()), name)
+            if any(isinstance(c, TuneReportCallback) for c in callbacks):  # in the trial's actor
+                return _local_run(loop, loop_config, run_uri, keep_checkpoints, cfg.use_gpu, _tune_report)
+            task = ray.remote(_local_run).options(
+                num_cpus=local_resources(cfg)["CPU"], num_gpus=local_resources(cfg).get("GPU", 0),
+                max_retries=cfg.max_failures, name=f"rayapp:{name}")
+            return ray.get(task.remote(loop, loop_config, run_uri, keep_checkpoints, cfg.use_gpu))
+        return _train(loop_config, cfg, storage, name, keep_checkpoints, callbacks)
+    except Exception as exc:  # a user mistake seen by a worker is reported as that mistake
+        err = find_user_error(exc)
+        if err is None:
+            raise
+        raise err from None
+
+
+def _train(loop_config: dict, cfg: EngineConfig, storage: str, name: str, keep_checkpoints: int,
+           callbacks: Sequence) -> Outcome:
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     fs, path = st.filesystem(storage)
     if not st.is_remote(storage):  # workers run in other directories: absolute paths only
         path = str(Path(path).resolve())
         Path(path).mkdir(parents=True, exist_ok=True)
         fs = None
-    # workers on any node read the config's inputs and write to the storage
-    st.require_shared({**local_paths(loop_config.get("cfg")), "output_dir": storage})
     trainer = TorchTrainer(
-        loop,
-        # a live bar only when someone watches a terminal; log files get plain lines
-        train_loop_config={"live_progress": sys.stderr.isatty(), **loop_config},
+        _train_worker,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
@@ -102,20 +164,15 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    try:
-        return trainer.fit()
-    except Exception as exc:  # a user mistake seen by a worker is reported as that mistake
-        err = find_user_error(exc)
-        if err is None:
-            raise
-        raise err from None
+    result = trainer.fit()
+    return Outcome(dict(result.metrics), checkpoint_uri(storage, result.checkpoint))
 
 
-def checkpoint_uri(storage_uri: str, checkpoint, *parts: str) -> str | None:
+def checkpoint_uri(storage_uri: str, checkpoint) -> str | None:
     """URI of a Ray Train checkpoint (Ray drops the `s3://` scheme from its paths)."""
     if checkpoint is None:
         return None
     path = checkpoint.path
     if st.is_remote(storage_uri) and "://" not in path:
         path = storage_uri.split("://", 1)[0] + "://" + path
-    return st.join(path, *parts)
+    return path

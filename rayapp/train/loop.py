@@ -1,4 +1,5 @@
-"""The one training loop every recipe runs on each Ray Train worker.
+"""The one training loop every recipe runs, on each Ray Train worker or on one local worker
+(`train.worker`: the loop sees its worker only through `worker()`).
 
 A recipe is its config, a `setup` and its objectives (torchtune's shape): `setup(cfg, inputs,
 device)` builds what this loop needs (`Setup`: the model to train, the objective, the batch
@@ -29,6 +30,7 @@ from rayapp.train.config import TrainConfig
 from rayapp.train.engine import Engine, split_batch
 from rayapp.train.launch import report, restore
 from rayapp.train.stream import pop_digest
+from rayapp.train.worker import worker
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,9 @@ class Progress:
     worker's `print` to log *and* echo to its redirected stdout, so a print showed twice."""
 
     def __init__(self, desc: str, total: int, initial: int = 0, live: bool = True):
-        import ray.train
-
         self.desc, self.total, self.step = desc, total, initial
         self.every = max(1, total // 10)
-        self.rank0 = ray.train.get_context().get_world_rank() == 0
+        self.rank0 = worker().rank == 0
         self.bar = None
         if self.rank0 and live:
             from ray.experimental.tqdm_ray import tqdm
@@ -112,16 +112,14 @@ def rank_nodes() -> list[str]:
 
 
 def train_loop(loop_cfg: dict) -> None:
-    """Ray Train's per-worker function: `loop_cfg` = {"cfg": TrainConfig, "setup": fn, ...inputs}."""
-    import ray.train
-    import ray.train.torch
-
+    """The loop on one worker: `loop_cfg` = {"cfg": TrainConfig, "setup": fn, ...inputs}."""
     loop_started = time.perf_counter()  # the loop's own time (in the record), beside the run's wall time
     quiet_train_file_loggers()
     cfg: TrainConfig = loop_cfg["cfg"]
     torch.manual_seed(cfg.train_seed)
-    micro, accum = split_batch(cfg.batch_size, ray.train.get_context().get_world_size(), cfg.engine.max_device_batch)
-    setup: Setup = loop_cfg["setup"](cfg, loop_cfg, ray.train.torch.get_device())
+    world = worker().world_size
+    micro, accum = split_batch(cfg.batch_size, world, cfg.engine.max_device_batch)
+    setup: Setup = loop_cfg["setup"](cfg, loop_cfg, worker().device)
     steps = cfg.max_steps
     engine = Engine(setup.model, cfg.engine, lr=cfg.lr, weight_decay=cfg.weight_decay,
                     warmup_steps=int(cfg.warmup_ratio * steps), total_steps=max(1, steps),
@@ -162,7 +160,6 @@ def train_loop(loop_cfg: dict) -> None:
             window.append(logs)
             if step % cfg.log_every == 0 or step == steps:
                 # throughput includes data loading: it is what a user's run gets (ranks see equal shares)
-                world = ray.train.get_context().get_world_size()
                 state["throughput"].append([step, tokens * world / (time.perf_counter() - started)])
                 state["loss_curve"].append([step, sum(w["loss"] for w in window) / len(window)])
                 window, tokens, started = [], 0, time.perf_counter()

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 from rayapp import storage
 from rayapp.config import to_dict
-from rayapp.train.launch import checkpoint_uri, launch
+from rayapp.train.launch import launch
 from rayapp.train.loop import train_loop
 from rayapp.train.records import run_name, write_record
 
@@ -18,21 +18,21 @@ _LOOP_KEYS = ("final", "step", "best", "best_step", "evals", "loss_curve", "thro
 def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, prefix: str | None = None,
                callbacks: Sequence = (), keep_checkpoints: int = 2,
                derive: Callable[[dict], dict] | None = None) -> dict:
-    """Run `setup`'s recipe on Ray Train as `<output_dir>/<name>` and write its record.
+    """Run `setup`'s recipe (on the launcher `cfg.engine` picks) as `<output_dir>/<name>` and write its record.
 
     The name is `cfg.name` or `<prefix>-<config hash>` (stable: a re-submission resumes).
     The record = `extra` + the loop's curves and final metrics (+ `derive(record)`), written
     to `<output_dir>/records/<name>.json`; returned with `record["record"]` = that URI."""
     name = cfg.name or run_name(prefix or recipe, cfg)
     started = time.time()
-    result = launch(train_loop, {"cfg": cfg, "setup": setup, **inputs}, cfg.engine, storage=cfg.output_dir,
+    outcome = launch(train_loop, {"cfg": cfg, "setup": setup, **inputs}, cfg.engine, storage=cfg.output_dir,
                     name=name, callbacks=callbacks, keep_checkpoints=keep_checkpoints)
-    metrics = dict(result.metrics)
+    metrics = dict(outcome.metrics)
     record = {"recipe": recipe, "name": name, "config": to_dict(cfg), **extra,
               **{k: metrics.pop(k) for k in _LOOP_KEYS if k in metrics},
               "metrics": metrics,  # the recipe's final metrics (e.g. test)
               # a run of 0 steps saved no weights (its model is its input)
-              "checkpoint": checkpoint_uri(cfg.output_dir, result.checkpoint, "model") if cfg.max_steps else None,
+              "checkpoint": storage.join(outcome.checkpoint, "model") if cfg.max_steps else None,
               "started": round(started, 3), "seconds": round(time.time() - started, 1)}
     if derive is not None:
         record.update(derive(record))

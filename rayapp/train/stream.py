@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from rayapp import storage
 from rayapp.errors import DataError
+from rayapp.train.worker import worker
 
 ROW_ID = "_row"  # (block, row) identity of every row, for the loop's data digest
 
@@ -81,10 +82,8 @@ def stream_batches(blocks: list[Block], to_batch: Callable[[dict], dict], micro:
     """`accum` micro-batches of `micro` rows per optimizer step, resuming after `first_step`
     steps without reading what they consumed. Each micro-batch carries its rows' ids under
     `_row` (numpy; the loop takes them out with `pop_digest`)."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    rows = worker_rows(blocks, seed, ctx.get_world_rank(), ctx.get_world_size(), first_step * accum * micro)
+    w = worker()
+    rows = worker_rows(blocks, seed, w.rank, w.world_size, first_step * accum * micro)
     pending: list[pa.Table] = []
     have = 0
     while True:
