@@ -23,6 +23,7 @@ from rayapp.data.pairs import build_pairs
 from rayapp.recipes.pretrain import make_student
 from rayapp.data.teacher_cache import build_cache
 from rayapp.train.records import read_records
+from rayapp.train.worker import LATEST, read_latest
 
 DOCS = [
     [f"Document {d} sentence {s} talks about topic {d * 7 + s} in some detail." for s in range(8)]
@@ -70,12 +71,13 @@ def test_distill_from_cache_then_finetune(cache, student, tmp_path):
 
 
 def _registered(run_dir: Path) -> dict | None:
-    """The newest checkpoint Ray Train's controller has registered (what a restart resumes
-    from), as it persists it in the run's storage; None before the first one."""
+    """The newest checkpoint a run has committed (what a restart resumes from), as it keeps it
+    in the run's storage: Ray Train's controller snapshot, or a local run's `latest.json`;
+    None before the first one."""
     try:
         return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
-        return None
+        return read_latest(str(run_dir)) if (run_dir / LATEST).is_file() else None
 
 
 def test_online_teacher_distills_from_intermediate_examples(pairs, student, tiny_roberta, tmp_path):
@@ -166,6 +168,7 @@ def test_resubmitted_run_trains_exactly_the_unseen_batches(ray_cluster, cache, s
         os.killpg(driver.pid, signal.SIGKILL)  # the job's driver dies mid-run
         driver.wait()
     resumed = run(cfg)
+    assert (run_dir / LATEST).is_file()  # one worker: the local launcher, resumed from its own commit
     assert resumed["name"] == full["name"] and registered["metrics"]["step"] < 60
     assert len(resumed["restarts"]) == 1 and resumed["restarts"][0] % 10 == 0
     assert resumed["data_digest"] == full["data_digest"] and len(full["data_digest"]) == 60

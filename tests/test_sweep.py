@@ -375,3 +375,79 @@ def test_sweep_concurrency_follows_the_autoscalers_maximum(ray_cluster):
     finally:
         _internal_kv_del(KEY.encode(), namespace=NS.encode())
     assert sweep.cluster_fits(gpu) == 1
+
+
+# --- one-worker trials run their loop in the trial's actor ----------------------------------
+
+def _tune_results(exp: Path) -> dict[str, list[dict]]:
+    """Tune's results per trial dir (every report the trial made to Tune)."""
+    return {d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+            for d in (exp / "tune-0").iterdir() if (d / "result.json").is_file()}
+
+
+def test_a_reused_trial_actor_carries_nothing_into_the_next_trial(ray_cluster, tiny_bert, tmp_path):
+    """Trials of two tasks and two methods, one after the other on one reused actor, each give
+    exactly the run it gives on its own (model, optimizer, RNG and task are the trial's own),
+    and none started a Ray Train run."""
+    import dataclasses
+
+    from ray.util.state import list_actors
+
+    from rayapp.recipes.finetune import run
+
+    cfg = _sweep(tmp_path, tasks=["SST-2", "MR"], seeds=[13], grid={}, max_concurrent_trials=1,
+                 base={"model": tiny_bert, "max_steps": 4, "eval_every": 2, "batch_size": 4, "eval_batch_size": 128},
+                 methods={"prompt": {"method": "prompt"}, "classifier": {"method": "classifier"}})
+    assert sweep.run(cfg)["done"] == 4
+    results = _tune_results(Path(cfg.experiment))
+    assert len(results) == 4 and len({r[-1]["pid"] for r in results.values()}) == 1, "one actor ran every trial"
+    assert not list_actors(address=ray_cluster.get_runtime_context().gcs_address,
+                           filters=[("class_name", "=", "RayTrainWorker")])
+    for rec in read_records(cfg.experiment).values():
+        trial = {k: rec["sweep"][k] for k in ("method", "task", "seed", "point")}
+        own = dataclasses.replace(cfg.recipe_config(trial, rec["name"], sweep._filler(cfg, trial)),
+                                  output_dir=str(tmp_path / "alone"))
+        alone = run(own)
+        assert (alone["loss_curve"], alone["dev_curve"], alone["test"]) == \
+            (rec["loss_curve"], rec["dev_curve"], rec["test"]), rec["name"]
+
+
+def test_a_killed_one_worker_trial_resumes_from_its_checkpoint(ray_cluster, tiny_bert, tmp_path):
+    """The actor of a one-worker trial is killed after its run committed a checkpoint; Tune
+    restarts the trial (`max_failures`) and the run continues from that checkpoint, not step 0."""
+    from ray.util.state import list_actors
+
+    steps = 400
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "name": "killed", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13], "grid": {},
+        "max_failures": 1, "methods": {"prompt": {"method": "prompt"}},
+        "base": {"model": tiny_bert, "max_steps": steps, "eval_every": 10, "batch_size": 4,
+                 "eval_batch_size": 128}}))
+    cfg = load_config(SweepConfig, cfg_file)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "rayapp.cli", "sweep", "--config", str(cfg_file)], env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gcs = ray_cluster.get_runtime_context().gcs_address
+    try:
+        def committed():
+            if driver.poll() is not None:
+                raise AssertionError(f"the sweep driver exited ({driver.returncode}) before the kill")
+            runs = [d for d in Path(cfg.experiment).glob("prompt-*") if (d / "latest.json").is_file()]
+            return runs[0] if runs else None
+
+        run_dir = wait_until(committed, timeout=600, what="a committed checkpoint")
+        (actor,) = list_actors(address=gcs, filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")])
+        os.kill(actor.pid, signal.SIGKILL)
+        killed_after = json.loads((run_dir / "latest.json").read_text())["metrics"]["step"]
+        assert driver.wait(timeout=900) == 0
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    (rec,) = read_records(cfg.experiment).values()
+    assert rec["status"] == "done" and rec["step"] == steps
+    (resumed_at,) = rec["restarts"]
+    assert 0 < killed_after == resumed_at < steps  # from the checkpoint committed when it was killed
+    assert [first for first, _ in rec["nodes"]] == [0, resumed_at]
+    assert rec["dev_curve"][0][0] == 0 and len(rec["dev_curve"]) == steps // 10 + 1

@@ -1,11 +1,15 @@
 """`rayapp sweep`: one Ray Tune experiment over methods x tasks x splits x grid (SMASH §4, App. A.1).
 
-Each trial is one recipe run on Ray Train, started from a Tune function trainable (the Ray
-2.60 pattern for Train V2 inside Tune): the trainer's RunConfig gets Tune's
-`TuneReportCallback`, so every evaluation the run reports (`dev` every `eval_every` steps and
-in the final report) reaches Tune, its schedulers and its TensorBoard/JSON/CSV loggers. The
-run's name is derived from the trial id, so a trial restarted by `--resume` finds its own
-Ray Train run directory and resumes from that run's checkpoint.
+Each trial is one recipe run. A run of one DDP worker (every few-shot method) runs its loop
+in the trial's actor itself (`train.launch`'s local launcher): the actor holds that worker's
+CPU/GPU, reports each evaluation with `tune.report`, and Tune reuses it for the next trial
+(`reuse_actors`), so torch, transformers and the recipe are imported once per actor, not once
+per trial. A run of several workers or DeepSpeed starts its Ray Train run from the trial
+(the Ray 2.60 pattern for Train V2 inside Tune), with Tune's `TuneReportCallback`. Either way
+every evaluation (`dev` every `eval_every` steps and in the final report) reaches Tune, its
+schedulers and its TensorBoard/JSON/CSV loggers, and the run's name is derived from the trial
+id, so a trial restarted by `max_failures` or `--resume` finds its own run directory and
+resumes from that run's last checkpoint.
 
 Layout of an experiment `<storage>/<name>` (local or `s3://`):
     sweep.json          the config the sweep runs with (`--resume` and `rayapp report` read it)
@@ -16,14 +20,13 @@ Layout of an experiment `<storage>/<name>` (local or `s3://`):
                         sweep's driver (status failed/stopped) so the report can mark the gap
     students/<name>/    students cut from a teacher before the trials (`students:`)
 
-Resources. A trial's driver (the Tune actor) only waits on its Train run, so it reserves
-memory but no CPU: on a 2-CPU machine two trials of one 1-CPU worker each then run side by
-side, where Tune's default (1 CPU per trial driver) leaves no CPU for the workers and the
-trials wait forever. The Train workers are placed by Ray Train itself (its own placement
-group; reserving them in Tune's group too would count them twice), so Tune starts a trial
-only while the cluster can hold its workers: `max_concurrent_trials`, or by default
-`ClusterPacedGrid`, which follows the cluster as it grows (an autoscaler's configured
-maximum, nodes that join later) instead of a snapshot taken at submit time.
+Resources. A trial that runs its loop in its actor reserves that worker's resources for the
+actor. A trial that starts a Ray Train run only waits on it, so it reserves memory but no
+CPU: the Train workers are placed by Ray Train itself (its own placement group; reserving
+them in Tune's group too would count them twice). Tune starts a trial only while the cluster
+can hold its workers: `max_concurrent_trials`, or by default `ClusterPacedGrid`, which
+follows the cluster as it grows (an autoscaler's configured maximum, nodes that join later)
+instead of a snapshot taken at submit time.
 
 Phases. Methods that read another method's best runs (`{best:teacher}`) run in a later
 Tune experiment of the same sweep, once those runs exist.
@@ -52,9 +55,11 @@ from rayapp.sweep import spec as sweep_spec
 from rayapp.recipes import get_recipe
 from rayapp.sweep.results import parse_run, read_runs, select_split, point_key
 from rayapp.sweep.spec import SweepConfig
+from rayapp.train.launch import is_local, local_resources
+from rayapp.train.worker import scalar_metrics
 
 
-DRIVER_MEMORY = 256 * 1024 ** 2  # what a trial's driver reserves (it holds no model)
+DRIVER_MEMORY = 256 * 1024 ** 2  # what a trial that waits on its Ray Train run reserves (it holds no model)
 RECORDS = "records"
 
 
@@ -101,12 +106,11 @@ def _unfilled(placeholder: str) -> str:
 
 
 class ScalarReport(TuneReportCallback):
-    """Tune's report callback, passing on the scalar metrics only: curves and eval lists stay
-    in the run record (TensorBoard cannot log them and Tune's result files need not copy them)."""
+    """Tune's report callback, passing on the scalar metrics only (as a local run reports
+    them): curves and eval lists stay in the run record."""
 
     def after_report(self, run_context, metrics, checkpoint):
-        scalars = [{k: v for k, v in m.items() if v is None or isinstance(v, (int, float, str))} for m in metrics]
-        super().after_report(run_context, scalars, checkpoint)
+        super().after_report(run_context, [scalar_metrics(m) for m in metrics], checkpoint)
 
 
 def _annotation(experiment: str, k: int, trial: dict, trial_id: str) -> dict:
@@ -126,7 +130,7 @@ def _finished(rec: dict) -> bool:
 
 
 def trial_fn(config: dict) -> None:
-    """Tune function trainable: one recipe run on Ray Train for `config["trial"]`."""
+    """Tune function trainable: one recipe run for `config["trial"]` (module docstring)."""
     cfg = sweep_spec.load(config["experiment"])
     trial, trial_id = config["trial"], tune.get_context().get_trial_id()
     name = run_name(trial, trial_id)
@@ -317,14 +321,29 @@ def make_students(cfg: SweepConfig) -> None:
         print(f"student {name}: {s.teacher} layers {s.layers or 'every other'} -> {out}")
 
 
+def _engine(cfg: SweepConfig, trial: dict):
+    return cfg.recipe_config(trial, "check", _unfilled).engine
+
+
 def trial_resources(cfg: SweepConfig) -> dict[str, float]:
-    """What the largest trial's Train workers take (the engine config of every trial)."""
+    """What the largest trial's workers take (the engine config of every trial)."""
     need = {"CPU": 0.0, "GPU": 0.0}
     for trial in cfg.trials():
-        engine = cfg.recipe_config(trial, "check", _unfilled).engine
+        engine = _engine(cfg, trial)
         need["GPU"] = max(need["GPU"], engine.num_workers if engine.use_gpu else 0)
         need["CPU"] = max(need["CPU"], 0 if engine.use_gpu else engine.num_workers * engine.cpus_per_worker)
     return need
+
+
+def actor_resources(cfg: SweepConfig, phase: int):
+    """Tune's resource request per trial: the local worker's resources for a trial that runs
+    its loop in its actor, memory only for one that waits on its Ray Train run."""
+    by_trial = {}
+    for trial in cfg.trials(phase):
+        engine = _engine(cfg, trial)
+        need = {**local_resources(engine), "memory": DRIVER_MEMORY} if is_local(engine) else {"memory": DRIVER_MEMORY}
+        by_trial[json.dumps(trial, sort_keys=True)] = tune.PlacementGroupFactory([need])
+    return lambda config: by_trial[json.dumps(config["trial"], sort_keys=True)]
 
 
 def cluster_fits(need: dict[str, float]) -> int:
@@ -382,7 +401,7 @@ class SweepInterrupted(RuntimeError):
 def _phase(cfg: SweepConfig, phase: int) -> None:
     path, fs = _tune_storage(cfg.experiment)
     name = f"tune-{phase}"
-    trainable = tune.with_resources(trial_fn, {"memory": DRIVER_MEMORY})
+    trainable = tune.with_resources(trial_fn, actor_resources(cfg, phase))
     live = sys.stdout.isatty()
     if not live:  # Tune's new output prints its experiment box and paths even at verbose=0
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -397,8 +416,8 @@ def _phase(cfg: SweepConfig, phase: int) -> None:
             trainable,
             param_space={"experiment": cfg.experiment, "trial": tune.grid_search(cfg.trials(phase))},
             tune_config=tune.TuneConfig(
-                # a trial's driver process is reused by the next trial: its imports (torch,
-                # transformers, the recipe) are paid once per process, not once per trial
+                # a trial's actor is reused by the next trial: its imports (torch,
+                # transformers, the recipe) are paid once per actor, not once per trial
                 metric="dev", mode="max", reuse_actors=True,
                 max_concurrent_trials=cfg.max_concurrent_trials or None,
                 search_alg=None if cfg.max_concurrent_trials else ClusterPacedGrid(trial_resources(cfg)),

@@ -1,9 +1,9 @@
-"""The training engine: model + optimizer + schedule on one Ray Train worker, DDP or DeepSpeed
-behind one interface (`train_step`, `load_weights`, `save`, `load`).
+"""The training engine: model + optimizer + schedule on one worker (`train.worker`), DDP or
+DeepSpeed behind one interface (`train_step`, `load_weights`, `save`, `load`).
 
 DDP is the worker's `prepare` (`ray.train.torch.prepare_model` on Ray Train); DeepSpeed
-runs ZeRO 0-2 with bf16/fp16. On CPU both use gloo and DeepSpeed runs with `DS_ACCELERATOR=cpu`, so tests exercise the engine GPU
-clusters run.
+runs ZeRO 0-2 with bf16/fp16. On CPU both use gloo and DeepSpeed runs with
+`DS_ACCELERATOR=cpu`, so tests exercise the engine GPU clusters run.
 
 Checkpoints may come from a bucket, so they are untrusted input: every `.pt` file (DDP's
 `optimizer.pt`, DeepSpeed's shards) is read with `torch.load(weights_only=True)`, which

@@ -18,6 +18,7 @@ model (the best, or the last) and the recipe's final metrics (e.g. test); a run 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -114,17 +115,27 @@ def rank_nodes() -> list[str]:
 def train_loop(loop_cfg: dict) -> None:
     """The loop on one worker: `loop_cfg` = {"cfg": TrainConfig, "setup": fn, ...inputs}."""
     loop_started = time.perf_counter()  # the loop's own time (in the record), beside the run's wall time
+    # this attempt's fixed costs inside the loop (in the record; the rest of the loop is its steps)
+    timings = dict.fromkeys(("setup", "evaluate", "checkpoint", "finish"), 0.0)
+
+    @contextlib.contextmanager
+    def timed(key: str):
+        started = time.perf_counter()
+        yield
+        timings[key] += time.perf_counter() - started
+
     quiet_train_file_loggers()
     cfg: TrainConfig = loop_cfg["cfg"]
     torch.manual_seed(cfg.train_seed)
     world = worker().world_size
     micro, accum = split_batch(cfg.batch_size, world, cfg.engine.max_device_batch)
-    setup: Setup = loop_cfg["setup"](cfg, loop_cfg, worker().device)
     steps = cfg.max_steps
-    engine = Engine(setup.model, cfg.engine, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                    warmup_steps=int(cfg.warmup_ratio * steps), total_steps=max(1, steps),
-                    micro_batch=micro, grad_accum=accum)
-    state = restore(engine)
+    with timed("setup"):  # model and data load, engine, resume
+        setup: Setup = loop_cfg["setup"](cfg, loop_cfg, worker().device)
+        engine = Engine(setup.model, cfg.engine, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                        warmup_steps=int(cfg.warmup_ratio * steps), total_steps=max(1, steps),
+                        micro_batch=micro, grad_accum=accum)
+        state = restore(engine)
     if state is not None:
         if not state["done"]:
             state["restarts"].append(state["step"])  # resumed here after a failure or re-submission
@@ -138,7 +149,8 @@ def train_loop(loop_cfg: dict) -> None:
     state.setdefault("nodes", []).append([state["step"], rank_nodes()])
 
     def evaluate(step: int) -> dict:
-        metrics = setup.evaluate(engine.module)
+        with timed("evaluate"):
+            metrics = setup.evaluate(engine.module)
         state["evals"].append([step, metrics])
         return metrics
 
@@ -175,15 +187,19 @@ def train_loop(loop_cfg: dict) -> None:
             if metrics or checkpoint:
                 if checkpoint:
                     state["step"] = step
-                report({"step": step, "loss": logs["loss"], **metrics, "best": state["best"]},
-                       engine if checkpoint else None, dict(state), setup.tokenizer)
+                with timed("checkpoint"):
+                    report({"step": step, "loss": logs["loss"], **metrics, "best": state["best"]},
+                           engine if checkpoint else None, dict(state), setup.tokenizer)
         bar.close()
         if best_weights is not None:
             engine.load_weights(best_weights)  # the kept model is the best on the selection metric
         state.update(step=steps, done=True)
-    final = setup.finish(engine.module) if setup.finish is not None else {}
+    with timed("finish"):
+        final = setup.finish(engine.module) if setup.finish is not None else {}
     selected = {setup.select: state["best"]} if setup.select else {}
     curves = ("step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts", "data_digest", "nodes")
     # a run that trained nothing (zero-shot) keeps no copy of the weights it was given
+    # the final checkpoint's own write is outside `loop_seconds` (in the run's `seconds`)
     report({"final": True, **selected, **final, "loop_seconds": round(time.perf_counter() - loop_started, 2),
+            "timings": {k: round(v, 2) for k, v in timings.items()},
             **{k: state[k] for k in curves}}, engine, dict(state), setup.tokenizer, weights=steps > 0)

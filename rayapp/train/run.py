@@ -12,7 +12,7 @@ from rayapp.train.records import run_name, write_record
 
 # what the loop's final report carries besides the recipe's own final metrics
 _LOOP_KEYS = ("final", "step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts", "loop_seconds",
-              "data_digest", "nodes")
+              "timings", "data_digest", "nodes")
 
 
 def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, prefix: str | None = None,
