@@ -56,13 +56,12 @@ def test_checkpoint_weights_load_strictly(tiny_bert):
 
 
 def _fit_on_workers(loop, config: dict, tmp_path, num_workers: int) -> None:
-    """Run `loop` on `num_workers` CPU Ray Train workers (gloo); raises if a worker failed."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    """Run `loop` on `num_workers` CPU Ray Train workers (gloo), through rayapp's launcher
+    (the loop's Engine asks its worker for its device and rank); raises if a worker failed."""
+    from rayapp.train.launch import launch
 
-    TorchTrainer(loop, train_loop_config=config, torch_config=TorchConfig(backend="gloo"),
-                 scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 0.5}),
-                 run_config=RunConfig(name="run", storage_path=str(tmp_path / "ray"))).fit()
+    launch(loop, config, EngineConfig(num_workers=num_workers, cpus_per_worker=0.5, use_gpu=False, launcher="train"),
+           storage=str(tmp_path / "ray"), name="run")
 
 
 def test_deepspeed_load_weights_updates_the_fp32_master(ray_cluster, tmp_path):
@@ -218,24 +217,21 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused(ray_cluster, tiny_bert
     assert not marker.exists()
 
 
-def test_progress_without_a_terminal_is_plain_lines(monkeypatch, caplog):
+def test_progress_without_a_terminal_is_plain_lines(caplog, tmp_path):
     """A captured log (`ray job submit`, `make demo > log`) gets a line per tenth of the run,
     no cursor escapes, as log records (a worker's print is logged and echoed by Ray Train V2,
     so it showed twice); a resumed run counts from where it resumed."""
     import logging
 
-    from types import SimpleNamespace
-
-    import ray.train
-
     from rayapp.train.loop import Progress
+    from rayapp.train.worker import LocalWorker, running_on
 
-    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0))
     caplog.set_level(logging.INFO, logger="rayapp.train.loop")
-    bar = Progress("prompt SST-2", 20, initial=10, live=False)
-    for _ in range(10):
-        bar.update(loss="0.5000")
-    bar.close()
+    with running_on(LocalWorker(str(tmp_path / "run"), keep=1, use_gpu=False)):
+        bar = Progress("prompt SST-2", 20, initial=10, live=False)
+        for _ in range(10):
+            bar.update(loss="0.5000")
+        bar.close()
     out = "\n".join(r.getMessage() for r in caplog.records)
     assert out.splitlines() == [f"prompt SST-2 loss=0.5000 step {s}/20" for s in range(12, 21, 2)]
     assert "\x1b" not in out and "\r" not in out

@@ -165,7 +165,7 @@ def _train(loop_config: dict, cfg: EngineConfig, storage: str, name: str, keep_c
         ),
     )
     result = trainer.fit()
-    return Outcome(dict(result.metrics), checkpoint_uri(storage, result.checkpoint))
+    return Outcome(dict(result.metrics or {}), checkpoint_uri(storage, result.checkpoint))
 
 
 def checkpoint_uri(storage_uri: str, checkpoint) -> str | None:
