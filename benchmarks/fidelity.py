@@ -35,7 +35,10 @@ be built over several sittings by re-running the same command. Prints the tables
 
     python benchmarks/fidelity.py [--work-dir runs/fidelity] [--pairs 100000]
         [--sentiment-corpus PATH] [--distill-steps 400]
-        [--pairs-distill-steps N] [--finetune-steps 40]
+        [--pairs-distill-steps N] [--finetune-steps 40] [--smoke]
+
+`--smoke` (CI) runs every stage with tiny random models and tiny sizes: it checks that the
+pipeline runs, its numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -69,13 +72,15 @@ def pd_methods(teacher: str) -> dict:
             "prompt-distiller": {**pd, "method": "prompt-distiller", "label": "Prompt-Distiller"}}
 
 
-def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash: str, teacher: str, steps: int):
-    """One of the two sweeps (same methods; `smash` = the SMASH student for these tasks)."""
+def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash: str, teacher: str, steps: int,
+                 seeds: list[int] | None = None):
+    """One of the two sweeps (same methods; `smash` = the SMASH student for these tasks), on
+    the 5 LM-BFF splits unless `seeds`."""
     from rayapp.sweep.spec import SweepConfig, TableSpec
 
     sentiment = set(tasks) <= set(SENTIMENT_TASKS)  # Prompt-Distiller's rows: SST-2 and MR only
     return SweepConfig(
-        name=name, storage=storage, tasks=tasks, grid={},
+        name=name, storage=storage, tasks=tasks, grid={}, **({"seeds": seeds} if seeds else {}),
         base={"model": student, "batch_size": 4, "lr": 1e-4, "max_steps": steps, "eval_every": 10,
               "max_length": 128, "engine": {"engine": "ddp", "num_workers": 1}},
         per_task={t: {"max_length": 64} for t in tasks if t in SENTIMENT_TASKS},
@@ -109,7 +114,7 @@ def main() -> None:
     from rayapp.train.engine import EngineConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-dir", default="runs/fidelity")
+    p.add_argument("--work-dir", help="default: runs/fidelity (--smoke: runs/fidelity-smoke)")
     p.add_argument("--pairs", type=int, default=100_000)
     p.add_argument("--sentiment-corpus", help="corpus the teacher labels (default: one 1 MB file of the local "
                                               "Wikipedia; scoring all 25 MB takes about an hour on 2 cores)")
@@ -118,14 +123,26 @@ def main() -> None:
                                                             "(default: --distill-steps; a step costs 2.3x a "
                                                             "sentiment step: length 128 vs 64)")
     p.add_argument("--finetune-steps", type=int, default=40)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny random models, 64 pairs, 2 steps everywhere, split 13 of SST-2 and RTE only (CI)")
     p.add_argument("--with-sweep", nargs="*", default=[],
                    help="more finished sweeps for the report, e.g. the Prompt-Distiller local sweep "
                         "(runs/sweeps/pd-table1-local: its Tables 1 and 2)")
     args = p.parse_args()
-    work = Path(args.work_dir).resolve()
+    halves = (("sentiment", SENTIMENT_TASKS), ("pairs", PAIR_TASKS))
+    if args.smoke:
+        args.pairs, args.distill_steps, args.pairs_distill_steps, args.finetune_steps = 64, 2, 2, 2
+        halves = tuple((task, tasks[:1]) for task, tasks in halves)
+    work = Path(args.work_dir or ("runs/fidelity-smoke" if args.smoke else "runs/fidelity")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     start_local()
-    teacher = str(asset("models", "minilm-l6-mlm-wiki"))
+    if args.smoke:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from tiny import make_tiny_random_model
+
+        teacher = str(make_tiny_random_model("bpe", work / "tiny-teacher", dropout=0.0))
+    else:
+        teacher = str(asset("models", "minilm-l6-mlm-wiki"))
     corpus = str(asset("corpus", "wikipedia-en", "AA"))
     student = str(work / "student")
     stage(work, "student", lambda: {"model": make_student(teacher, student)})
@@ -138,7 +155,7 @@ def main() -> None:
     # and MR are where this teacher is clearly above chance (RTE is not), so a sitting cut short
     # still has the informative half of the table
     steps = {"sentiment": args.distill_steps, "pairs": args.pairs_distill_steps or args.distill_steps}
-    for task, tasks in (("sentiment", SENTIMENT_TASKS), ("pairs", PAIR_TASKS)):
+    for task, tasks in halves:
         data = str(work / task)
         stage(work, task, lambda: builders[task](data))
         smash = stage(work, f"distill-{task}", lambda: distill(DistillConfig(
@@ -147,7 +164,7 @@ def main() -> None:
             log_every=25, output_dir=str(work / "runs"), name=f"smash-{task}",
             engine=EngineConfig(num_workers=1))))["model"]
         cfg = sweep_config(f"fidelity-{task}", str(work / "sweeps"), tasks, student, smash, teacher,
-                           args.finetune_steps)
+                           args.finetune_steps, seeds=ONE_SPLIT if args.smoke else None)
         started = time.time()
         try:
             done = sweep.run(cfg, resume=(Path(cfg.storage) / cfg.name / "sweep.json").exists())

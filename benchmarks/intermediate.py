@@ -397,7 +397,10 @@ def main() -> None:
                    help="pairs: corpora of the local Wikipedia repeated this many times (40: 1 GB)")
     p.add_argument("--pairs", type=int, default=2_560_000, help="pairs built from each corpus")
     p.add_argument("--cache-examples", type=int, default=2_000, help="pairs scored by the teacher")
+    p.add_argument("--smoke", action="store_true", help="the corpus once, 2,000 pairs, 64 cached (CI)")
     args = p.parse_args()
+    if args.smoke:
+        args.copies, args.pairs, args.cache_examples = [1], 2_000, 64
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
