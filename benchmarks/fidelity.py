@@ -149,7 +149,9 @@ def main() -> None:
 
     sentiment_corpus = args.sentiment_corpus or str(asset("corpus", "wikipedia-en", "AA", "wiki_00"))
     builders = {"pairs": lambda out: build_pairs(corpus, out, num_examples=args.pairs, seed=0),
-                "sentiment": lambda out: build_sentiment(sentiment_corpus, teacher, out)}
+                # a random smoke teacher is confident about no sentence: keep them all
+                "sentiment": lambda out: build_sentiment(sentiment_corpus, teacher, out,
+                                                         **({"threshold": 0.0} if args.smoke else {}))}
     experiments = []
     # one branch at a time (intermediate data, SMASH student, its sweep), sentiment first: SST-2
     # and MR are where this teacher is clearly above chance (RTE is not), so a sitting cut short

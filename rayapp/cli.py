@@ -2,7 +2,7 @@
 
     rayapp tasks [--show TASK --tokenizer DIR]     built-in and YAML tasks
     rayapp fewshot show|make ...                   LM-BFF few-shot splits
-    rayapp finetune --config FILE key=value ...    prompt FT / classifier FT on Ray Train
+    rayapp finetune --config FILE key=value ...    prompt FT / classifier FT
     rayapp evaluate --config FILE key=value ...    zero-shot prompt evaluation
     rayapp intermediate pairs|sentiment ...        SMASH intermediate examples (Ray Data)
     rayapp teacher-cache ...                       teacher top-k cache (Ray Data batch inference)
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="(make) output root (TASK/K-SEED/{train,dev,test}.jsonl)")
     p.set_defaults(func=cmd_fewshot)
 
-    _recipe(sub, "finetune", "few-shot fine-tuning (prompt or classifier) on Ray Train",
+    _recipe(sub, "finetune", "few-shot fine-tuning (prompt or classifier)",
             lambda a: cmd_recipe(a, "finetune"))
     _recipe(sub, "evaluate", "zero-shot prompt evaluation of a model or checkpoint (dev + test)",
             lambda a: cmd_recipe(a, "finetune", ("method=zero-shot",)))
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe(sub, "distill", "SMASH distillation of a student from a teacher cache or online teacher",
             lambda a: cmd_recipe(a, "distill"))
     _recipe(sub, "prompt-distill", "Prompt-Distiller (and its KD baselines) from a prompt-tuned and a pre-trained "
-            "teacher on Ray Train", lambda a: cmd_recipe(a, "prompt-distill"))
+            "teacher", lambda a: cmd_recipe(a, "prompt-distill"))
 
     p = sub.add_parser("sweep", help="few-shot sweep on Ray Tune: methods x tasks x splits x grid (SMASH Table 2)")
     p.add_argument("--config", help="sweep YAML (see jobs/configs/sweep-*.yaml)")

@@ -75,7 +75,10 @@ def test_the_pipeline_runs_across_nodes(multinode, bucket):
     (the run finishes from its checkpoint on a replacement node) -> a sweep whose trials use a
     node that joined after the sweep started -> report. Every input and output is an s3 URI."""
     out = f"{bucket['root']}/out"
-    entry = pipeline_job(out, bucket["corpus"], bucket["teacher"], bucket["student"], bucket["data_dir"])
+    # trials long enough (their loops run in the trial actors: seconds) to still run when the
+    # fourth node joins
+    entry = pipeline_job(out, bucket["corpus"], bucket["teacher"], bucket["student"], bucket["data_dir"],
+                         ft_steps=300)
     sid = multinode.head.submit(f"export RAYAPP_ASSETS={bucket['mirror']} && {entry}")
     first, second = multinode.nodes
 

@@ -398,11 +398,15 @@ def test_a_reused_trial_actor_carries_nothing_into_the_next_trial(ray_cluster, t
     cfg = _sweep(tmp_path, tasks=["SST-2", "MR"], seeds=[13], grid={}, max_concurrent_trials=1,
                  base={"model": tiny_bert, "max_steps": 4, "eval_every": 2, "batch_size": 4, "eval_batch_size": 128},
                  methods={"prompt": {"method": "prompt"}, "classifier": {"method": "classifier"}})
+    def train_workers() -> int:  # every Ray Train worker this cluster ever had, dead ones included
+        return len(list_actors(address=ray_cluster.get_runtime_context().gcs_address, limit=10_000,
+                               filters=[("class_name", "=", "RayTrainWorker")]))
+
+    before = train_workers()
     assert sweep.run(cfg)["done"] == 4
     results = _tune_results(Path(cfg.experiment))
     assert len(results) == 4 and len({r[-1]["pid"] for r in results.values()}) == 1, "one actor ran every trial"
-    assert not list_actors(address=ray_cluster.get_runtime_context().gcs_address,
-                           filters=[("class_name", "=", "RayTrainWorker")])
+    assert train_workers() == before
     for rec in read_records(cfg.experiment).values():
         trial = {k: rec["sweep"][k] for k in ("method", "task", "seed", "point")}
         own = dataclasses.replace(cfg.recipe_config(trial, rec["name"], sweep._filler(cfg, trial)),

@@ -1,4 +1,4 @@
-"""Recipe: SMASH distillation (SMASH §3.2, §4.4) on Ray Train.
+"""Recipe: SMASH distillation (SMASH §3.2, §4.4).
 
 The student (any HF masked LM) learns the teacher's distribution at the `<mask>` of the
 intermediate task's prompt. The seven settings of SMASH §4.4 are presets of `objective`
@@ -142,7 +142,7 @@ def setup(cfg: DistillConfig, inputs: dict, device) -> Setup:
 
 
 def run(cfg: DistillConfig, callbacks=()) -> dict:
-    """Distil on Ray Train; returns the run's record (`<output_dir>/records/<name>.json`)."""
+    """Distil; returns the run's record (`<output_dir>/records/<name>.json`)."""
     import ray
 
     from rayapp.data.mlm_text import build_text_chunks

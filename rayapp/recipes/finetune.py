@@ -1,4 +1,4 @@
-"""Recipe: few-shot fine-tuning on Ray Train (SMASH §4, LM-BFF protocol).
+"""Recipe: few-shot fine-tuning (SMASH §4, LM-BFF protocol).
 
 Methods (`method=`):
 - `prompt`: prompt-based fine-tuning with the MLM head; the class score is the MLM logit of
@@ -201,7 +201,7 @@ def fewshot_setup(model, objective, batches, score, split: FewShotSplit, tokeniz
 
 
 def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) -> dict:
-    """Fine-tune (or evaluate) one task/split on Ray Train; returns the run's record."""
+    """Fine-tune (or evaluate) one task/split; returns the run's record."""
     task = cfg.resolve_task()
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)  # fail before launching
     check_model(cfg.init or cfg.model, mlm=cfg.method != "classifier")

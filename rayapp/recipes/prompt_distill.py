@@ -1,4 +1,4 @@
-"""Recipe: Prompt-Distiller (PD) and the baselines of its Table 1, on Ray Train.
+"""Recipe: Prompt-Distiller (PD) and the baselines of its Table 1.
 
 Prompt-Distiller (`method=prompt-distiller`, PD §2): a small student S learns from two
 frozen teachers, T' (a pre-trained MLM, `teacher`) and T (T' prompt-tuned PET-style on the
@@ -370,7 +370,7 @@ def setup(cfg: PromptDistillConfig, inputs: dict, device) -> Setup:
 # --- the driver ------------------------------------------------------------------------------
 
 def run(cfg: PromptDistillConfig, split: FewShotSplit | None = None, callbacks=()) -> dict:
-    """Distil one task/split on Ray Train (T tuned first when not given); returns the record."""
+    """Distil one task/split (T tuned first when not given); returns the record."""
     task = cfg.resolve_task()
     if task.is_regression:
         raise ConfigError(f"task {task.name} is a regression task; Prompt-Distiller's KD and contrastive negatives "
