@@ -10,7 +10,7 @@ ENV_FLAGS := $(shell $(PY) rayapp/env.py local)
 $(foreach kv,$(ENV_FLAGS),$(eval $(subst =, ?= ,$(kv))))
 export $(foreach kv,$(ENV_FLAGS),$(firstword $(subst =, ,$(kv))))
 
-.PHONY: install test demo clean
+.PHONY: install test bench-smoke demo clean
 
 install: $(STAMP)
 
@@ -27,7 +27,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --ignore=tests/test_benchmarks.py
+
+# every benchmark's --smoke run (tests/test_benchmarks.py): CI runs it after `make test`
+bench-smoke: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_benchmarks.py
 
 demo: $(STAMP)
 	$(BIN)/rayapp demo
