@@ -100,7 +100,8 @@ def main() -> None:
     params = sum(t.numel() for t in load_mlm(model_dir).parameters())
     shutil.rmtree(work)
     per_step = args.batch * args.length  # chunks fill the window: tokens per step ~ batch x length
-    print(f"\nMLM further pre-training of {Path(model_dir).name} ({params / 1e6:.1f}M params), batch {args.batch} x {args.length} tokens, "
+    print(f"\nMLM further pre-training of {Path(model_dir).name} ({params / 1e6:.1f}M params), "
+          f"batch {args.batch} x {args.length} tokens, "
           f"{args.steps} steps (first {warmup} not timed), {args.threads} CPU threads")
     print(f"{'loop':30s}{'tokens/s':>10s}{'s/step':>9s}")
     print(f"{'plain PyTorch (HF labels=)':30s}{plain:10.0f}{per_step / plain:9.2f}")

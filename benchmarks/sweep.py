@@ -91,7 +91,8 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", "import torch, transformers, rayapp.recipes.finetune"], check=True)
     fresh = time.perf_counter() - started
 
-    print(f"\n{len(sequential)} runs x {args.steps} steps (tiny BERT, {'/'.join(cfg.tasks)}, 1 worker each), {args.cpus}-CPU local cluster")
+    print(f"\n{len(sequential)} runs x {args.steps} steps (tiny BERT, {'/'.join(cfg.tasks)}, 1 worker each), "
+          f"{args.cpus}-CPU local cluster")
     print(f"one after another (finetune.run): {t_seq:7.1f} s")
     print(f"Ray Tune, 2 trials at a time:     {t_tune:7.1f} s   speedup {t_seq / t_tune:.2f}x")
     n = len(sequential)

@@ -127,9 +127,9 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
             run_uri = st.join(storage if st.is_remote(storage) else str(Path(storage).resolve()), name)
             if any(isinstance(c, TuneReportCallback) for c in callbacks):  # in the trial's actor
                 return _local_run(loop, loop_config, run_uri, keep_checkpoints, cfg.use_gpu, _tune_report)
-            task = ray.remote(_local_run).options(
-                num_cpus=local_resources(cfg)["CPU"], num_gpus=local_resources(cfg).get("GPU", 0),
-                max_retries=cfg.max_failures, name=f"rayapp:{name}")
+            need = local_resources(cfg)
+            task = ray.remote(_local_run).options(num_cpus=need["CPU"], num_gpus=need.get("GPU", 0),
+                                                  max_retries=cfg.max_failures, name=f"rayapp:{name}")
             return ray.get(task.remote(loop, loop_config, run_uri, keep_checkpoints, cfg.use_gpu))
         return _train(loop_config, cfg, storage, name, keep_checkpoints, callbacks)
     except Exception as exc:  # a user mistake seen by a worker is reported as that mistake

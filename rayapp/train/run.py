@@ -26,7 +26,7 @@ def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, 
     name = cfg.name or run_name(prefix or recipe, cfg)
     started = time.time()
     outcome = launch(train_loop, {"cfg": cfg, "setup": setup, **inputs}, cfg.engine, storage=cfg.output_dir,
-                    name=name, callbacks=callbacks, keep_checkpoints=keep_checkpoints)
+                     name=name, callbacks=callbacks, keep_checkpoints=keep_checkpoints)
     metrics = dict(outcome.metrics)
     record = {"recipe": recipe, "name": name, "config": to_dict(cfg), **extra,
               **{k: metrics.pop(k) for k in _LOOP_KEYS if k in metrics},
