@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -237,6 +238,25 @@ def _node_main(gcs_address: str, num_cpus: int, resources: str, name: str, ready
     node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
 
 
+def _private_tmp() -> str:
+    """Shell commands giving a node its own empty /tmp (a tmpfs). The repo and the venv stay
+    visible at their paths when they live under /tmp (a clone in /tmp/...): the old /tmp is
+    bound to a hold point outside it first, and those two folders are bound back from there.
+    Everything else under the driver's /tmp stays out of the node's sight at its own path."""
+    under_tmp = {p for p in (str(ROOT), sys.prefix) if p.startswith("/tmp/")}
+    # a venv inside the repo comes back with the repo
+    keep = sorted(p for p in under_tmp if not any(p.startswith(q + os.sep) for q in under_tmp))
+    if not keep:
+        return "mount -t tmpfs -o size=4g tmpfs /tmp"
+    hold = Path.home() / ".cache" / "rayapp" / "node-hold"  # an empty mount point outside /tmp
+    hold.mkdir(parents=True, exist_ok=True)
+    steps = [f"mount --rbind /tmp {shlex.quote(str(hold))}", "mount -t tmpfs -o size=4g tmpfs /tmp"]
+    for path in keep:
+        src = shlex.quote(str(hold / os.path.relpath(path, "/tmp")))
+        steps += [f"mkdir -p {shlex.quote(path)}", f"mount --rbind {src} {shlex.quote(path)}"]
+    return " && ".join(steps)
+
+
 class LocalCluster:
     """A head (`start_head`) plus worker nodes added and removed at will."""
 
@@ -254,7 +274,7 @@ class LocalCluster:
         name = f"node-{len(self.nodes) + 1}"
         log = os.path.join(self.head.temp_dir, f"{name}.log")
         ready = "/tmp/rayapp-node-ready"  # in the node's private /tmp
-        inner = (f"mount -t tmpfs -o size=4g tmpfs /tmp && exec {sys.executable} -m cluster.local_cluster node "
+        inner = (f"{_private_tmp()} && exec {sys.executable} -m cluster.local_cluster node "
                  f"--gcs {self.head.gcs_address} --cpus {num_cpus} --resources '{json.dumps(resources or {})}' "
                  f"--name {name} --ready {ready}")
         with open(log, "w") as out:
