@@ -1,4 +1,4 @@
-"""`rayapp`: one command line over every pipeline stage (SPEC §8).
+"""`rayapp`: one command line over every pipeline stage.
 
     rayapp tasks [--show TASK --tokenizer DIR]     built-in and YAML tasks
     rayapp fewshot show|make ...                   LM-BFF few-shot splits
@@ -20,6 +20,7 @@ User mistakes print one line `error: ...` and exit 2; they are never tracebacks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -55,12 +56,23 @@ def cmd_tasks(args) -> None:
 
 def cmd_fewshot(args) -> None:
     from rayapp.data import fewshot
+    from rayapp.errors import ConfigError
 
     if args.action == "show":
         split = fewshot.load_lmbff(args.data_dir, args.task, k=args.k, seed=args.seed)
         print(json.dumps({"task": split.task, "k": split.k, "seed": split.seed, "train": len(split.train),
                           "dev": len(split.dev), "test": len(split.test), "source": split.source}, indent=1))
         return
+    missing = [f"--{k} {what}" for k, what in (("train", "TABLE"), ("test", "TABLE"), ("out", "DIR"))
+               if getattr(args, k) is None]
+    if missing:
+        raise ConfigError(f"`rayapp fewshot make` needs {', '.join(missing)}: --train is the labelled pool "
+                          "to sample train/dev from, --test the labelled test set, --out where the splits go")
+    fields = {f.name for f in dataclasses.fields(fewshot.Columns)}
+    bad = [kv for kv in args.columns or () if kv.split("=", 1)[0] not in fields or "=" not in kv]
+    if bad:
+        raise ConfigError(f"--columns takes field=column pairs with field one of {', '.join(sorted(fields))} "
+                          f"(e.g. text_a=sentence label=label), got {bad}")
     columns = fewshot.Columns(**dict(kv.split("=", 1) for kv in args.columns)) if args.columns else None
     pool = fewshot.read_table(args.train, columns, args.task)
     test = fewshot.read_table(args.test, columns, args.task)

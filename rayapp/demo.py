@@ -36,41 +36,12 @@ def stage(work: Path, name: str, build) -> dict:
     return record
 
 
-def _quiet() -> None:
-    """A clean captured log: no Ray Data progress or INFO lines, no HF loading bars, no colour
-    codes around worker lines in a file (the stages print their own progress; Ray's logs stay
-    in /tmp/ray/session_*/logs: Ray Data's file handlers keep every level)."""
-    import logging
-    import os
-    import sys
-
-    import ray.data
-    import transformers
-
-    if not sys.stdout.isatty():
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by the driver when it prints worker lines
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    for handler in logging.getLogger("ray.data").handlers:  # its own logger, DEBUG, console at INFO
-        if isinstance(handler, logging.StreamHandler):
-            handler.setLevel(logging.ERROR)  # also "progress bars disabled", a WARNING
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
 def start_local() -> None:
     """A local Ray cluster for a pipeline on this machine, with the LOCAL flags and a clean log."""
-    import ray
-
     from rayapp import env
 
     env.apply(env.LOCAL)
-    _quiet()
-    if not ray.is_initialized():  # Ray's own logs go to files; workers only forward progress bars and errors
-        quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore"}
-        # the dashboard stays: Ray Train's placement-group cleaner polls the State API it serves
-        # and logs a warning every second without it
-        ray.init(dashboard_host="127.0.0.1", logging_level="ERROR", runtime_env={"env_vars": quiet})
+    env.start_ray()
 
 
 def main(argv: list[str] | None = None) -> dict:

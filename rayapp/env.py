@@ -53,6 +53,49 @@ def apply(flags: dict[str, str]) -> None:
         os.environ.setdefault(key, value)
 
 
+# worker-side HF noise off, for a cluster rayapp starts itself (a job's workers get the
+# submitter's runtime env instead)
+QUIET_WORKERS: dict[str, str] = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                                 "PYTHONWARNINGS": "ignore"}
+
+
+def quiet_console() -> None:
+    """What a rayapp command prints: its own progress and errors. Ray Data's execution plans
+    and INFO lines stay in Ray's session logs (`/tmp/ray/session_*/logs`: Ray Data's file
+    handlers keep every level), HF loading messages are off. When stdout is not a terminal
+    (a captured log: `> file`, `ray job submit`) also no live bars (tqdm's `\r` frames) and no
+    colour codes around worker lines; in a terminal Ray Data keeps its live bars."""
+    import logging
+
+    import ray.data
+    import transformers
+
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by the driver when it prints worker lines
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        transformers.utils.logging.disable_progress_bar()
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    for handler in logging.getLogger("ray.data").handlers:  # its own logger, DEBUG, console at INFO
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)  # also "progress bars disabled", a WARNING
+    transformers.utils.logging.set_verbosity_error()
+
+
+def start_ray() -> None:
+    """Connect this driver to Ray, the one place rayapp does: the cluster `RAY_ADDRESS` names
+    (a job's driver under `ray job submit`) or a new local one, with a quiet console: Ray's
+    start-up lines (the token-auth warning, the dashboard URL in colour codes) go to its logs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet_console()
+    own = {} if os.environ.get("RAY_ADDRESS") else {"dashboard_host": "127.0.0.1",
+                                                   "runtime_env": {"env_vars": QUIET_WORKERS}}
+    ray.init(logging_level="ERROR", **own)
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "local"
     if which not in ("local", "cluster"):

@@ -26,9 +26,10 @@ print(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
-def bad(tiny_bert, tmp_path_factory):
+def bad(tiny_bert, bpe_tokenizer, tmp_path_factory):
     """Paths a user might get wrong: an empty folder, a file, a model without its tokenizer,
-    a causal LM (no masked-LM head), a data folder that no rayapp stage finished."""
+    BERT weights beside an 8k BPE tokenizer (another model's), a causal LM (no masked-LM
+    head), a data folder that no rayapp stage finished, a task whose label word is two tokens."""
     import shutil
 
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -40,6 +41,10 @@ def bad(tiny_bert, tmp_path_factory):
     no_tok.mkdir()
     for f in ("config.json", "model.safetensors"):
         shutil.copy(f"{tiny_bert}/{f}", no_tok / f)
+    shutil.copytree(no_tok, root / "other-vocab")
+    bpe_tokenizer.save_pretrained(root / "other-vocab")
+    (root / "tasks.yaml").write_text(
+        "- {name: SST-2, template: '{x0} It was {mask} .', verbalizer: {'0': terrible, '1': supercalifragilistic}}\n")
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=1, n_embd=8, vocab_size=16, n_positions=16)).save_pretrained(root / "gpt2")
     (root / "unfinished").mkdir()
     (root / "unfinished" / "part-00000.parquet").write_bytes(b"PAR1")
@@ -57,6 +62,18 @@ def _cases(tiny, bad, out):
         "model has no MLM head": ([*ft, f"model={bad}/gpt2"], r"\(gpt2\) has no masked-LM head class"),
         "hub id offline, no mirror": ([*ft, "model=no-org/no-such-model"],
                                       r"cannot find .no-org/no-such-model.: no local path .*; no mirror .*; not from the hub \(HF_HUB_OFFLINE=1\)"),
+        "tokenizer of another model": ([*ft, f"model={bad}/other-vocab"],
+                                       r"its tokenizer has 8000 tokens but the model embeds 30522"),
+        "label word of several tokens": ([*ft, f"model={tiny}", f"tasks_file={bad}/tasks.yaml"],
+                                         r"label word 'supercalifragilistic' of task 'SST-2' is not a single token"),
+        "template longer than max_length": ([*ft, f"model={tiny}", "max_length=4"], r"more than max_length=4"),
+        "zero-shot, template longer than max_length": (["evaluate", f"output_dir={out}", f"model={tiny}",
+                                                        "max_length=4"], r"more than max_length=4"),
+        "fewshot make without --train": (["fewshot", "make", "--task", "SST-2"],
+                                         r"needs --train TABLE, --test TABLE, --out DIR"),
+        "fewshot make, unknown column field": (["fewshot", "make", "--task", "SST-2", "--train", "a.tsv", "--test",
+                                                "b.tsv", "--out", str(out), "--columns", "sentence=text"],
+                                               r"--columns takes field=column pairs with field one of label, text_a"),
         "unknown task": ([*ft, f"model={tiny}", "task=NOPE"], r"NOPE"),
         "split does not exist": ([*ft, f"model={tiny}", "task=RTE", "seed=99"], r"seed|99"),
         "KD teacher without tokenizer": ([*ft, f"model={tiny}", f"teacher={bad}/no-tokenizer"], r"tokenizer has no vocabulary"),

@@ -56,12 +56,14 @@ def portable_model(name_or_path: str) -> str:
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 
 
-def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True) -> None:
+def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True, prompt=None) -> None:
     """Driver-side check, before any Ray worker starts, that `name_or_path` is a model:
     it resolves (local dir, `s3://`, mirror, hub), has a config (and weights, where files
-    can be listed), a masked-LM head class when `mlm`, and a tokenizer that loads. A rayapp
-    checkpoint counts by its `model/` folder. Raises a one-line ConfigError naming the
-    model and the fix."""
+    can be listed), a masked-LM head class when `mlm`, and a tokenizer that loads and fits
+    the embedding. With `prompt=(task, max_length)` also that the task's prompt encodes with
+    that tokenizer (single-token label words, the template within max_length): the error a
+    worker would raise, before Ray starts. A rayapp checkpoint counts by its `model/`
+    folder. Raises a one-line ConfigError/PromptError naming the model and the fix."""
     import fnmatch
 
     from rayapp import assets, storage
@@ -83,10 +85,10 @@ def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True) 
                 for f in files:
                     if not any(fnmatch.fnmatch(f, p) for p in _WEIGHTS):
                         storage.write_bytes(os.path.join(tmp, f), storage.read_bytes(storage.join(ref, f)))
-                return _check_loads(tmp, name_or_path, mlm, tokenizer)
+                return _check_loads(tmp, name_or_path, mlm, tokenizer, prompt)
     elif Path(ref).exists():
         raise ConfigError(f"model {name_or_path!r} is a file; give the model's directory or a hub id")
-    _check_loads(ref, name_or_path, mlm, tokenizer)
+    _check_loads(ref, name_or_path, mlm, tokenizer, prompt)
 
 
 def _top_level_files(uri: str, name: str) -> list[str]:
@@ -102,11 +104,16 @@ def _top_level_files(uri: str, name: str) -> list[str]:
     return [i.base_name for i in infos if i.type == pafs.FileType.File]
 
 
-def _check_loads(src: str, name: str, mlm: bool, tokenizer: bool) -> None:
+# Embedding rows beyond the tokenizer's tokens that are still one model's pair: vocabularies
+# padded to a multiple of 64/128 for speed (DeBERTa-v3: 99 rows, ModernBERT: 88, T5: 28)
+_SPARE_ROWS = 256
+
+
+def _check_loads(src: str, name: str, mlm: bool, tokenizer: bool, prompt=None) -> None:
     config = load_model_config(src)
     if mlm:
         _mlm_class(config, name)
-    if tokenizer:
+    if tokenizer or prompt:
         fix = "save it beside the weights (tokenizer.save_pretrained) or give a model that has one"
         try:
             tok = load_tokenizer(src)
@@ -115,9 +122,16 @@ def _check_loads(src: str, name: str, mlm: bool, tokenizer: bool) -> None:
         # transformers 5 builds an empty tokenizer (special tokens only) when the files are missing
         if len(tok) <= len(tok.all_special_tokens):
             raise ConfigError(f"model {name!r}: its tokenizer has no vocabulary (no tokenizer files); {fix}")
-        if len(tok) > config.vocab_size:
-            raise ConfigError(f"model {name!r}: its tokenizer has {len(tok)} tokens but the model's embedding "
-                              f"only {config.vocab_size}; the tokenizer belongs to another model, {fix}")
+        # more tokens than rows: ids past the embedding; far fewer: ids of another vocabulary
+        # index rows trained for other tokens (it runs, and learns noise)
+        if not 0 <= config.vocab_size - len(tok) <= max(_SPARE_ROWS, config.vocab_size // 100):
+            raise ConfigError(f"model {name!r}: its tokenizer has {len(tok)} tokens but the model embeds "
+                              f"{config.vocab_size}; the tokenizer belongs to another model, {fix}")
+        if prompt is not None:
+            from rayapp.tasks.prompts import PromptEncoder
+
+            task, max_length = prompt
+            PromptEncoder(tok, task, max_length)
 
 
 def _mlm_class(config, name: str):

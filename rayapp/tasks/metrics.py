@@ -1,4 +1,4 @@
-"""Evaluation metrics of the built-in tasks (SPEC §1): acc, binary F1 (MRPC/QQP),
+"""Evaluation metrics of the built-in tasks: acc, binary F1 (MRPC/QQP),
 Pearson (STS-B), Matthews correlation (CoLA).
 
 Values are fractions in [0, 1] (correlations in [-1, 1]), never percentages; the report

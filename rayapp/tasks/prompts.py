@@ -1,4 +1,4 @@
-"""Prompts: a task is a template + a verbalizer + a metric (SPEC §1, SMASH Table 6, LM-BFF).
+"""Prompts: a task is a template + a verbalizer + a metric (SMASH Table 6, LM-BFF).
 
 Template syntax
 ---------------

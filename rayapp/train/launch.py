@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from rayapp import env
 from rayapp import storage as st
 from rayapp.errors import find_user_error
 from rayapp.train.engine import Engine, EngineConfig
@@ -116,8 +117,7 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    if not ray.is_initialized():
-        ray.init()  # the embedded default: a local cluster on this machine
+    env.start_ray()
     # workers on any node read the config's inputs and write to the storage
     st.require_shared({**local_paths(loop_config.get("cfg")), "output_dir": storage})
     # a live bar only when someone watches a terminal; log files get plain lines
