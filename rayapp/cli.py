@@ -145,6 +145,9 @@ def cmd_teacher_cache(args) -> None:
     print(f"teacher cache written to {cfg.out}")
 
 
+SWEEP_EXAMPLE = "rayapp sweep --config jobs/configs/sweep-smash-table2_local.yaml tasks=[RTE] seeds=[13]"
+
+
 def cmd_sweep(args) -> None:
     from rayapp.config import load_config
     from rayapp.errors import ConfigError
@@ -283,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe(sub, "prompt-distill", "Prompt-Distiller (and its KD baselines) from a prompt-tuned and a pre-trained "
             "teacher", lambda a: cmd_recipe(a, "prompt-distill"))
 
-    p = sub.add_parser("sweep", help="few-shot sweep on Ray Tune: methods x tasks x splits x grid (SMASH Table 2)")
+    p = sub.add_parser("sweep", help="few-shot sweep on Ray Tune: methods x tasks x splits x grid (SMASH Table 2)",
+                       epilog=f"example: {SWEEP_EXAMPLE} (tasks= narrows the config's tasks; its per_task "
+                       "entries and table columns of the others are ignored)")
     p.add_argument("--config", help="sweep YAML (see jobs/configs/sweep-*.yaml)")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted sweep in DIR (<storage>/<name>)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tasks=[RTE] seeds=[13]")

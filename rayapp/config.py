@@ -4,14 +4,25 @@ Every recipe has one config dataclass (nested dataclasses allowed, addressed wit
 keys: `train.lr=2e-5`). Values from the CLI are parsed as YAML scalars (`1e-4`, `true`,
 `[13, 21]`) and then checked against the field's type, so a typo in a key or a value that
 cannot be the field's type is a `ConfigError` naming the key, not a crash mid-run.
+
+Locations are resolved where the config is loaded, on the driver: the work runs in Ray
+workers whose current directory is a session folder, where `data: runs/local/cache` would
+name nothing. A field says it is a location by its type, never by its name:
+`InputPath`/`OutputPath` (always made absolute when relative) and `ModelRef` (a hub id like
+`roberta-large` or `org/name`, or a path: made absolute only when that relative path exists
+here). URIs (`s3://`, `hf://`, ...) and values that start with a sweep placeholder
+(`{best:teacher}`, filled with an absolute location) stay as they are. A dict field marked
+`Overrides` holds overrides of other config classes (a sweep's `base`/`methods`, a nested
+`teacher_config`): the keys those classes declare as locations are resolved in it too.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Iterable, Literal, TypeVar
 
 import yaml
 
@@ -20,8 +31,97 @@ from rayapp.errors import ConfigError
 T = TypeVar("T")
 
 
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """The mark of a `str` field that names a file, a folder or a model (module docstring)."""
+    kind: Literal["input", "output", "model"]
+
+    def resolve(self, value: Any) -> Any:
+        if not isinstance(value, str) or not value or value.startswith("{") or "://" in value:
+            return value
+        path = os.path.expanduser(value)
+        if self.kind == "model" and not os.path.isabs(path) and not os.path.exists(path):
+            return value  # a hub id stays one
+        return os.path.abspath(path)
+
+
+InputPath = Annotated[str, Location("input")]      # a file or folder read
+OutputPath = Annotated[str, Location("output")]    # a folder written
+ModelRef = Annotated[str, Location("model")]       # a hub id, a local model dir or an s3:// URI
+
+
+class Overrides:
+    """The mark of a dict field of overrides of the config classes `classes` (module docstring)."""
+
+    def __init__(self, *classes: type):
+        self._classes = classes
+
+    def classes(self) -> Iterable[type]:
+        return self._classes
+
+    def resolve(self, value: Any) -> Any:
+        table: dict = {}
+        for cls in self.classes():
+            for key, spec in _locations(cls).items():
+                if key not in table or spec == Location("model"):  # where classes disagree, the cautious kind
+                    table[key] = spec
+        return _resolve_tree(value, table)
+
+
+class _RecipeOverrides(Overrides):
+    """Overrides of whichever recipe's config (a sweep's `base` and `methods`)."""
+
+    def classes(self) -> Iterable[type]:
+        from rayapp.recipes import RECIPES, get_recipe  # the recipes import this module
+
+        return [get_recipe(name)[0] for name in RECIPES]
+
+
+RecipeOverrides = _RecipeOverrides()
+
+
+def _resolve_tree(value: Any, table: dict) -> Any:
+    """`value` with the keys `table` declares resolved, at any depth: a dict under a key that is
+    no section of the config (a method or task name, a grid) holds the same keys again."""
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, item in value.items():
+        spec = table.get(key)
+        if isinstance(item, dict):
+            out[key] = _resolve_tree(item, spec if isinstance(spec, dict) else table)
+        elif isinstance(spec, Location):  # a value, or a grid's list of values
+            out[key] = [spec.resolve(v) for v in item] if isinstance(item, list) else spec.resolve(item)
+        else:
+            out[key] = item
+    return out
+
+
+def _mark(tp: Any) -> Location | Overrides | None:
+    """The Location/Overrides mark of a field type, also inside `X | None`."""
+    if typing.get_origin(tp) is Annotated:
+        return next((m for m in tp.__metadata__ if isinstance(m, (Location, Overrides))), None)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((m for m in map(_mark, typing.get_args(tp)) if m is not None), None)
+    return None
+
+
+def _locations(cls) -> dict:
+    """{key: Location} of `cls`'s location fields, and {key: {...}} for its nested sections."""
+    table: dict = {}
+    for name, tp in _field_types(cls).items():
+        mark = _mark(tp)
+        section = next((t for t in (tp, *typing.get_args(tp)) if isinstance(t, type) and dataclasses.is_dataclass(t)),
+                       None)
+        if isinstance(mark, Location):
+            table[name] = mark
+        elif section is not None and _locations(section):
+            table[name] = _locations(section)
+    return table
+
+
 def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # extras: the Location/Overrides marks
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
@@ -30,6 +130,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        value = _coerce(value, typing.get_args(tp)[0], key)
+        mark = _mark(tp)
+        return value if mark is None else mark.resolve(value)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -94,6 +198,9 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
             f"valid keys: {sorted(prefix + k for k in types_)}"
         )
     kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
+    for f in dataclasses.fields(cls):  # a default location (output_dir: runs) means here, too
+        if f.name not in kwargs and isinstance(f.default, str) and isinstance(_mark(types_[f.name]), Location):
+            kwargs[f.name] = _mark(types_[f.name]).resolve(f.default)
     try:
         return cls(**kwargs)  # dataclasses check their values in __post_init__
     except TypeError as e:  # a required field without a value

@@ -193,20 +193,25 @@ def attention_mse(student_attn: Sequence[torch.Tensor], teacher_attn: Sequence[t
 
 
 def distilbert_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                    masked_labels: torch.Tensor, student_last_hidden: torch.Tensor,
+                    mlm_labels: torch.Tensor, student_last_hidden: torch.Tensor,
                     teacher_last_hidden: torch.Tensor, attention_mask: torch.Tensor,
                     temperature: float = 2.0, weights: tuple[float, float, float] = (5.0, 2.0, 1.0),
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DistilBERT objective, SMASH §4.4 setting (5): w_ce L_ce + w_mlm L_mlm + w_cos L_cos.
 
-    student/teacher_logits [N, V] at the N masked positions (the vocabulary projection is
-    only computed there), masked_labels [N] the original tokens, *_last_hidden [B, T, H],
-    attention_mask [B, T].
-      L_ce  = eq. 1 with temperature T on the masked positions, times T^2 (Sanh et al. use
+    student/teacher_logits [N, V] at the N positions L_ce is computed on (the vocabulary
+    projection is only computed there; the recipe picks them: `DistillConfig.distilbert_ce`),
+    mlm_labels [N] the original token at each of them that was masked, -100 at the others;
+    *_last_hidden [B, T, H], attention_mask [B, T].
+      L_ce  = eq. 1 with temperature T, mean over the N positions, times T^2 (Sanh et al. use
               KL, which differs from CE by the teacher's entropy: same gradient);
-      L_mlm = hard CE of the student on the masked tokens (no temperature);
+      L_mlm = hard CE of the student on the masked tokens (label != -100; no temperature);
       L_cos = mean over non-pad positions of 1 - cos(h_stu, h_tea).
-    A batch without masked tokens contributes 0 for L_ce and L_mlm instead of NaN.
+    Which N: SMASH says only "training objective same as DistilBERT". DistilBERT's released
+    code (Sanh et al., transformers' examples/research_projects/distillation, `distiller.py`)
+    computes L_ce on every non-pad token unless `--restrict_ce_to_mask` is given (off by
+    default), so "tokens" (every non-pad token) is the recipe's default and "masked" (the
+    masked tokens only) the option. No position, or no masked one, contributes 0 instead of NaN.
     Returns (total, {"ce", "mlm", "cos"}) with the parts detached for logging.
     """
     _check_vocab(student_logits.shape[-1], teacher_logits.shape[-1], "distilbert_loss")
@@ -216,9 +221,9 @@ def distilbert_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             f"{student_last_hidden.shape[-1]} vs teacher {teacher_last_hidden.shape[-1]}; "
             "use a teacher of the student's family (e.g. roberta-base for distilroberta-base)"
         )
-    n_masked = max(masked_labels.numel(), 1)
-    ce = _tempered_ce_rows(student_logits, teacher_logits, temperature).sum() / n_masked
-    mlm = F.cross_entropy(student_logits.float(), masked_labels, reduction="sum") / n_masked
+    ce = _tempered_ce_rows(student_logits, teacher_logits, temperature).sum() / max(mlm_labels.numel(), 1)
+    masked = mlm_labels != -100
+    mlm = F.cross_entropy(student_logits[masked].float(), mlm_labels[masked], reduction="sum") / masked.sum().clamp(min=1)
     real = attention_mask.bool()
     cos = (1 - F.cosine_similarity(student_last_hidden[real].float(),
                                    teacher_last_hidden[real].float(), dim=-1)).mean()
@@ -297,23 +302,35 @@ def label_word_probs(scores: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     return torch.softmax(scores.float() / alpha, dim=-1)
 
 
-def kd_ce(student_scores: torch.Tensor, teacher_scores: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:
-    """PD eq. 3 (prompt-tuned teacher T on X) and eq. 4 (pre-trained teacher T' on X~):
-    L_KD = -mean_x sum_y p_T^alpha(y|x) log p_S(y|x).
+KD_FORMS = ("paper", "hinton")
+
+
+def kd_ce(student_scores: torch.Tensor, teacher_scores: torch.Tensor, alpha: float = 10.0,
+          form: str = "paper") -> torch.Tensor:
+    """PD eq. 3 (prompt-tuned teacher T on X) and eq. 4 (pre-trained teacher T' on X~).
 
     student_scores, teacher_scores [B, C]: each model's label-word logits (eq. 1 scores, each
-    with its own tokenizer). How alpha is applied: the paper writes CE(p_T / alpha, p_S); read
-    literally p_T / alpha is not a distribution (it sums to 1/alpha), so alpha is read as the
-    temperature of the teacher's softmax over its label-word logits, p_T^alpha =
-    softmax(s_T / alpha) (`label_word_probs(s_T, alpha)`). The student's p_S is eq. 1 without
-    temperature, as eq. 3 writes it, so there is no alpha^2 factor (Hinton et al. soften both
-    sides and scale by T^2; PD does not).
+    with its own tokenizer). The paper writes CE(p_T / alpha, p_S) with "alpha > 0 the
+    temperature factor"; read literally p_T / alpha is not a distribution (it sums to 1/alpha),
+    so alpha is read as the temperature of the teacher's softmax, p_T^alpha = softmax(s_T / alpha)
+    (`label_word_probs(s_T, alpha)`).
+      form="paper" (default): L_KD = -mean_x sum_y p_T^alpha(y|x) log p_S(y|x), the student's p_S
+        untempered as eq. 3-4 write it, so no alpha^2 factor;
+      form="hinton": both sides softened and the loss x alpha^2 (Hinton et al. 2015, as
+        `soft_ce`): -mean_x sum_y p_T^alpha log p_S^alpha x alpha^2. Not what eq. 3-4 print: an
+        option to compare (the alpha^2 keeps the gradient's size independent of alpha when both
+        sides are softened; the paper form needs no such factor).
     """
     if student_scores.shape != teacher_scores.shape:
         raise ConfigError(
             f"kd_ce: student class scores {tuple(student_scores.shape)} and teacher "
             f"{tuple(teacher_scores.shape)} differ; both must be [B, C] scores of the same task's C labels"
         )
+    if form not in KD_FORMS:
+        raise ConfigError(f"kd_ce: form must be one of {KD_FORMS} (PD eq. 3-4 as printed, or Hinton's), got {form!r}")
+    if form == "hinton":
+        _check_alpha(alpha)
+        return _tempered_ce_rows(student_scores, teacher_scores, alpha).mean()
     t = label_word_probs(teacher_scores, alpha)
     return -(t * torch.log_softmax(student_scores.float(), dim=-1)).sum(-1).mean()
 

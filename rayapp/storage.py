@@ -11,6 +11,18 @@ S3 honours `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL` (S3-compatible servers) and
 Buckets are never created implicitly: a typo in a bucket name should fail loudly, not
 litter the account.
 
+An endpoint that does not answer fails fast: the first use of a bucket in a process asks it
+once with short timeouts and two attempts (`_check_reachable`), so an unreachable or silent
+endpoint is one DataError naming the URI and the endpoint within seconds, instead of ten
+attempts with backoff (90 s) and a traceback. The filesystem handed to the work keeps its
+ten attempts: past that first answer a failure is a fault of a long run (throttling, a
+reset) that retrying survives.
+
+Output locations are checked before any work starts (`require_writable`): the folder is
+created and a probe file written and removed in it, so a path under a file, a read-only
+folder or a bucket that refuses writes is one error naming the config key, not a failure
+after training.
+
 Credentials are never captured: the S3 filesystem handed to Ray pickles with its endpoint,
 region and retry policy only, and every process that unpickles it (a Ray Data task, a Ray
 Train worker on another node, hours later) asks the default AWS credential chain itself
@@ -20,11 +32,13 @@ where they are used instead of expiring inside a pickled copy of the driver's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -33,6 +47,7 @@ from urllib.parse import parse_qs, urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from rayapp import env
 from rayapp.errors import DataError
 
 
@@ -42,6 +57,8 @@ def is_remote(uri: str) -> bool:
 
 
 S3_ATTEMPTS = 10  # AWS "standard" retries with backoff: throttling (503 SlowDown) and resets over a long run
+# the first request to a bucket: a silent endpoint costs PROBE_ATTEMPTS x PROBE_REQUEST_S (+ <1 s backoff)
+PROBE_CONNECT_S, PROBE_REQUEST_S, PROBE_ATTEMPTS = 2.0, 4.0, 2
 
 
 def _s3_from_options(options: dict[str, Any]) -> "S3FileSystem":
@@ -63,14 +80,48 @@ class S3FileSystem(pafs.S3FileSystem):
         return _s3_from_options, (self.options,)
 
 
-@lru_cache(maxsize=None)
-def _s3(endpoint: str | None, region: str | None) -> S3FileSystem:
-    # cached per settings: building an S3 client is not free
+def _s3_options(endpoint: str | None, region: str | None) -> dict[str, Any]:
     options: dict[str, Any] = {"region": region}
     if endpoint:
         parsed = urlparse(endpoint)
         options.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
-    return S3FileSystem(**options)
+    return options
+
+
+@lru_cache(maxsize=None)
+def _s3(endpoint: str | None, region: str | None) -> S3FileSystem:
+    # cached per settings: building an S3 client is not free
+    return S3FileSystem(**_s3_options(endpoint, region))
+
+
+_REACHED: set[tuple[str, str | None, str | None]] = set()  # (bucket, endpoint, region) that answered
+
+
+def _check_reachable(uri: str, bucket: str, endpoint: str | None, region: str | None) -> None:
+    """Raise a DataError naming `uri` and the endpoint when the endpoint does not answer
+    (module docstring); asked once per bucket and settings in a process, again after a
+    failure. Only network failures count: what the endpoint answers (no such bucket, access
+    denied) is left to the request that needs it, which says it better."""
+    if (bucket, endpoint, region) in _REACHED:
+        return
+    probe = pafs.S3FileSystem(**_s3_options(endpoint, region), connect_timeout=PROBE_CONNECT_S,
+                              request_timeout=PROBE_REQUEST_S,
+                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=PROBE_ATTEMPTS))
+    try:
+        probe.get_file_info(bucket)
+    except OSError as e:
+        if "NETWORK_CONNECTION" in str(e):
+            where = endpoint or f"AWS S3 in {region or 'us-east-1'} (no AWS_ENDPOINT_URL set)"
+            raise DataError(f"cannot reach {uri}: the S3 endpoint {where} does not answer ({_one_line(e)}); "
+                            "check the endpoint (AWS_ENDPOINT_URL), the network and the bucket name") from None
+    _REACHED.add((bucket, endpoint, region))
+
+
+def _one_line(e: Exception) -> str:
+    """pyarrow's S3 error on one line: its curl details where it has them ("Failed to connect
+    to HOST:PORT"), else what follows its context prefix."""
+    text = " ".join(str(e).split())
+    return text.split("Details: ", 1)[1] if "Details: " in text else text.split("AWS Error ", 1)[-1]
 
 
 @lru_cache(maxsize=None)
@@ -90,8 +141,10 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         if not path:
             raise DataError(f"{uri!r} names no bucket; use s3://BUCKET/PREFIX")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        bucket = path.split("/", 1)[0]
         if region is None and endpoint is None:
-            region = _bucket_region(path.split("/", 1)[0])
+            region = _bucket_region(bucket)
+        _check_reachable(uri, bucket, endpoint, region)
         return _s3(endpoint, region), path
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
@@ -118,7 +171,7 @@ def _info(uri: str) -> pafs.FileInfo:
         raise DataError(f"cannot reach {uri}: {e}") from e
 
 
-def _check_bucket(uri: str) -> None:
+def check_bucket(uri: str) -> None:
     """Raise a DataError naming the bucket when an s3:// URI's bucket does not exist."""
     if uri.startswith("s3://"):
         bucket = uri[len("s3://"):].split("/", 1)[0]
@@ -128,7 +181,7 @@ def _check_bucket(uri: str) -> None:
 
 
 def _missing(uri: str) -> DataError:
-    _check_bucket(uri)
+    check_bucket(uri)
     return DataError(f"{uri} does not exist; check the path")
 
 
@@ -142,10 +195,50 @@ def is_file(uri: str) -> bool:
 
 def makedirs(uri: str) -> None:
     """Create a directory and its parents (S3: only checks the bucket; prefixes need no creation)."""
-    _check_bucket(uri)
+    check_bucket(uri)
     if not is_remote(uri):
         fs, path = filesystem(uri)
-        fs.create_dir(path, recursive=True)
+        try:
+            fs.create_dir(path, recursive=True)
+        except OSError as e:
+            raise DataError(f"cannot create the folder {uri}: {_local_fault(path, e)}") from None
+
+
+def _local_fault(path: str, err: OSError) -> str:
+    """Why the local folder `path` cannot be created or written, and what to do, in words."""
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder; move it away or choose another location"
+    if err.errno == errno.EROFS:
+        return f"{existing} is on a read-only file system; choose another location"
+    if isinstance(err, PermissionError):  # also an immutable folder (chattr +i), which root cannot write either
+        return (f"{existing} is not writable by this user ({err.strerror or 'permission denied'}); "
+                "make it writable or choose another location")
+    return f"{' '.join(str(err).split())}; choose another location"
+
+
+def require_writable(uri: str, key: str, subdirs: tuple[str, ...] = ()) -> None:
+    """Refuse an output location that cannot be written, before any work starts: create the
+    folder `uri` and each of its `subdirs`, and write and remove a probe file in each (S3: PUT
+    and DELETE a probe object). The DataError names the config key (`output_dir`) or flag
+    (`--out`) and the fix."""
+    given = f"{key} {uri}" if key.startswith("-") else f"{key}={uri}"
+    for folder in (uri, *(join(uri, sub) for sub in subdirs)):
+        try:
+            makedirs(folder)  # S3: the endpoint answers and the bucket exists
+            fs, path = filesystem(folder)
+            probe = f"{path.rstrip('/')}/.rayapp-write-probe-{uuid.uuid4().hex}"
+            with fs.open_output_stream(probe):
+                pass
+            fs.delete_file(probe)
+        except DataError as e:
+            raise DataError(f"{given}: {e}") from None
+        except OSError as e:
+            why = (f"{_one_line(e)}; check that the credentials may write there (s3:PutObject, "
+                   "s3:DeleteObject) or choose another location") if is_remote(folder) else _local_fault(path, e)
+            raise DataError(f"{given} is not writable: {why}") from None
 
 
 def read_bytes(uri: str) -> bytes:
@@ -165,7 +258,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file. Locally via a temporary file and rename, so readers never see
     half a file; an S3 PUT is atomic already."""
     if is_remote(uri):
-        _check_bucket(uri)
+        check_bucket(uri)
     else:
         makedirs(_parent(uri))
     fs, path = filesystem(uri)
@@ -312,7 +405,7 @@ def require_shared(paths: dict[str, str | None], timeout: float = 120.0) -> None
     if not ray.is_initialized():
         if not os.environ.get("RAY_ADDRESS"):  # no cluster named: Ray will start one on this machine
             return
-        ray.init()  # a job's driver (`ray job submit` sets RAY_ADDRESS): connect now to ask its nodes
+        env.start_ray()  # a job's driver (`ray job submit` sets RAY_ADDRESS): connect now to ask its nodes
     here = ray.get_runtime_context().get_node_id()
     alive = [n for n in ray.nodes() if n["Alive"]]
     others = [n["NodeID"] for n in alive if n["NodeID"] != here]

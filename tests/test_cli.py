@@ -58,3 +58,35 @@ def test_user_mistakes_are_one_line_errors(argv, message, capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "rayapp.cli", "finetune", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "key=value" in out.stdout
+
+
+def test_a_captured_log_of_single_commands_is_plain_lines(tiny_bert, tmp_path):
+    """`rayapp intermediate pairs` then `rayapp teacher-cache` (Ray tasks, then Ray Data's
+    actor pool), each a fresh process with its output in a file, as under `> log` or `ray job
+    submit`: rayapp's own lines only, no Ray start-up warning, execution plan, colour code or
+    live-bar frame."""
+    import json
+    import os
+    import random
+    import re
+
+    rng = random.Random(0)
+    words = "river stone garden music winter market bridge letter window forest".split()
+    sentence = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(sentence() for _ in range(6))}) + "\n" for _ in range(20)))
+    log = tmp_path / "log.txt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    for argv in (["intermediate", "pairs", "--corpus", str(corpus), "--out", str(tmp_path / "pairs"), "--num-examples", "30"],
+                 ["teacher-cache", "--examples", str(tmp_path / "pairs"), "--teacher", tiny_bert,
+                  "--out", str(tmp_path / "cache"), "--top-k", "4"]):
+        with open(log, "a") as out:
+            done = subprocess.run([sys.executable, "-m", "rayapp.cli", *argv], stdout=out, stderr=subprocess.STDOUT, env=env)
+        assert done.returncode == 0, log.read_text()
+    text = log.read_text()
+    assert "examples written to" in text and "teacher cache written to" in text
+    for noise in ("\x1b[", "\r", "Token authentication", "Started a local Ray instance", "Execution plan",
+                  "Running Dataset", "Progress will be logged"):
+        assert noise not in text, (noise, text)
+    assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+INFO", text, re.M), text

@@ -126,10 +126,14 @@ def test_jsonl_text_and_id_columns(ray_cluster, tmp_path):
     with pytest.raises(DataError, match=r"c.jsonl has no column 'text' \(text_column\); "
                                         r"available columns: body, key"):
         read_documents(uri)
-    # Ray tasks parse the later lines: a broken one becomes an empty document, not a crash
+    # Ray tasks parse the later lines: a broken one is an error naming its line, or skipped and flagged
     (tmp_path / "c.jsonl").write_text('{"body": "Fine."}\n[1]\n{"body": 5}\n{"body": "Fine too.\n')
-    assert docs_of(read_documents(uri, text_column="body")) == {
-        "c.jsonl#0": "Fine.", "c.jsonl#18": "", "c.jsonl#22": "", "c.jsonl#34": ""}
+    with pytest.raises(DataError, match=r"c.jsonl line 2 \(byte 18\) is not a JSON object; fix or delete that line, "
+                                        r"or pass on_bad_lines=skip"):
+        read_documents(uri, text_column="body").take_all()
+    rows = read_documents(uri, text_column="body", on_bad_lines="skip").take_all()
+    assert {r["doc_id"]: (r["text"], r["bad_line"]) for r in rows} == {
+        "c.jsonl#0": ("Fine.", False), "c.jsonl#18": ("", True), "c.jsonl#22": ("", True), "c.jsonl#34": ("", True)}
 
 
 def test_jsonl_first_document_longer_than_any_sniff(ray_cluster, tmp_path):

@@ -188,20 +188,51 @@ def test_distill_config_errors(cache, tiny_bert, tmp_path):
         DistillConfig(data=cache, temperature=2.0)
 
 
+def swapped_vocabulary(model_dir: str, out: Path) -> str:
+    """A copy of `model_dir` whose tokenizer has two tokens' ids swapped: as many tokens, same
+    weights, another vocabulary (what a size check cannot tell apart)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dir, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    a, b = sorted(v for v in tok.backend_tokenizer.get_vocab() if v.isalpha())[:2]
+    content = (out / "tokenizer.json").read_text().replace(f'"{a}":', '"@@tmp@@":').replace(f'"{b}":', f'"{a}":')
+    (out / "tokenizer.json").write_text(content.replace('"@@tmp@@":', f'"{b}":'))
+    other = AutoTokenizer.from_pretrained(out)
+    assert len(other) == len(tok) and other.get_vocab() != tok.get_vocab()
+    return str(out)
+
+
 def test_same_vocabulary_size_is_not_the_same_vocabulary(cache, student, tmp_path):
     """A student whose tokenizer has as many tokens as the teacher's but other tokens is
     refused: the cache records a fingerprint of the teacher's vocabulary, not just its size."""
-    from transformers import AutoTokenizer
-
-    other = tmp_path / "other"
-    import shutil
-
-    shutil.copytree(student, other)
-    tok = AutoTokenizer.from_pretrained(other)
-    vocab = tok.backend_tokenizer.get_vocab()
-    a, b = sorted(v for v in vocab if v.isalpha())[:2]
-    content = (other / "tokenizer.json").read_text().replace(f'"{a}":', '"@@tmp@@":').replace(f'"{b}":', f'"{a}":')
-    (other / "tokenizer.json").write_text(content.replace('"@@tmp@@":', f'"{b}":'))
-    assert len(AutoTokenizer.from_pretrained(other)) == len(tok)
+    other = swapped_vocabulary(student, tmp_path / "other")
     with pytest.raises(ConfigError, match="different vocabulary fingerprint"):
-        run(_cfg(tmp_path, student=str(other), data=cache))
+        run(_cfg(tmp_path, student=other, data=cache))
+
+
+def test_online_teacher_of_another_vocabulary_is_refused_before_ray_starts(tiny_bert, tmp_path):
+    """teacher_mode=online (every online objective: ce, ce+hidden, ce+attn, distilbert) checks
+    the vocabulary itself, as cache mode and finetune KD do, on the driver: one `error:` line,
+    exit 2, no Ray (it used to check the size only, in the worker, so this ran)."""
+    import subprocess
+    import sys
+
+    from test_driver_checks import RUNNER
+
+    teacher = swapped_vocabulary(tiny_bert, tmp_path / "teacher")
+    data = tmp_path / "corpus.txt"
+    data.write_text("A sentence about nothing.\n")
+    argv = ["distill", f"output_dir={tmp_path / 'runs'}", "max_steps=1", f"student={tiny_bert}",
+            f"teacher={teacher}", f"data={data}"]
+    cases = {objective: [*argv, f"objective={objective}", "teacher_mode=online"]
+             for objective in ("ce", "ce+hidden", "distilbert")}
+    done = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(cases), capture_output=True, text=True,
+                          check=True)
+    for objective, got in json.loads(done.stdout.splitlines()[-1]).items():
+        lines = got["stderr"].strip().splitlines()
+        assert got["code"] == 2 and len(lines) == 1, (objective, got)
+        assert lines[0].startswith("error: teacher ") and "have different vocabularies" in lines[0], lines[0]
+        assert not got["ray"], objective

@@ -273,7 +273,8 @@ def test_pair_task_without_text_b(tmp_path):
 
 def test_short_row_names_row_and_column(tmp_path):
     path = write(tmp_path / "t.tsv", "sentence\tlabel\nok\t1\nbroken\n")
-    with pytest.raises(DataError, match=r"t.tsv row 2 has 1 fields, too few for column 'label'"):
+    with pytest.raises(DataError, match=r"t.tsv line 3 has 1 fields but the header has 2; fix or delete that line, "
+                                        r"or pass on_bad_lines=skip"):
         read_table(path, Columns(), "SST-2")
 
 

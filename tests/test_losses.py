@@ -185,11 +185,34 @@ def test_distilbert_loss_hand_computed():
     assert total.requires_grad and not parts["ce"].requires_grad  # parts are for logging
 
 
+def test_distilbert_loss_on_every_non_pad_token_hand_computed():
+    """DistilBERT's default (its code's `restrict_ce_to_mask` off): L_ce on both real positions,
+    L_mlm still on the masked one only (the other carries label -100)."""
+    student_logits = torch.tensor([[0.0, 0.0], [5.0, -5.0]])  # positions 0 (masked, label 1) and 1
+    teacher_logits = torch.tensor([[0.0, 2 * ln(2)], [-5.0, 5.0]])
+    s_hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])
+    t_hidden = torch.tensor([[[1.0, 1.0], [0.0, 2.0], [0.0, 1.0]]])
+    total, parts = distilbert_loss(student_logits, teacher_logits, torch.tensor([1, -100]), s_hidden, t_hidden,
+                                   torch.tensor([[1, 1, 0]]))
+    # position 0 as above: ln 2. Position 1 at T=2: t = softmax([-2.5, 2.5]) = [1, e^5] / (1 + e^5),
+    # log s = log softmax([2.5, -2.5]) = [-ln(1 + e^-5), -ln(1 + e^5)]
+    t0, t1 = 1 / (1 + math.exp(5)), math.exp(5) / (1 + math.exp(5))
+    ce1 = t0 * ln(1 + math.exp(-5)) + t1 * ln(1 + math.exp(5))
+    ce = 4 * (ln(2) + ce1) / 2
+    close(parts["ce"], ce)
+    close(parts["mlm"], ln(2))
+    close(total, 5 * ce + 2 * ln(2) + (1 - 1 / math.sqrt(2)) / 2, tol=1e-5)  # ~58: float32 rounding
+
+
 def test_distilbert_loss_without_masked_tokens_is_finite():
     x = torch.randn(0, 4, requires_grad=True)  # no masked position in the batch
     total, parts = distilbert_loss(x, torch.randn(0, 4), torch.zeros(0, dtype=torch.long),
                                    torch.randn(1, 2, 3), torch.randn(1, 2, 3), torch.ones(1, 2))
     assert parts["ce"].item() == 0 and parts["mlm"].item() == 0 and torch.isfinite(total)
+    # every token scored, none masked: L_mlm is 0, not NaN
+    total, parts = distilbert_loss(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([-100, -100]),
+                                   torch.randn(1, 2, 3), torch.randn(1, 2, 3), torch.ones(1, 2))
+    assert parts["mlm"].item() == 0 and parts["ce"].item() > 0 and torch.isfinite(total)
 
 
 def test_distilbert_loss_hidden_mismatch_is_config_error():

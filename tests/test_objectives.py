@@ -16,7 +16,8 @@ from rayapp.tasks.registry import INTERMEDIATE_TASKS, get_task
 ROWS = {"text_a": ["A cat sat on the mat.", "Rain fell all day.", "He won the race.", "The film was dull."],
         "text_b": ["The mat was red.", "The streets were wet.", "Nobody came.", "I left early."],
         "label": [0, 1, 2, 1]}
-CFG = SimpleNamespace(temperature=1.0, aux_weight=0.01, topk_mode="tail", kd_weight=0.5, kd_temperature=2.0)
+CFG = SimpleNamespace(temperature=1.0, aux_weight=0.01, topk_mode="tail", kd_weight=0.5, kd_temperature=2.0,
+                      distilbert_ce="tokens")
 
 
 def _batch(name, tok, task):
@@ -85,3 +86,31 @@ def test_online_teacher_temperature_is_applied_once(tiny_roberta):
         twice = -(torch.softmax(t / 4, -1) * torch.log_softmax(s / 2, -1)).sum(-1).mean() * 4
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(loss.item() - twice.item()) > 1e-4
+
+
+def test_distilbert_ce_on_every_non_pad_token_by_default(tiny_roberta):
+    """Setting 5's L_ce: every non-pad token (DistilBERT's default, `distilbert_ce=tokens`), or
+    the masked tokens only (`distilbert_ce=masked`); L_mlm and L_cos do not change with it."""
+    from rayapp.losses import soft_ce
+    from rayapp.recipes.distill import DistillConfig
+
+    assert DistillConfig(data="x", setting=5).distilbert_ce == "tokens"
+    tok = load_tokenizer(tiny_roberta)
+    batch = _batch("distilbert", tok, None)
+    torch.manual_seed(0)
+    student, teacher = LogitsAt(load_mlm(tiny_roberta)).eval(), LogitsAt(load_mlm(tiny_roberta)).eval()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        parts = {mode: OBJECTIVES["distilbert"](student, teacher, batch, Context(
+            SimpleNamespace(**{**vars(CFG), "temperature": 2.0, "distilbert_ce": mode}), None))[1]
+            for mode in ("tokens", "masked")}
+        real, masked = batch["attention_mask"].bool(), batch["mlm_labels"] != -100
+        assert masked.sum() < real.sum()
+        for mode, where in (("tokens", real), ("masked", masked)):
+            s = student(batch["input_ids"], batch["attention_mask"], positions=where)[0]
+            t = teacher(batch["input_ids"], batch["attention_mask"], positions=where)[0]
+            assert parts[mode]["ce"].item() == pytest.approx(soft_ce(s, t, temperature=2.0).item(), rel=1e-5)
+    assert parts["tokens"]["mlm"].item() == pytest.approx(parts["masked"]["mlm"].item(), rel=1e-5)
+    assert parts["tokens"]["cos"].item() == pytest.approx(parts["masked"]["cos"].item(), rel=1e-5)
+    assert abs(parts["tokens"]["ce"].item() - parts["masked"]["ce"].item()) > 1e-3

@@ -145,7 +145,9 @@ def test_pairs_are_balanced_and_true_to_source(built):
 
 def test_stats_and_meta_count_what_was_skipped(built):
     out, stats = built
-    assert json.loads(storage.read_text(storage.join(out, "_meta.json"))) == stats
+    meta = json.loads(storage.read_text(storage.join(out, "_meta.json")))
+    assert {k: v for k, v in meta.items() if k != "shards"} == stats
+    assert [e["rows"] for e in meta["shards"].values()] == [16, 16, 8]  # rows_per_shard=16
     assert stats["counts"] == {"0": 14, "1": 13, "2": 13}
     assert stats["template"] == INTERMEDIATE_TASKS[TASK].template == "{x0|nopunct}? {mask}, {x1|lowerfirst}"  # MNLI's
     assert stats["seed"] == 0 and stats["verbalizer"] == {"0": "No", "1": "Maybe", "2": "Yes"}
@@ -229,7 +231,7 @@ def test_killed_build_leaves_no_finished_looking_folder(ray_cluster, corpus, tmp
     """A build that dies after its shards and before `_meta.json`: every shard that exists
     is whole (written under a temporary name, then renamed), and a consumer refuses the
     folder, naming it."""
-    def crash(out, meta):
+    def crash(out, meta, written):
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(pairs, "write_meta", crash)

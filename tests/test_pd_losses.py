@@ -43,6 +43,23 @@ def test_eq3_4_alpha_softens_the_teacher_only():
     close(kd_ce(student, teacher, alpha=10.0), -(0.25 * ln(1 / 3) + 0.75 * ln(2 / 3)))
 
 
+def test_eq3_4_hinton_form_softens_both_and_scales_by_alpha_squared():
+    # the option kd_form=hinton: teacher as above [1/4, 3/4]; student [0, ln 2] / 10 ->
+    # [1, 2^0.1] / (1 + 2^0.1); the CE times alpha^2 = 100
+    student = torch.tensor([[0.0, ln(2)]])
+    teacher = torch.tensor([[0.0, 10 * ln(3)]])
+    s0, s1 = 1 / (1 + 2 ** 0.1), 2 ** 0.1 / (1 + 2 ** 0.1)
+    hinton = kd_ce(student, teacher, alpha=10.0, form="hinton")
+    close(hinton, -100 * (0.25 * ln(s0) + 0.75 * ln(s1)), tol=1e-4)
+    # the paper form is the default; at alpha = 1 the two forms are one and the same CE
+    assert kd_ce(student, teacher, alpha=10.0).item() == pytest.approx(-(0.25 * ln(1 / 3) + 0.75 * ln(2 / 3)))
+    assert kd_ce(student, teacher, 1.0, "hinton").item() == pytest.approx(kd_ce(student, teacher, 1.0).item())
+    with pytest.raises(ConfigError, match=r"form must be one of \('paper', 'hinton'\)"):
+        kd_ce(student, teacher, form="both")
+    with pytest.raises(ConfigError, match="alpha must be > 0"):
+        kd_ce(student, teacher, alpha=0.0, form="hinton")
+
+
 def test_kd_needs_positive_alpha_and_same_classes():
     with pytest.raises(ConfigError, match="alpha must be > 0"):
         kd_ce(torch.zeros(1, 2), torch.zeros(1, 2), alpha=0.0)

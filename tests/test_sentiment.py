@@ -78,8 +78,9 @@ def test_config_from_flags_and_overrides():
                                       "--use-gpu", "--batch-size", "128", "threshold=0.7", "num_actors=3"])
     cfg = _stage_config(SentimentConfig, args, ("corpus", "teacher", "out", "num_examples", "seed", "threshold",
                                                 "batch_size", "num_actors", "use_gpu"))
-    assert cfg == SentimentConfig(corpus="c", teacher="t", out="o", threshold=0.7, batch_size=128,
-                                  num_actors=3, use_gpu=True)
+    # locations resolve on the driver; "t" names no local path, so it stays a hub id
+    assert cfg == SentimentConfig(corpus=os.path.abspath("c"), teacher="t", out=os.path.abspath("o"), threshold=0.7,
+                                  batch_size=128, num_actors=3, use_gpu=True)
     with pytest.raises(ConfigError, match=r"threshold=1.5 must be a probability in \[0, 1\]"):
         SentimentConfig(corpus="c", teacher="t", out="o", threshold=1.5)
 

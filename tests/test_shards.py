@@ -33,8 +33,10 @@ def test_meta_is_required_by_consumers_and_lists_the_shards(tmp_path):
         shards.shard_uris(str(folder))
     with pytest.raises(ValueError, match="must list the folder's shards under 'files'"):
         shards.write_meta(str(folder), {"examples": 1})
+    pq.write_table(pa.table({"x": [2, 3]}), folder / "part-00001.parquet")
     shards.write_meta(str(folder), {"files": ["part-00001.parquet", "part-00000.parquet"], "examples": 1})
-    assert json.loads((folder / "_meta.json").read_text())["examples"] == 1
+    meta = json.loads((folder / "_meta.json").read_text())
+    assert meta["examples"] == 1 and [e["rows"] for e in meta["shards"].values()] == [2, 1]
     assert shards.shard_uris(str(folder)) == [str(folder / "part-00001.parquet"), str(folder / "part-00000.parquet")]
 
 

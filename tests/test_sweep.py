@@ -95,7 +95,7 @@ def test_a_method_runs_on_its_own_splits(tmp_path):
     ({"methods": {"a": {"seed": 13}}}, "method 'a' sets 'seed', which the sweep sets"),
     ({"methods": {"a": {"lerning_rate": 1}}}, None),  # checked per trial, see below
     ({"tables": [{"rows": ["a-typo"]}]}, "table 'table': unknown method 'a-typo'"),
-    ({"per_task": {"RTE": {"max_length": 64}}}, r"per_task\.RTE: 'RTE' is not one of the sweep's tasks"),
+    ({"per_task": {"NOPE": {"max_length": 64}}}, r"per_task\.NOPE: unknown task 'NOPE'; the sweep's tasks"),
     ({"methods": {"a": {"model": "{student:x}"}}}, r"uses \{student:x\} but students has no 'x'"),
 ])
 def test_bad_sweep_configs_are_one_line_errors(tmp_path, kw, match):

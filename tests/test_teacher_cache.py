@@ -168,8 +168,7 @@ def test_plan_shards_cuts_each_input_file_into_fixed_row_ranges():
 
 def test_read_range_reads_rows_across_row_groups(tmp_path):
     pq.write_table(pa.table({"x": list(range(10))}), tmp_path / "t.parquet", row_group_size=3)
-    fs = pa.fs.LocalFileSystem()
-    assert read_range(fs, str(tmp_path / "t.parquet"), 4, 8, ["x"])["x"].to_pylist() == [4, 5, 6, 7]
+    assert read_range(str(tmp_path / "t.parquet"), 4, 8, ["x"])["x"].to_pylist() == [4, 5, 6, 7]
 
 
 def test_scorer_with_the_full_vocabulary_covers_all_mass(tiny_bert):
@@ -293,7 +292,9 @@ def test_cache_from_and_to_s3(ray_cluster, tiny_bert, s3_server, tmp_path):
 
     stats = build_cache("s3://kd-cache/examples", tiny_bert, "s3://kd-cache/cache", top_k=8, rows_per_shard=3)
     assert (stats["examples"], stats["shards_written"]) == (5, 2)
-    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="kd-cache", Prefix="cache/")["Contents"])
+    # "cache/" itself may be a directory marker: pyarrow leaves one where the write check's probe was deleted
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="kd-cache", Prefix="cache/")["Contents"]
+                  if not o["Key"].endswith("/"))
     assert keys == ["cache/_meta.json", "cache/_plan.json", "cache/part-00000-00000.parquet",
                     "cache/part-00000-00001.parquet"]
     assert json.loads(s3.get_object(Bucket="kd-cache", Key="cache/_meta.json")["Body"].read())["examples"] == 5

@@ -1,10 +1,12 @@
 """Unlabelled corpora: documents and their sentences, read in bounded pieces.
 
-Documents (`read_documents`: rows `{doc_id, text}`), by `fmt` (input -> doc_id):
+Documents (`read_documents`: rows `{doc_id, text}`, and `bad_line`: "Bad lines" below), by
+`fmt` (input -> doc_id):
 - `wikiextractor`: `<doc id=.. url=.. title=..>` ... `</doc>` -> the `id` attribute, else `FILE#BYTE`;
 - `text`: plain text, a document per blank-line-separated block -> `FILE#BYTE`
   (`per_file=True`: a document per file -> `FILE`);
-- `jsonl`: a JSON object per line, text in `text_column` -> `id_column`, else `FILE#BYTE`;
+- `jsonl`: a JSON object per line, text in `text_column` -> `id_column`, else `FILE#BYTE`
+  (a missing or null text is an empty document);
 - `parquet`: a table with `text_column` -> `id_column`, else `FILE#ROW`;
 - `hf`: a `save_to_disk` folder (local or s3://) -> `id_column`, else `FILE#ROW`; or
   `hf://NAME/CONFIG[?split=..]`, `hf://ORG/NAME?config=..[&split=..]`: its mirror copy
@@ -17,6 +19,16 @@ unique: samplers key on them. `fmt="auto"` picks `hf` for `hf://` URIs and `save
 folders, `jsonl`/`parquet` by file suffix (`rayapp.data.formats`), else sniffs the first
 complete line of the first file for `<doc `. Files whose names start with `.` or `_`
 (`_SUCCESS`, `_meta.json`) are not corpus files. `s3://` goes through `storage.filesystem`.
+
+Bad lines (`on_bad_lines`, `rayapp.data.formats`). A JSONL line that is not a JSON object,
+or whose `text_column` is neither a string nor null, is an error naming the file, the line
+and its byte offset, raised in the Ray task that reads it (the CLI shows it as one line:
+`rayapp.errors.find_user_error`). A task reads a byte range, so the line number is counted
+from the file's start when the error is raised (the error path only; past
+`LINE_COUNT_BYTES` the byte offset alone names the line). With `on_bad_lines="skip"`
+such a line is a row with `bad_line` true and no text: never a document, but counted by
+the stages, which warn once and record the count. An empty corpus (every file empty, or a
+parquet corpus of no rows) is refused by `plan_sources`, before any Ray work.
 
 Pieces (`plan_sources`). Nothing holds a file: the corpus is cut into sources of about
 `chunk_bytes` (16 MB), each read by one task, so one 20 GB file streams in constant memory
@@ -79,10 +91,12 @@ import pyarrow.parquet as pq
 import ray
 
 from rayapp import storage
-from rayapp.data.formats import CORPUS_FORMATS, first_line, iter_lines, load_hf, suffix_format
+from rayapp.data.formats import (BLOCK_BYTES, CORPUS_FORMATS, bad_line_error, check_on_bad_lines, first_line,
+                                 iter_lines, load_hf, suffix_format)
 from rayapp.errors import DataError
 
 CHUNK_BYTES = 16 << 20
+LINE_COUNT_BYTES = 1 << 30  # an error past this offset names the byte only: counting lines would read it all
 
 # --- sentences -----------------------------------------------------------------------------
 
@@ -203,6 +217,7 @@ def document_sentences(text: str, *, min_words: int = 4, max_words: int = 80) ->
 SENTENCES_SCHEMA = pa.schema([
     ("doc_id", pa.string()), ("sentences", pa.list_(pa.string())),
     ("positions", pa.list_(pa.int64())), *((reason, pa.int64()) for reason in DROP_REASONS),
+    ("bad_line", pa.bool_()),
 ])
 
 
@@ -213,6 +228,7 @@ def _sentence_batch(batch: pa.Table, min_words: int, max_words: int) -> pa.Table
         "doc_id": batch.column("doc_id"),
         "sentences": [d.sentences for d in docs], "positions": [d.positions for d in docs],
         **{reason: [getattr(d, reason) for d in docs] for reason in DROP_REASONS},
+        "bad_line": batch.column("bad_line"),
     }, schema=SENTENCES_SCHEMA)
 
 
@@ -223,9 +239,9 @@ def check_words(min_words: int, max_words: int) -> None:
 
 def read_sentences(uri: str, *, min_words: int = 4, max_words: int = 80,
                    **read_kwargs: Any) -> ray.data.Dataset:
-    """One row per document: `doc_id`, kept `sentences` with their `positions`, and the
-    number of sentences dropped per reason (`DROP_REASONS`). `read_kwargs` go to
-    `read_documents`."""
+    """One row per document: `doc_id`, kept `sentences` with their `positions`, the
+    number of sentences dropped per reason (`DROP_REASONS`) and `bad_line` (a skipped line,
+    not a document: module docstring). `read_kwargs` go to `read_documents`."""
     check_words(min_words, max_words)
     return read_documents(uri, **read_kwargs).map_batches(
         _sentence_batch, batch_format="pyarrow",
@@ -234,7 +250,7 @@ def read_sentences(uri: str, *, min_words: int = 4, max_words: int = 80,
 
 # --- sources: a corpus cut into pieces ------------------------------------------------------
 
-DOCUMENTS_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string())])
+DOCUMENTS_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("bad_line", pa.bool_())])
 _ATTRIBUTE = re.compile(rb'(\w+)="([^"]*)"')
 _BLANK_LINES = re.compile(rb"\n(?:[ \t\r]*\n)+")  # separates text documents
 _LEADING_BLANK_LINES = re.compile(rb"(?:[ \t\r]*\n)+")
@@ -275,6 +291,20 @@ class FileRange:
     name: str  # relative to the corpus root: the doc-id prefix
     start: int
     end: int
+    uri: str  # what an error names
+
+
+def _line_at(fs, r: FileRange, offset: int) -> str:
+    """Where byte `offset` of a file is, for an error: `URI line N (byte B)`, the line
+    counted from the file's start (module docstring, "Bad lines")."""
+    if offset > LINE_COUNT_BYTES:
+        return f"{r.uri} at byte {offset}"
+    newlines, left = 0, offset
+    with fs.open_input_stream(r.path) as f:
+        while left and (data := f.read(min(BLOCK_BYTES, left))):
+            newlines += data.count(b"\n")
+            left -= len(data)
+    return f"{r.uri} line {newlines + 1} (byte {offset})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -287,9 +317,11 @@ class TextSource:
     text_column: str = "text"
     id_column: str | None = None
     per_file: bool = False
+    on_bad_lines: str = "error"
 
-    def docs(self) -> Iterator[tuple[str, str]]:
-        """`(doc_id, text)` of every document in the ranges, in file order."""
+    def docs(self) -> Iterator[tuple[str, str | None]]:
+        """`(doc_id, text)` of every document in the ranges, in file order; text None for a
+        line skipped under on_bad_lines="skip"."""
         for r in self.ranges:
             with self.fs.open_input_file(r.path) as f:
                 if self.per_file:
@@ -299,9 +331,9 @@ class TextSource:
                 begin, stop = _boundary(f, r.start, size, self.fmt), _boundary(f, r.end, size, self.fmt)
                 f.seek(begin)
                 data = f.read(stop - begin)
-            yield from getattr(self, f"_{self.fmt}")(data, begin, r.name)
+            yield from getattr(self, f"_{self.fmt}")(data, begin, r)
 
-    def _wikiextractor(self, data: bytes, base: int, name: str) -> Iterator[tuple[str, str]]:
+    def _wikiextractor(self, data: bytes, base: int, r: FileRange) -> Iterator[tuple[str, str]]:
         """`<doc ATTRS>TEXT</doc>` elements, found with `bytes.find` (a lazy `.*?` regex
         costs as much as splitting the sentences)."""
         start = data.find(b"<doc")
@@ -314,36 +346,41 @@ class TextSource:
                 start = data.find(b"<doc", start + 4)
                 continue
             attrs = dict(_ATTRIBUTE.findall(data, start, open_end))
-            yield (_decode(attrs[b"id"]) if b"id" in attrs else f"{name}#{base + start}",
+            yield (_decode(attrs[b"id"]) if b"id" in attrs else f"{r.name}#{base + start}",
                    _decode(data[open_end + 1:close]))
             start = data.find(b"<doc", close)
 
-    def _text(self, data: bytes, base: int, name: str) -> Iterator[tuple[str, str]]:
+    def _text(self, data: bytes, base: int, r: FileRange) -> Iterator[tuple[str, str]]:
         start = 0
         for end, after in [*((m.start(), m.end()) for m in _BLANK_LINES.finditer(data)),
                            (len(data), len(data))]:
             lead = _LEADING_BLANK_LINES.match(data, start, end)  # a range may open on blank lines
             start = lead.end() if lead else start
             if data[start:end].strip():
-                yield f"{name}#{base + start}", _decode(data[start:end])
+                yield f"{r.name}#{base + start}", _decode(data[start:end])
             start = after
 
-    def _jsonl(self, data: bytes, base: int, name: str) -> Iterator[tuple[str, str]]:
-        """A document per non-blank line. A line that is not a JSON object or has no string
-        `text_column` becomes an empty document (counted downstream with the documents that
-        have no usable sentence) rather than failing a long job inside a Ray task; a wrong
-        format or column name is caught on the driver, from the first line."""
+    def _jsonl(self, data: bytes, base: int, r: FileRange) -> Iterator[tuple[str, str | None]]:
+        """A document per non-blank line; a bad line (module docstring) raises a DataError
+        naming it, or under on_bad_lines="skip" is yielded with text None."""
         start = 0
         while start < len(data):  # not data.split(): that would copy the whole range at once
             end = data.find(b"\n", start)
             end = len(data) if end < 0 else end
             line = data[start:end]
             if line.strip():
-                record = _json_object(line) or {}
-                ident = record.get(self.id_column) if self.id_column else None
-                text = record.get(self.text_column)
-                yield (f"{name}#{base + start}" if ident is None else str(ident),
-                       text if isinstance(text, str) else "")
+                record = _json_object(line)
+                text = None if record is None else record.get(self.text_column)
+                ident = record.get(self.id_column) if record is not None and self.id_column else None
+                doc_id = f"{r.name}#{base + start}" if ident is None else str(ident)
+                if record is None or not isinstance(text, (str, type(None))):
+                    if self.on_bad_lines != "skip":
+                        problem = ("is not a JSON object" if record is None else
+                                   f"has a {type(text).__name__} as {self.text_column!r}, not a string")
+                        raise bad_line_error(_line_at(self.fs, r, base + start), problem)
+                    yield doc_id, None
+                else:
+                    yield doc_id, text or ""
             start = end + 1
 
 
@@ -505,15 +542,23 @@ def _hf_sources(uri: str, text_column: str, id_column: str | None) -> list[Arrow
     return [HfShard(dataset, shard, text_column, id_column) for shard in range(dataset.num_shards)]
 
 
-def _parquet_sources(fs, paths: list[str], root: str, text_column: str, id_column: str | None,
+def _parquet_metadata(fs, path: str, uri: str):
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata
+    except pa.ArrowException as e:
+        raise DataError(f"corpus file {uri} is not a readable parquet file ({e}); replace or remove it") from None
+
+
+def _parquet_sources(fs, paths: list[str], uris: list[str], root: str, text_column: str, id_column: str | None,
                      chunk_bytes: int) -> list[ParquetSource]:
     pieces = []
-    for path in paths:
-        meta = pq.ParquetFile(fs.open_input_file(path)).metadata
+    for path, uri in zip(paths, uris):
+        meta = _parquet_metadata(fs, path, uri)
         if path == paths[0]:
             _check_columns(meta.schema.to_arrow_schema().names, text_column, id_column, path)
         groups = [(g, meta.row_group(g).total_byte_size, meta.row_group(g).num_rows)
-                  for g in range(meta.num_row_groups)]
+                  for g in range(meta.num_row_groups) if meta.row_group(g).num_rows]
         first = 0
         for run in _pack([(g, size) for g, size, _ in groups], chunk_bytes):
             pieces.append((RowGroups(path, _relative(path, root), tuple(run), first),
@@ -522,15 +567,22 @@ def _parquet_sources(fs, paths: list[str], root: str, text_column: str, id_colum
     return [ParquetSource(fs, tuple(parts), text_column, id_column) for parts in _pack(pieces, chunk_bytes)]
 
 
-def plan_sources(uri: str, *, fmt: str = "auto", text_column: str = "text", id_column: str | None = None,
-                 per_file: bool = False, chunk_bytes: int = CHUNK_BYTES) -> list[Source]:
-    """The corpus cut into sources of about `chunk_bytes` (module docstring); each has a
-    `docs()` iterator of `(doc_id, text)`, in a fixed order.
+def _no_documents(uri: str, files: list[str], what: str) -> DataError:
+    return DataError(f"corpus {uri} holds no documents: {what} ({len(files)} file(s): {files[0]}"
+                     f"{' ...' if len(files) > 1 else ''}); point it at a corpus with text in it")
 
-    Raises DataError at once for a missing path, an empty folder, mixed file kinds, an
-    unknown `fmt`, a first JSONL line that is not an object, or a missing
-    `text_column`/`id_column`; a corpus whose files hold no document is reported by
-    whoever reads the documents (it cannot be known sooner)."""
+
+def plan_sources(uri: str, *, fmt: str = "auto", text_column: str = "text", id_column: str | None = None,
+                 per_file: bool = False, chunk_bytes: int = CHUNK_BYTES, on_bad_lines: str = "error") -> list[Source]:
+    """The corpus cut into sources of about `chunk_bytes` (module docstring); each has a
+    `docs()` iterator of `(doc_id, text)`, in a fixed order (text None: a skipped bad line).
+
+    Raises DataError at once for a missing path, an empty folder, files that are all empty
+    (a parquet corpus: of no rows), mixed file kinds, an unknown `fmt`, a first JSONL line
+    that is not an object, or a missing `text_column`/`id_column`; files of blank lines
+    only, or whose documents hold no usable sentence, are reported by whoever reads the
+    documents (it cannot be known sooner)."""
+    check_on_bad_lines(on_bad_lines)
     if fmt not in ("auto", *CORPUS_FORMATS):
         raise DataError(f"unknown corpus format {fmt!r}; use one of auto, {', '.join(CORPUS_FORMATS)}")
     if chunk_bytes < 1:
@@ -546,18 +598,28 @@ def plan_sources(uri: str, *, fmt: str = "auto", text_column: str = "text", id_c
     fs, root = storage.filesystem(uri)
     paths = [storage.filesystem(f)[1] for f in files]
     if fmt == "parquet":
-        return _parquet_sources(fs, paths, root, text_column, id_column, chunk_bytes)
+        sources = _parquet_sources(fs, paths, files, root, text_column, id_column, chunk_bytes)
+        if not sources:
+            raise _no_documents(uri, files, "its parquet files have no rows")
+        return sources
+    infos = fs.get_file_info(paths)
+    if not any(info.size for info in infos):
+        raise _no_documents(uri, files, "its files are empty")
     if fmt == "jsonl":
-        record = _json_object(first_line(files[0]))
+        first, line = next(((f, line) for f, info in zip(files, infos) if info.size and (line := first_line(f))),
+                           (files[0], b""))
+        if not line:
+            raise _no_documents(uri, files, "its files hold blank lines only")
+        record = _json_object(line)
         if record is None:
-            raise DataError(f"{files[0]} line 1 is not a JSON object; JSONL needs one object per line")
-        _check_columns(list(record), text_column, id_column, files[0])
+            raise DataError(f"{first} line 1 is not a JSON object; JSONL needs one object per line")
+        _check_columns(list(record), text_column, id_column, first)
     pieces = []
-    for info in fs.get_file_info(paths):
+    for info, file in zip(infos, files):
         name = _relative(info.path, root)
         cuts = [0, info.size] if per_file else [*range(0, info.size, chunk_bytes), info.size]
-        pieces += [(FileRange(info.path, name, s, e), e - s) for s, e in zip(cuts, cuts[1:])]
-    return [TextSource(fs, tuple(ranges), fmt, text_column, id_column, per_file)
+        pieces += [(FileRange(info.path, name, s, e, file), e - s) for s, e in zip(cuts, cuts[1:])]
+    return [TextSource(fs, tuple(ranges), fmt, text_column, id_column, per_file, on_bad_lines)
             for ranges in _pack(pieces, chunk_bytes)]
 
 
@@ -571,15 +633,17 @@ def _document_batches(batch: pa.Table, sources: list[Source]) -> Iterator[pa.Tab
         docs = sources[i].docs()
         while chunk := list(islice(docs, DOCS_PER_BATCH)):
             ids, texts = zip(*chunk)
-            yield pa.table({"doc_id": list(ids), "text": list(texts)}, schema=DOCUMENTS_SCHEMA)
+            yield pa.table({"doc_id": list(ids), "text": [t or "" for t in texts],
+                            "bad_line": [t is None for t in texts]}, schema=DOCUMENTS_SCHEMA)
 
 
 def read_documents(uri: str, *, fmt: str = "auto", text_column: str = "text", id_column: str | None = None,
-                   per_file: bool = False, chunk_bytes: int = CHUNK_BYTES) -> ray.data.Dataset:
-    """A lazy, streaming dataset of `{doc_id, text}` rows (formats and errors: module
-    docstring and `plan_sources`), one read task per source."""
+                   per_file: bool = False, chunk_bytes: int = CHUNK_BYTES,
+                   on_bad_lines: str = "error") -> ray.data.Dataset:
+    """A lazy, streaming dataset of `{doc_id, text, bad_line}` rows (formats and errors:
+    module docstring and `plan_sources`), one read task per source."""
     sources = plan_sources(uri, fmt=fmt, text_column=text_column, id_column=id_column,
-                           per_file=per_file, chunk_bytes=chunk_bytes)
+                           per_file=per_file, chunk_bytes=chunk_bytes, on_bad_lines=on_bad_lines)
     items = ray.data.from_items([{"source": i} for i in range(len(sources))],
                                 override_num_blocks=max(1, len(sources)))
     return items.map_batches(_document_batches, batch_size=1, batch_format="pyarrow",

@@ -1,4 +1,4 @@
-"""Few-shot splits, the LM-BFF protocol (Gao et al. 2021; SPEC §2).
+"""Few-shot splits, the LM-BFF protocol (Gao et al. 2021).
 
 A split is K examples per label for train and K per label for dev, both drawn from the
 original train set, with the original dev set as test; five seeds (13 21 42 87 100) give
@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 
 from rayapp import storage
 from rayapp.assets import fewshot_dir
-from rayapp.data.formats import TABLE_FORMATS, detect_format, load_hf
+from rayapp.data.formats import TABLE_FORMATS, bad_line_error, check_on_bad_lines, detect_format, load_hf, warn_skipped
 from rayapp.errors import DataError
 from rayapp.tasks.prompts import Task
 from rayapp.tasks.registry import get_task
@@ -238,6 +238,7 @@ def read_table(
     *,
     fmt: str | None = None,
     header: bool = True,
+    on_bad_lines: str = "error",
 ) -> list[Example]:
     """Examples from a table: a .tsv/.csv/.jsonl/.json/.parquet file (local or `s3://`) or an
     `hf://` dataset.
@@ -246,15 +247,25 @@ def read_table(
     `header` applies to TSV/CSV only; without one, name columns by position.
     `hf://NAME/CONFIG?split=S` or `hf://ORG/NAME?config=C&split=S` goes through
     `datasets.load_dataset` (see `storage.parse_hf_uri`).
+
+    A line that does not parse is a DataError naming the file and line, or with
+    `on_bad_lines="skip"` skipped, with one warning counting them (`rayapp.data.formats`):
+    a JSONL line that is not a JSON object, a TSV/CSV row with fewer fields than the header
+    (without a header: than the first row) or more. More are allowed in a TSV with a header
+    only: GLUE's NLI files append annotator labels past it (the gold label is read from the
+    row's end); in a CSV an extra field is an unquoted comma, which would shift the columns.
     """
     task = _task(task)
     uri = str(uri)
+    check_on_bad_lines(on_bad_lines)
     fmt = fmt or detect_format(uri, TABLE_FORMATS)
     if fmt not in TABLE_FORMATS:
         raise DataError(f"unknown table format {fmt!r} for {uri}; use one of {', '.join(TABLE_FORMATS)}")
     if fmt != "hf" and not storage.is_file(uri):
         raise _missing(uri, "check the path")
-    names, rows = _READERS[fmt](uri, header)
+    skipped: list[int] = []  # line numbers, under on_bad_lines="skip"
+    names, rows = _READERS[fmt](uri, header, on_bad_lines, skipped)
+    warn_skipped(uri, len(skipped), f", lines {', '.join(map(str, skipped[:5]))}{' ...' if len(skipped) > 5 else ''}")
     if not rows:
         raise DataError(f"{uri} has no data rows; give a table with at least one labelled example")
     return _examples(names, rows, columns or example_columns(task), task, uri)
@@ -269,35 +280,64 @@ def _text_of(uri: str) -> str:
     return storage.read_bytes(uri).decode("utf-8-sig")
 
 
-def _read_delimited(path: str, header: bool, delimiter: str, quoting: int) -> tuple[list[str] | None, Rows]:
-    rows = [row for row in csv.reader(io.StringIO(_text_of(path), newline=""), delimiter=delimiter,
-                                      quoting=quoting) if row]
-    if header and rows:
-        return rows[0], rows[1:]
-    return None, rows
+def _bad(path: str, line: int, problem: str, on_bad_lines: str, skipped: list[int]) -> None:
+    if on_bad_lines != "skip":
+        raise bad_line_error(f"{path} line {line}", problem)
+    skipped.append(line)
 
 
-def _read_tsv(path: str, header: bool):
+def _read_delimited(path: str, header: bool, on_bad_lines: str, skipped: list[int], delimiter: str,
+                    quoting: int) -> tuple[list[str] | None, Rows]:
+    reader = csv.reader(io.StringIO(_text_of(path), newline=""), delimiter=delimiter, quoting=quoting)
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    names, rows, width, line = None, [], None, 1
+    try:
+        for row in reader:
+            start, line = line, reader.line_num + 1  # a quoted CSV row may span lines: name its first
+            if not row:
+                continue
+            if width is None:
+                width = len(row)
+                if header:
+                    names = row
+                    continue
+            if len(row) < width or (len(row) > width and not (header and kind == "TSV")):
+                against = "the header" if header else "the first row"
+                _bad(path, start, f"has {len(row)} fields but {against} has {width}", on_bad_lines, skipped)
+                continue
+            rows.append(row)
+    except csv.Error as e:  # a NUL byte, a field over the csv module's size limit
+        raise DataError(f"{path} line {reader.line_num} cannot be read as {kind} ({e}); fix that line") from None
+    return names, rows
+
+
+def _read_tsv(path: str, header: bool, on_bad_lines: str, skipped: list[int]):
     # GLUE TSVs hold bare quote characters; LM-BFF splits lines on tabs, so no quoting here
-    return _read_delimited(path, header, "\t", csv.QUOTE_NONE)
+    return _read_delimited(path, header, on_bad_lines, skipped, "\t", csv.QUOTE_NONE)
 
 
-def _read_csv(path: str, header: bool):
-    return _read_delimited(path, header, ",", csv.QUOTE_MINIMAL)
+def _read_csv(path: str, header: bool, on_bad_lines: str, skipped: list[int]):
+    return _read_delimited(path, header, on_bad_lines, skipped, ",", csv.QUOTE_MINIMAL)
 
 
-def _read_jsonl(path: str, header: bool):
+def _read_jsonl(path: str, header: bool, on_bad_lines: str, skipped: list[int]):
     records = []
     for n, line in enumerate(_text_of(path).splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n} is not valid JSON ({e}); JSONL needs one object a line") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            _bad(path, n, f"is not valid JSON ({e})", on_bad_lines, skipped)
+            continue
+        if not isinstance(record, dict):
+            _bad(path, n, "is not a JSON object (JSONL needs one object a line)", on_bad_lines, skipped)
+            continue
+        records.append(record)
     return _from_records(records, path)
 
 
-def _read_json(path: str, header: bool):
+def _read_json(path: str, header: bool, on_bad_lines: str, skipped: list[int]):
     """A JSON array of records, or the pool format `{"0": {record}, "1": ...}`."""
     try:
         data = json.loads(_text_of(path))
@@ -306,13 +346,18 @@ def _read_json(path: str, header: bool):
     return _from_records(list(data.values()) if isinstance(data, dict) else data, path)
 
 
-def _read_parquet(path: str, header: bool):
+def _read_parquet(path: str, header: bool, on_bad_lines: str, skipped: list[int]):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return _from_records(pq.read_table(io.BytesIO(storage.read_bytes(path))).to_pylist(), path)
+    try:
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(path)))
+    except pa.ArrowException as e:
+        raise DataError(f"{path} is not a readable parquet file ({e}); write the table again") from None
+    return _from_records(table.to_pylist(), path)
 
 
-def _read_hf(uri: str, header: bool):
+def _read_hf(uri: str, header: bool, on_bad_lines: str, skipped: list[int]):
     return _hf_table(load_hf(uri), uri)
 
 
@@ -513,6 +558,7 @@ def _task(task: Task | str) -> Task:
 def _missing(uri: str, hint: str) -> DataError:
     """A 'not found' error that lists what the nearest existing local folder does hold."""
     if storage.is_remote(uri):
+        storage.check_bucket(uri)  # a placeholder or misspelt bucket is named as such
         return DataError(f"{uri} does not exist; {hint}")
     path = Path(uri)
     parent = path.parent

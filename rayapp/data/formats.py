@@ -11,9 +11,14 @@ behind `hf://` URIs: one place for `fewshot` (labelled tables) and `corpus` (doc
 - `load_hf`: `hf://NAME/CONFIG?split=S` or `hf://ORG/NAME?config=C&split=S` (see
   `storage.parse_hf_uri`) through `datasets.load_dataset`, streamed or not; a wrong name,
   config or split is a DataError.
+- Lines that do not parse (`on_bad_lines`, one of `ON_BAD_LINES`): "error" (the default)
+  makes the first one a DataError naming the file and line (`bad_line_error`); "skip" skips
+  them, and the reader counts them and warns once (`warn_skipped`). Never silent: a
+  corpus with 2 broken lines in 40 is 38 documents, and says so.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
@@ -23,6 +28,9 @@ from rayapp.errors import DataError
 TABLE_FORMATS = ("tsv", "csv", "jsonl", "json", "parquet", "hf")
 CORPUS_FORMATS = ("text", "wikiextractor", "jsonl", "parquet", "hf")
 BLOCK_BYTES = 1 << 16
+ON_BAD_LINES = ("error", "skip")
+
+log = logging.getLogger(__name__)
 
 
 def suffix_format(uri: str) -> str | None:
@@ -42,6 +50,24 @@ def detect_format(uri: str, formats: tuple[str, ...]) -> str:
         raise DataError(f"cannot tell the format of {uri} from its extension {suffix!r}; supported: "
                         f"{listed} and hf://NAME[/CONFIG]?split=SPLIT, or pass fmt=")
     return fmt
+
+
+def check_on_bad_lines(value: str) -> None:
+    if value not in ON_BAD_LINES:
+        raise DataError(f"on_bad_lines={value!r}: use 'error' (a line that does not parse stops the read, "
+                        "naming it) or 'skip' (such lines are skipped and counted)")
+
+
+def bad_line_error(where: str, problem: str) -> DataError:
+    """The error for one line that does not parse; `where` names the file and the line."""
+    return DataError(f"{where} {problem}; fix or delete that line, or pass on_bad_lines=skip to skip "
+                     "such lines (they are counted)")
+
+
+def warn_skipped(uri: str, count: int, detail: str = "") -> None:
+    """The one warning of a read with on_bad_lines=skip that skipped `count` lines."""
+    if count:
+        log.warning("%s: skipped %d line(s) that do not parse (on_bad_lines=skip)%s", uri, count, detail)
 
 
 def iter_lines(stream, offset: int = 0, block: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:

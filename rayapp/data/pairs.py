@@ -7,8 +7,10 @@ records it); examples keep raw sentences and the encoder truncates. Output:
 `OUT/part-NNNNN.parquet` with columns `text_a, text_b, label, doc_a, doc_b, sent_a, sent_b`
 (sent_* = the sentence's position among all sentences of its document, see
 `rayapp.data.corpus`), so every label can be checked against the source, then
-`OUT/_meta.json` (`rayapp.data.shards`: written last, it marks a finished folder; consumers
-refuse a folder without it).
+`OUT/_meta.json` (`rayapp.data.shards`: written last, it marks a finished folder and holds
+each shard's rows and checksum; consumers refuse a folder without it). Corpus lines that do
+not parse stop the build, naming the line, or with `on_bad_lines=skip` are skipped and
+counted (`corpus_counts.bad_lines`).
 
 Candidates. From a document with kept sentences at positions p_0 < ... < p_{k-1}:
 - label 2: the pairs (i, i+1) with p_{i+1} = p_i + 1 (a dropped sentence in between breaks
@@ -62,17 +64,18 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import ray
 
-from rayapp import storage
+from rayapp import env, storage
 from rayapp.data.corpus import (CHUNK_BYTES, DROP_REASONS, Source, check_words, document_sentences,
                                 plan_sources)
-from rayapp.data.formats import CORPUS_FORMATS
+from rayapp.data.formats import CORPUS_FORMATS, warn_skipped
 from rayapp.data.shards import META, shard_name, write_meta, write_table
+from rayapp.config import InputPath, OutputPath
 from rayapp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -92,8 +95,8 @@ _ENUMERATE = 1 << 22  # label-0 populations up to this size are enumerated, not 
 class PairsConfig:
     """`rayapp intermediate pairs --config FILE key=value ...`"""
 
-    corpus: str  # text / WikiExtractor / JSONL / parquet files, s3:// prefix or hf://
-    out: str  # output folder, local or s3://
+    corpus: InputPath  # text / WikiExtractor / JSONL / parquet files, s3:// prefix or hf://
+    out: OutputPath  # output folder, local or s3://
     num_examples: int  # exactly this many pairs, balanced over the three labels
     seed: int = 0
     fmt: str = "auto"  # the corpus reader's settings (rayapp.data.corpus)
@@ -103,6 +106,7 @@ class PairsConfig:
     max_words: int = 80
     chunk_bytes: int = CHUNK_BYTES  # corpus bytes per split task
     rows_per_shard: int = 100_000
+    on_bad_lines: Literal["error", "skip"] = "error"  # a JSONL line that does not parse (rayapp.data.corpus)
 
     def __post_init__(self) -> None:
         if self.num_examples < 1:
@@ -143,6 +147,7 @@ class PairCounts:
     headings: int
     long: int
     undecodable: int
+    bad_lines: int  # corpus lines skipped as unparseable (on_bad_lines="skip"); not documents
 
     @property
     def capacity(self) -> list[int]:
@@ -204,8 +209,11 @@ def _write_arrow(fs, path: str, table: pa.Table, batch_bounds: list[int] | None 
 def _split_source(source: Source, index: int, fs, work: str, min_words: int, max_words: int) -> dict:
     """Round 1: one source's kept sentences -> `sent-INDEX.arrow`; returns its counts."""
     texts, docs, positions, ids, sizes = [], [], [], [], []
-    counts = dict.fromkeys(("documents", *DROP_REASONS), 0)
+    counts = dict.fromkeys(("documents", "bad_lines", *DROP_REASONS), 0)
     for doc_id, text in source.docs():
+        if text is None:  # a line skipped under on_bad_lines="skip"
+            counts["bad_lines"] += 1
+            continue
         doc = document_sentences(text, min_words=min_words, max_words=max_words)
         counts["documents"] += 1
         for reason in DROP_REASONS:
@@ -227,7 +235,8 @@ def _split_source(source: Source, index: int, fs, work: str, min_words: int, max
 
 def _corpus_counts(splits: list[dict]) -> PairCounts:
     k = np.concatenate([s["k"] for s in splits])
-    total = {key: sum(s[key] for s in splits) for key in ("documents", "adjacent", "nonadjacent", *DROP_REASONS)}
+    total = {key: sum(s[key] for s in splits)
+             for key in ("documents", "bad_lines", "adjacent", "nonadjacent", *DROP_REASONS)}
     return PairCounts(empty=total["documents"] - len(k), single=int(np.sum(k == 1)), sentences=int(k.sum()),
                       square=int(np.sum(k * k)), **total)
 
@@ -334,8 +343,9 @@ def _gather_source(index: int, requests: _Requests, fs, work: str, rows_per_shar
 
 # --- round 4: write ------------------------------------------------------------------------
 
-def _write_shard(shard: int, sources: int, fs, work: str, out: str) -> list[int]:
-    """Round 4: one output shard from every source's piece; returns its label counts."""
+def _write_shard(shard: int, sources: int, fs, work: str, out: str) -> tuple[list[int], dict]:
+    """Round 4: one output shard from every source's piece; returns its label counts and
+    its `_meta.json` entry."""
     batches = []
     for index in range(sources):
         with fs.open_input_file(_table_path(work, "piece", index)) as f:
@@ -351,8 +361,8 @@ def _write_shard(shard: int, sources: int, fs, work: str, out: str) -> list[int]
     table = pa.table([picked[name].take(index) for name, index in columns], names=PAIRS_SCHEMA.names)
     del picked  # the text is in `table` now: hold one copy while writing
     table = table.cast(PAIRS_SCHEMA)
-    write_table(storage.join(out, shard_name(shard)), table)
-    return np.bincount(table["label"].to_numpy(), minlength=3).tolist()
+    entry = write_table(storage.join(out, shard_name(shard)), table)
+    return np.bincount(table["label"].to_numpy(), minlength=3).tolist(), entry
 
 
 # --- build ---------------------------------------------------------------------------------
@@ -366,7 +376,8 @@ def check_out_dir(out: str) -> None:
 
 def _no_pairs_error(corpus: str, counts: PairCounts) -> DataError | None:
     if counts.documents == 0:
-        return DataError(f"corpus {corpus} holds no documents; check that its files are in the "
+        skipped = f" ({counts.bad_lines} lines skipped as unparseable)" if counts.bad_lines else ""
+        return DataError(f"corpus {corpus} holds no documents{skipped}; check that its files are in the "
                          "format given (fmt=...) and not empty")
     if counts.sentences == 0:
         return DataError(
@@ -395,8 +406,10 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     check_out_dir(cfg.out)
     storage.makedirs(cfg.out)
     storage.require_shared({"corpus": cfg.corpus, "out": cfg.out})  # Ray tasks on any node read and write them
+    # on the driver: an empty or unreadable corpus fails before Ray starts
     sources = plan_sources(cfg.corpus, fmt=cfg.fmt, text_column=cfg.text_column, id_column=cfg.id_column,
-                           chunk_bytes=cfg.chunk_bytes)
+                           chunk_bytes=cfg.chunk_bytes, on_bad_lines=cfg.on_bad_lines)
+    env.start_ray()
     work = storage.join(cfg.out, WORK)
     fs, work_root = storage.filesystem(work)
     if storage.exists(work):  # a crashed run's scratch
@@ -408,6 +421,7 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     splits = ray.get([split.remote(s, i, fs, work_root, cfg.min_words, cfg.max_words)
                       for i, s in enumerate(sources)])
     counts = _corpus_counts(splits)
+    warn_skipped(cfg.corpus, counts.bad_lines)
     needed = label_counts(cfg.num_examples)
     error = _no_pairs_error(cfg.corpus, counts)
     if error is None and any(n > c for n, c in zip(needed, counts.capacity)):
@@ -436,13 +450,13 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         "task": task.name, "template": task.template, "verbalizer": task.verbalizer,
         "labels": {str(label): text for label, text in PAIR_LABELS.items()},
         "corpus": cfg.corpus, "seed": cfg.seed, "num_examples": cfg.num_examples,
-        "counts": {str(label): int(sum(w[label] for w in written)) for label in range(3)},
+        "counts": {str(label): int(sum(labels[label] for labels, _ in written)) for label in range(3)},
         "files": [shard_name(s) for s in range(shards)],
         "corpus_counts": asdict(counts),
         "capacity": {str(label): c for label, c in enumerate(counts.capacity)},
         "config": asdict(cfg), "sources": len(sources), "seconds": time.perf_counter() - start,
     }
-    write_meta(cfg.out, stats)
+    write_meta(cfg.out, stats, {shard_name(s): entry for s, (_, entry) in enumerate(written)})
     return stats
 
 

@@ -15,10 +15,14 @@ Pipeline (two Ray Data jobs; nothing but counts reaches the driver):
 
 1. Sentence table: the corpus is read and split once, by Ray tasks, into shards of at most
    `rows_per_shard` sentences (`text_a, doc_id, sent`), each named by a digest of its
-   content; its `_meta.json` lists them (in name order) and holds the corpus counts, so an
-   empty corpus fails before any teacher loads. The table is the stage's record of what
-   each output shard was scored from: it is kept, and rebuilt only if the reading
-   settings change before any output shard exists.
+   content; its `_meta.json` lists them (in name order, with their rows and checksums) and
+   holds the corpus counts, so an empty corpus fails before any teacher loads (an empty
+   or unreadable one before Ray starts). Corpus lines that do not parse stop the build,
+   naming the line, or with `on_bad_lines=skip` are skipped and counted
+   (`corpus_counts.bad_lines`). The table is the stage's record of what each output shard
+   was scored from: it is kept, and rebuilt only if the reading settings change before any
+   output shard exists. A reused table is checked shard by shard (`shards.shard_uris`),
+   and the scorer checks each shard's sha256 as it reads it whole.
 2. Scoring: output shard `part-NNNNN.parquet` holds the confident sentences of table shard
    NNNNN, written whole by the actor that scored it, with the shard's scored / kept counts
    in its parquet metadata. The names depend only on the table, so a re-run into the same
@@ -45,16 +49,17 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from rayapp import storage
+from rayapp import env, storage
 from rayapp.data import shards
-from rayapp.data.corpus import read_sentences
+from rayapp.data.corpus import plan_sources, read_sentences
+from rayapp.data.formats import warn_skipped
+from rayapp.config import InputPath, ModelRef, OutputPath
 from rayapp.errors import ConfigError, DataError
 from rayapp.modeling.models import check_model, load_tokenizer, local_model_dir, portable_model
 from rayapp.modeling.scorer import TeacherScorer, actor_device, default_batch_size, pool_args
@@ -67,16 +72,16 @@ STAGE = "sentiment"
 TASK = INTERMEDIATE_TASKS["smash-sentiment"]
 COLUMNS = ["text_a", "label", "prob", "probs", "doc_id", "sent", "key"]
 TABLE = "_sentences"  # sub-folder of the output: the sentence table
-_COUNTS = ("documents", "sentences", "fragments", "long", "undecodable")
+_COUNTS = ("documents", "sentences", "fragments", "long", "undecodable", "bad_lines")
 
 
 @dataclass
 class SentimentConfig:
     """`rayapp intermediate sentiment --config FILE key=value ...`"""
 
-    corpus: str  # text / WikiExtractor / JSONL / parquet files, s3:// prefix or hf://
-    teacher: str  # teacher MLM that scores the sentences
-    out: str  # output folder, local or s3://
+    corpus: InputPath  # text / WikiExtractor / JSONL / parquet files, s3:// prefix or hf://
+    teacher: ModelRef  # teacher MLM that scores the sentences
+    out: OutputPath  # output folder, local or s3://
     num_examples: int | None = None  # cap on the sentences kept; None: every confident one
     threshold: float = 0.5  # keep sentences whose top class probability is >= this
     seed: int = 0
@@ -91,6 +96,7 @@ class SentimentConfig:
     use_gpu: bool = False  # one GPU per actor
     cpus_per_actor: int = 1
     rows_per_shard: int = 10_000  # sentences per table shard: the unit of scoring and resume
+    on_bad_lines: Literal["error", "skip"] = "error"  # a JSONL line that does not parse (rayapp.data.corpus)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -139,16 +145,18 @@ def _explode(batch: pa.Table) -> pa.Table:
 
 def _write_sentences(batch: pa.Table, table: str, rows_per_shard: int) -> pa.Table:
     """Ray Data fn: a block of documents -> table shards named by their content; returns
-    one row with the names and the block's corpus counts."""
-    sentences, names = _explode(batch), []
+    one row with the names, their `_meta.json` entries and the block's corpus counts."""
+    sentences, names, entries = _explode(batch), [], []
     for start in range(0, sentences.num_rows, rows_per_shard):
         part = sentences.slice(start, rows_per_shard)
         ends = [f"{part['doc_id'][i]}/{part['sent'][i]}" for i in (0, part.num_rows - 1)]
         digest = hashlib.blake2b("|".join([*ends, str(part.num_rows)]).encode("utf-8"), digest_size=8).hexdigest()
         names.append(f"s-{digest}.parquet")
-        shards.write_table(storage.join(table, names[-1]), part)
-    counts = {c: [int(pc.sum(batch[c]).as_py() or 0)] for c in ("fragments", "long", "undecodable")}
-    return pa.table({"names": [names], "documents": [batch.num_rows], "sentences": [sentences.num_rows], **counts})
+        entries.append(shards.write_table(storage.join(table, names[-1]), part))
+    counts = {c: [int(pc.sum(batch[c]).as_py() or 0)] for c in ("fragments", "long", "undecodable", "bad_line")}
+    bad = counts.pop("bad_line")
+    return pa.table({"names": [names], "entries": [entries], "documents": [batch.num_rows - bad[0]],
+                     "sentences": [sentences.num_rows], "bad_lines": bad, **counts})
 
 
 def sentence_table(cfg: SentimentConfig, settings: dict, scored: set[str]) -> dict:
@@ -157,21 +165,23 @@ def sentence_table(cfg: SentimentConfig, settings: dict, scored: set[str]) -> di
     table = storage.join(cfg.out, TABLE)
     meta = shards.read_meta(table)
     if meta is not None and meta["settings"] == settings:
+        shards.shard_uris(table)  # every shard there, whole, before any teacher loads
         return meta
     if scored:
         raise DataError(f"{cfg.out} holds scored shards but its sentence table {table} is gone, so "
                         "they cannot be matched to their sentences; write to a new folder")
     if storage.exists(table):  # another try's or other settings' shards must not be listed
         shards.remove(table, [f.rsplit("/", 1)[-1] for f in storage.list_files(table)])
-    sentences = read_sentences(cfg.corpus, fmt=cfg.fmt, text_column=cfg.text_column,
-                               id_column=cfg.id_column, min_words=cfg.min_words, max_words=cfg.max_words)
+    sentences = read_sentences(cfg.corpus, fmt=cfg.fmt, text_column=cfg.text_column, id_column=cfg.id_column,
+                               min_words=cfg.min_words, max_words=cfg.max_words, on_bad_lines=cfg.on_bad_lines)
     blocks = sentences.map_batches(_write_sentences, batch_format="pyarrow",
                                    fn_kwargs={"table": table, "rows_per_shard": cfg.rows_per_shard}).take_all()
-    meta = {"stage": "sentence-table", "settings": settings,
-            "files": sorted(name for b in blocks for name in b["names"]),
+    written = {name: entry for b in blocks for name, entry in zip(b["names"], b["entries"])}
+    meta = {"stage": "sentence-table", "settings": settings, "files": sorted(written),
             "counts": {c: sum(int(b[c]) for b in blocks) for c in _COUNTS}}
-    shards.write_meta(table, meta)
-    return meta
+    warn_skipped(cfg.corpus, meta["counts"]["bad_lines"])
+    shards.write_meta(table, meta, written)
+    return shards.require_meta(table)
 
 
 # --- 2. scoring -----------------------------------------------------------------------------
@@ -179,22 +189,22 @@ def sentence_table(cfg: SentimentConfig, settings: dict, scored: set[str]) -> di
 class SentimentWriter:
     """Ray Data actor: scores whole table shards and writes each one's confident sentences.
 
-    Input rows: `{"name": output shard, "source": table shard URI}`; output one row per
-    shard: `name`, `scored`, `kept`."""
+    Input rows: `{"name": output shard, "source": table shard URI, "entry": its
+    `_meta.json` entry}`; output one row per shard: `name`, `scored`, `kept`, `entry` (the
+    written shard's)."""
 
     def __init__(self, teacher: str, max_length: int, batch_size: int, threshold: float, seed: int, out: str):
         self.scorer = TeacherScorer(teacher, TASK, max_length, actor_device())
         self.batch_size, self.threshold, self.seed, self.out = batch_size, threshold, seed, out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        done = {"name": [], "scored": [], "kept": []}
+        done = {"name": [], "scored": [], "kept": [], "entry": []}
         for unit in batch.to_pylist():
-            fs, path = storage.filesystem(unit["source"])
-            sentences = pq.read_table(path, filesystem=fs)
+            sentences = shards.read_whole(unit["source"], unit["entry"])  # read whole anyway: sha256 too
             scored = sentences.append_column("probs", self.scorer.label_probs(sentences, self.batch_size))
             kept = label_confident(scored, self.threshold, self.seed).select(COLUMNS)
             kept = kept.replace_schema_metadata({"scored": str(sentences.num_rows), "kept": str(kept.num_rows)})
-            shards.write_table(storage.join(self.out, unit["name"]), kept)
+            done["entry"].append(shards.write_table(storage.join(self.out, unit["name"]), kept))
             done["name"].append(unit["name"])
             done["scored"].append(sentences.num_rows)
             done["kept"].append(kept.num_rows)
@@ -203,29 +213,38 @@ class SentimentWriter:
 
 # --- 3. cap -----------------------------------------------------------------------------------
 
-def _cap_shards(batch: pa.Table, limit: int) -> pa.Table:
+def _column(uri: str, name: str) -> np.ndarray:
+    with shards.open_shard(uri) as f:
+        return f.read(columns=[name])[name].to_numpy()
+
+
+def _cap_shards(batch: pa.Table, out: str, limit: int) -> pa.Table:
     """Ray Data fn: rewrite shards keeping the rows with key <= limit (schema metadata,
-    i.e. the shard's scored / kept counts, rides along)."""
-    for uri in batch["uri"].to_pylist():
-        fs, path = storage.filesystem(uri)
-        table = pq.read_table(path, filesystem=fs)
-        shards.write_table(uri, table.filter(pc.less_equal(table["key"], pa.scalar(limit, pa.uint64()))))
-    return pa.table({"rewritten": [batch.num_rows]})
+    i.e. the shard's scored / kept counts, rides along); returns their new entries."""
+    entries = []
+    for name in batch["name"].to_pylist():
+        uri = storage.join(out, name)
+        with shards.open_shard(uri) as f:
+            table = f.read()
+        kept = table.filter(pc.less_equal(table["key"], pa.scalar(limit, pa.uint64())))
+        entries.append(shards.write_table(uri, kept))
+    return pa.table({"name": batch["name"], "entry": entries})
 
 
-def _cap(out: str, names: list[str], num_examples: int) -> None:
-    """Keep the `num_examples` smallest keys over all shards (module docstring, step 3)."""
+def _cap(out: str, names: list[str], num_examples: int) -> dict[str, dict]:
+    """Keep the `num_examples` smallest keys over all shards (module docstring, step 3);
+    returns the `_meta.json` entries of the shards it rewrote."""
     import ray
 
-    keys = {name: pq.read_table(path, columns=["key"], filesystem=fs)["key"].to_numpy()
-            for name, (fs, path) in ((n, storage.filesystem(storage.join(out, n))) for n in names)}
+    keys = {name: _column(storage.join(out, name), "key") for name in names}
     every = np.concatenate(list(keys.values()))
     if len(every) <= num_examples:
-        return
+        return {}
     limit = int(np.partition(every, num_examples - 1)[num_examples - 1])
-    over = [storage.join(out, n) for n, k in keys.items() if len(k) and k.max() > limit]
-    ray.data.from_items([{"uri": u} for u in over], override_num_blocks=len(over)).map_batches(
-        _cap_shards, fn_kwargs={"limit": limit}, batch_format="pyarrow").take_all()
+    over = [n for n, k in keys.items() if len(k) and k.max() > limit]
+    rewritten = ray.data.from_items([{"name": n} for n in over], override_num_blocks=len(over)).map_batches(
+        _cap_shards, fn_kwargs={"out": out, "limit": limit}, batch_format="pyarrow").take_all()
+    return {r["name"]: r["entry"] for r in rewritten}
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -245,6 +264,10 @@ def run(cfg: SentimentConfig) -> dict[str, Any]:
     done = shards.begin(cfg.out, plan, "sentiment build")
     # Ray tasks and actors on any node read the corpus and teacher and write the shards
     storage.require_shared({"corpus": cfg.corpus, "teacher": cfg.teacher, "out": cfg.out})
+    # a missing, empty or unreadable corpus fails here, before Ray starts (the sentence table's
+    # Ray Data job plans the corpus again: a listing and a first-line sniff)
+    plan_sources(cfg.corpus, fmt=cfg.fmt, text_column=cfg.text_column, id_column=cfg.id_column)
+    env.start_ray()
     start = time.perf_counter()
     table = sentence_table(cfg, settings, done)
     counts = table["counts"]
@@ -252,10 +275,12 @@ def run(cfg: SentimentConfig) -> dict[str, Any]:
         raise DataError(
             f"corpus {cfg.corpus} has no usable sentence to score ({counts['documents']} documents; dropped "
             f"{counts['fragments']} fragments, {counts['long']} longer than max_words={cfg.max_words}, "
-            f"{counts['undecodable']} undecodable); check the corpus format or lower min_words / raise max_words")
+            f"{counts['undecodable']} undecodable, {counts.get('bad_lines', 0)} lines skipped as unparseable); "
+            "check the corpus format or lower min_words / raise max_words")
 
     names = [shards.shard_name(i) for i in range(len(table["files"]))]
-    todo = [{"name": n, "source": storage.join(cfg.out, TABLE, f)}
+    entries = table.get("shards", {})  # none in a table from before the entries (rayapp.data.shards)
+    todo = [{"name": n, "source": storage.join(cfg.out, TABLE, f), "entry": entries.get(f)}
             for n, f in zip(names, table["files"]) if n not in done]
     log.info("sentiment %s: %d shards to score, %d already written", cfg.out, len(todo), len(names) - len(todo))
     written = []
@@ -270,8 +295,11 @@ def run(cfg: SentimentConfig) -> dict[str, Any]:
     scoring_seconds = time.perf_counter() - start
 
     uris = [storage.join(cfg.out, n) for n in names]
-    per_shard = [pq.read_schema(path, filesystem=fs).metadata for fs, path in map(storage.filesystem, uris)]
-    kept = sum(int(m[b"kept"]) for m in per_shard)
+    written_entries = {r["name"]: r["entry"] for r in written}
+    kept = 0
+    for uri in uris:  # a shard an earlier run wrote is read here first: a damaged one fails by name
+        with shards.open_shard(uri) as f:
+            kept += int(f.schema_arrow.metadata[b"kept"])
     if kept == 0:
         shards.remove(cfg.out, names)
         raise DataError(f"none of the {counts['sentences']} sentences of {cfg.corpus} reached threshold="
@@ -280,9 +308,8 @@ def run(cfg: SentimentConfig) -> dict[str, Any]:
         if kept < cfg.num_examples:
             log.warning("only %d of %d sentences passed threshold %s; writing all %d", kept,
                         counts["sentences"], cfg.threshold, kept)
-        _cap(cfg.out, names, cfg.num_examples)
-    labels = np.concatenate([pq.read_table(path, columns=["label"], filesystem=fs)["label"].to_numpy()
-                             for fs, path in map(storage.filesystem, uris)])
+        written_entries.update(_cap(cfg.out, names, cfg.num_examples))
+    labels = np.concatenate([_column(uri, "label") for uri in uris])
     by_label = np.bincount(labels, minlength=len(TASK.labels))
     stats = {
         "stage": STAGE, "task": TASK.name, "template": TASK.template, "verbalizer": TASK.verbalizer,
@@ -294,7 +321,7 @@ def run(cfg: SentimentConfig) -> dict[str, Any]:
         "shards_written": len(todo), "shards_skipped": len(names) - len(todo),
         "scored_this_run": sum(r["scored"] for r in written), "seconds": scoring_seconds,
     }
-    shards.write_meta(cfg.out, stats)
+    shards.write_meta(cfg.out, stats, written_entries)
     return stats
 
 

@@ -20,8 +20,11 @@ R = `rows_per_shard`), so the layout is a pure function of the inputs and R. The
 scores a shard writes it whole (`rayapp.data.shards.write_table`), so a shard that exists is
 complete and no row passes through the driver. `_plan.json` is written first; a re-run into
 the same folder with the same plan skips the shards that exist, and a re-run with another
-plan is refused. `_meta.json` comes last, when every shard exists; `read_cache` and the
-distill recipe refuse a folder without it, and the examples folder must have one too.
+plan is refused. `_meta.json` comes last, when every shard exists, with each shard's rows
+and checksum; `read_cache` and the distill recipe refuse a folder without it, and the
+examples folder must have one too. Its shards are checked against it before any actor
+starts (`shards.shard_uris`: a half or garbage shard names itself and how to rebuild it),
+and the actors read them through `shards.open_shard` (page CRCs verified).
 
 Values are fp16, as logits shifted by the example's largest logit (softmax does not change
 under a shift, and `lse` is stored with the same shift, in float32): real teachers put mask
@@ -43,10 +46,10 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from rayapp import storage
+from rayapp import env, storage
 from rayapp.data import shards
+from rayapp.config import InputPath, ModelRef, OutputPath
 from rayapp.errors import ConfigError, DataError
 from rayapp.modeling.models import (check_model, load_model_config, load_tokenizer, local_model_dir, portable_model,
                                     vocab_fingerprint)
@@ -64,9 +67,9 @@ CACHE_COLUMNS = ["input_ids", "mask_pos", "topk_values", "topk_indices", "lse", 
 class CacheConfig:
     """`rayapp teacher-cache --config FILE key=value ...`"""
 
-    examples: str  # a finished intermediate-examples folder (pairs or sentiment), local or s3://
-    teacher: str  # teacher MLM: HF id, local dir or s3://
-    out: str  # the cache folder, local or s3://
+    examples: InputPath  # a finished intermediate-examples folder (pairs or sentiment), local or s3://
+    teacher: ModelRef  # teacher MLM: HF id, local dir or s3://
+    out: OutputPath  # the cache folder, local or s3://
     task: str = "smash-pairs"  # intermediate task whose prompt the teacher reads
     top_k: int = 64
     max_length: int | None = None  # None: the task's (SMASH App. A.1)
@@ -105,17 +108,17 @@ def plan_shards(inputs: list[tuple[str, int]], rows_per_shard: int) -> list[Shar
     ]
 
 
-def read_range(fs, path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
-    """Rows [start, stop) of a parquet file, reading only the row groups that hold them."""
-    pf = pq.ParquetFile(fs.open_input_file(path))
-    groups, first, offset = [], None, 0
-    for i in range(pf.num_row_groups):
-        n = pf.metadata.row_group(i).num_rows
-        if offset < stop and offset + n > start:
-            groups.append(i)
-            first = offset if first is None else first
-        offset += n
-    return pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+def read_range(uri: str, start: int, stop: int, columns: list[str]) -> pa.Table:
+    """Rows [start, stop) of a shard, reading only the row groups that hold them."""
+    with shards.open_shard(uri) as pf:
+        groups, first, offset = [], None, 0
+        for i in range(pf.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(i)
+                first = offset if first is None else first
+            offset += n
+        return pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
 
 
 class CacheWriter:
@@ -123,7 +126,7 @@ class CacheWriter:
 
     Input rows are `Shard`s; output one row per shard: `name`, `rows`, `tokens` (the
     prompt tokens scored, padding excluded), `start` and `end` (wall clock, seconds), `actor`
-    (its process id)."""
+    (its process id), `entry` (its `_meta.json` entry)."""
 
     def __init__(self, teacher: str, task, max_length: int, top_k: int, batch_size: int,
                  columns: list[str], out: str):
@@ -131,14 +134,13 @@ class CacheWriter:
         self.top_k, self.batch_size, self.columns, self.out = top_k, batch_size, columns, out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        done = {"name": [], "rows": [], "tokens": [], "start": [], "end": [], "actor": []}
+        done = {"name": [], "rows": [], "tokens": [], "start": [], "end": [], "actor": [], "entry": []}
         for shard in batch.to_pylist():
             done["start"].append(time.time())
-            fs, path = storage.filesystem(shard["uri"])
-            table = read_range(fs, path, shard["start"], shard["stop"], self.columns)
+            table = read_range(shard["uri"], shard["start"], shard["stop"], self.columns)
             for name, column in self.scorer.topk(table, self.top_k, self.batch_size).items():
                 table = table.append_column(name, column)
-            shards.write_table(storage.join(self.out, shard["name"]), table)
+            done["entry"].append(shards.write_table(storage.join(self.out, shard["name"]), table))
             done["name"].append(shard["name"])
             done["rows"].append(table.num_rows)
             done["tokens"].append(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
@@ -151,8 +153,8 @@ def _inspect_inputs(examples: str, required: list[str]) -> tuple[list[tuple[str,
     """`([(uri, rows), ...], columns to carry)` of a finished examples folder, checked."""
     inputs, carry = [], None
     for uri in shards.shard_uris(examples):
-        fs, path = storage.filesystem(uri)
-        meta = pq.ParquetFile(fs.open_input_file(path)).metadata
+        with shards.open_shard(uri) as f:
+            meta = f.metadata
         names = meta.schema.to_arrow_schema().names
         missing = [c for c in required if c not in names]
         if missing:
@@ -194,7 +196,9 @@ def run(cfg: CacheConfig) -> dict:
     # back: refuse node-local paths before any work (made first, so both sides see `out`)
     storage.makedirs(cfg.out)
     storage.require_shared({"examples": cfg.examples, "teacher": cfg.teacher, "out": cfg.out})
+    # every examples shard checked against its _meta.json entry before Ray starts
     inputs, carry = _inspect_inputs(cfg.examples, ["text_a", "text_b"][: task.num_inputs])
+    env.start_ray()
     plan = {
         "stage": STAGE, "teacher": cfg.teacher, "task": task.name, "template": task.template,
         "verbalizer": task.verbalizer, "max_length": max_length, "top_k": cfg.top_k,
@@ -215,10 +219,7 @@ def run(cfg: CacheConfig) -> dict:
         ).take_all()
     seconds = time.perf_counter() - start
 
-    covered = pa.concat_arrays([
-        pq.read_table(path, columns=["covered"], filesystem=fs)["covered"].combine_chunks()
-        for fs, path in (storage.filesystem(storage.join(cfg.out, s.name)) for s in planned)
-    ])
+    covered = pa.concat_arrays([_covered(storage.join(cfg.out, s.name)) for s in planned])
     mean_covered = pc.mean(covered).as_py()
     if mean_covered < cfg.warn_covered:
         log.warning("the top-%d cache %s covers %.1f%% of the teacher's probability mass on average "
@@ -232,7 +233,7 @@ def run(cfg: CacheConfig) -> dict:
         "vocab_size": vocab_size, "vocab_fingerprint": vocab_fingerprint(tokenizer),
         "tokenizer": f"{type(tokenizer).__name__}({tokenizer.name_or_path})",
         "mean_covered": mean_covered, "warn_covered": cfg.warn_covered,
-    })
+    }, {r["name"]: r["entry"] for r in written})
     return {
         "examples": len(covered), "computed": computed, "shards_written": len(todo),
         "shards_skipped": len(planned) - len(todo), "actors": len({r["actor"] for r in written}),
@@ -242,6 +243,13 @@ def run(cfg: CacheConfig) -> dict:
         "scoring_tokens_per_s": tokens / (max(r["end"] for r in written) - min(r["start"] for r in written))
         if tokens else 0.0,
     }
+
+
+def _covered(uri: str) -> pa.Array:
+    """A cache shard's `covered` column (a shard an earlier run wrote is first read here:
+    a damaged one fails by name)."""
+    with shards.open_shard(uri) as f:
+        return f.read(columns=["covered"])["covered"].combine_chunks()
 
 
 def build_cache(examples: str, teacher: str, out: str, **settings) -> dict:

@@ -15,7 +15,9 @@ intermediate task's prompt. The seven settings of SMASH §4.4 are presets of `ob
 
 `data` is a teacher cache (`rayapp teacher-cache`) for `ce` with `teacher_mode=cache`, a
 corpus (any `corpus.read_documents` format) for `distilbert` (SMASH §4.4 trains setting 5
-on raw Wikipedia text at length 512, not on the intermediate examples), else intermediate
+on raw Wikipedia text at length 512, not on the intermediate examples; its L_ce is on every
+non-pad token, DistilBERT's default, or with `distilbert_ce=masked` on the masked tokens only:
+`losses.distilbert_loss`), else intermediate
 examples (parquet with text_a[, text_b], label). A cache keeps the teacher's top-k logits;
 `topk_mode=tail` (default) puts the missing mass in one tail bucket (see
 `losses.soft_ce_topk`). It streams from Ray Data into each worker; the batch size is global
@@ -29,12 +31,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rayapp import storage
+from rayapp import env
+from rayapp.config import InputPath, ModelRef
 from rayapp.errors import ConfigError
 from rayapp.losses import TOPK_MODES
 from rayapp.modeling.batches import MLMBatcher, cache_batch, prompt_batch
 from rayapp.modeling.models import LogitsAt, check_model, load_mlm, load_tokenizer, local_model_dir, portable_model
 from rayapp.recipes import objectives
+from rayapp.recipes.finetune import check_same_vocabulary
 from rayapp.tasks.prompts import PromptEncoder
 from rayapp.tasks.registry import INTERMEDIATE_TASKS, MAX_LENGTH
 from rayapp.train.config import TrainConfig
@@ -61,9 +65,9 @@ DISTILBERT_MAX_LENGTH = 512  # SMASH §4.4 setting (5)
 
 @dataclass
 class DistillConfig(TrainConfig):
-    student: str = "distilroberta-base"
-    teacher: str | None = "roberta-large"
-    data: str = ""                      # teacher cache, corpus (distilbert) or intermediate examples URI
+    student: ModelRef = "distilroberta-base"
+    teacher: ModelRef | None = "roberta-large"
+    data: InputPath = ""                # teacher cache, corpus (distilbert) or intermediate examples URI
     setting: int | None = None          # SMASH §4.4 preset (1)-(7); explicit keys still win
     objective: Objective = "ce"
     teacher_mode: Literal["cache", "online"] = "cache"
@@ -73,6 +77,7 @@ class DistillConfig(TrainConfig):
     temperature: float = 1.0
     topk_mode: str = "tail"             # cache: "tail" (missing mass as one bucket) or "renormalize"
     mlm_probability: float = 0.15       # (distilbert) tokens masked in raw text
+    distilbert_ce: Literal["tokens", "masked"] = "tokens"  # (distilbert) L_ce on every non-pad token, or masked only
     batch_size: int = 128
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -143,8 +148,6 @@ def setup(cfg: DistillConfig, inputs: dict, device) -> Setup:
 
 def run(cfg: DistillConfig, callbacks=()) -> dict:
     """Distil; returns the run's record (`<output_dir>/records/<name>.json`)."""
-    import ray
-
     from rayapp.data.mlm_text import build_text_chunks
     from rayapp.data.shards import shard_uris
 
@@ -153,6 +156,8 @@ def run(cfg: DistillConfig, callbacks=()) -> dict:
     check_model(cfg.student)
     if cfg.objective in NEEDS_TEACHER and not cfg.uses_cache:
         check_model(cfg.teacher)
+        # eq. 1 pairs logits id by id: as many tokens is not the same vocabulary (cache mode checks its fingerprint)
+        check_same_vocabulary(cfg.student, cfg.teacher)
     task_name = cfg.task
     if cfg.uses_cache:
         from rayapp.data.teacher_cache import cache_meta
@@ -161,8 +166,7 @@ def run(cfg: DistillConfig, callbacks=()) -> dict:
         task_name = meta["plan"]["task"]
         check_cache_vocabulary(cfg.student, meta, cfg.data)
     if cfg.objective == "distilbert":  # raw text, materialised once as a data folder
-        if not ray.is_initialized():
-            ray.init()
+        env.start_ray()
         data = build_text_chunks(cfg.data, cfg.output_dir, cfg.max_length or DISTILBERT_MAX_LENGTH, 0)
     else:
         data = cfg.data

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from rayapp import storage
+from rayapp.config import InputPath, ModelRef
 from rayapp.data.fewshot import Example, FewShotSplit, load_lmbff
 from rayapp.errors import ConfigError
 from rayapp.modeling.models import (LogitsAt, check_model, load_classifier, load_mlm, load_tokenizer,
@@ -43,14 +44,14 @@ from rayapp.train.worker import worker
 @dataclass
 class FinetuneConfig(TrainConfig):
     task: str = "SST-2"
-    model: str = "distilroberta-base"   # HF id or local dir of a masked LM
-    init: str | None = None             # start from this checkpoint (rayapp run checkpoint or HF dir)
+    model: ModelRef = "distilroberta-base"  # HF id or local dir of a masked LM
+    init: ModelRef | None = None        # start from this checkpoint (rayapp run checkpoint or HF dir)
     method: Literal["prompt", "classifier", "zero-shot"] = "prompt"
-    teacher: str | None = None          # prompt + KD from this teacher's logits (SMASH "distill")
+    teacher: ModelRef | None = None     # prompt + KD from this teacher's logits (SMASH "distill")
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
-    tasks_file: str | None = None       # YAML with extra (user-defined) tasks
-    data_dir: str | None = None         # LM-BFF k-shot root (TASK/K-SEED/...); default: local assets
+    tasks_file: InputPath | None = None  # YAML with extra (user-defined) tasks
+    data_dir: InputPath | None = None   # LM-BFF k-shot root (TASK/K-SEED/...); default: local assets
     k: int = 16
     seed: int = 13                      # few-shot split seed (13 21 42 87 100)
     max_length: int = 128
@@ -74,15 +75,21 @@ class FinetuneConfig(TrainConfig):
             self.max_steps = 0
 
     def resolve_task(self) -> Task:
-        extra = load_tasks(self.tasks_file) if self.tasks_file else {}
-        task = extra[self.task] if self.task in extra else get_task(self.task)
-        return dataclasses.replace(task, lmbff_exact=True) if self.lmbff_exact else task
+        return find_task(self.task, self.tasks_file, self.lmbff_exact)
 
     @property
     def objective(self) -> str:
         if self.method == "classifier":
             return "classifier"
         return "prompt+kd" if self.teacher else "prompt"
+
+
+def find_task(name: str, tasks_file: str | None, lmbff_exact: bool) -> Task:
+    """Task `name` (a user-defined one of `tasks_file` first, else built in), with LM-BFF's own
+    tokenisation rules (`tasks.prompts`) when `lmbff_exact`."""
+    extra = load_tasks(tasks_file) if tasks_file else {}
+    task = extra[name] if name in extra else get_task(name)
+    return dataclasses.replace(task, lmbff_exact=True) if lmbff_exact else task
 
 
 def model_source(ref: str, is_init: bool) -> str:
@@ -204,7 +211,8 @@ def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) ->
     """Fine-tune (or evaluate) one task/split; returns the run's record."""
     task = cfg.resolve_task()
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)  # fail before launching
-    check_model(cfg.init or cfg.model, mlm=cfg.method != "classifier")
+    check_model(cfg.init or cfg.model, mlm=cfg.method != "classifier",
+                prompt=(task, cfg.max_length) if cfg.method != "classifier" else None)
     if cfg.teacher:
         check_model(cfg.teacher)
     split = split or load_lmbff(cfg.data_dir, task, k=cfg.k, seed=cfg.seed)

@@ -103,12 +103,15 @@ ce_attn = _ce_plus(lambda s, t, m: attention_mse(s.attentions, t.attentions, m),
 
 
 def distilbert_objective(student, teacher, batch, ctx: Context):
-    """Setting 5: DistilBERT further pre-training, 5 L_ce + 2 L_mlm + 1 L_cos on raw text."""
+    """Setting 5: DistilBERT further pre-training, 5 L_ce + 2 L_mlm + 1 L_cos on raw text;
+    L_ce on every non-pad token or on the masked ones (`cfg.distilbert_ce`, see
+    `losses.distilbert_loss`)."""
     masked = batch["mlm_labels"] != -100
+    scored = masked if ctx.cfg.distilbert_ce == "masked" else batch["attention_mask"].bool()
     kw = {"output_hidden_states": True}
-    s, s_out = student(batch["input_ids"], batch["attention_mask"], positions=masked, **kw)
-    t, t_out = _teacher(teacher, batch, masked, **kw)
-    return distilbert_loss(s, t, batch["mlm_labels"][masked], s_out.hidden_states[-1], t_out.hidden_states[-1],
+    s, s_out = student(batch["input_ids"], batch["attention_mask"], positions=scored, **kw)
+    t, t_out = _teacher(teacher, batch, scored, **kw)
+    return distilbert_loss(s, t, batch["mlm_labels"][scored], s_out.hidden_states[-1], t_out.hidden_states[-1],
                            batch["attention_mask"], temperature=ctx.cfg.temperature)
 
 
@@ -145,8 +148,8 @@ def prompt_distiller_objective(student, teacher, batch, ctx: PDContext):
     logits, out = at_mask(student, batch, output_hidden_states=cfg.contrastive)
     scores = class_logits(logits, ctx.label_word_ids)
     mlm = F.cross_entropy(scores[:n], batch["labels"])  # eq. 2
-    kd_x = kd_ce(scores[:n], batch["t_scores"], cfg.alpha)  # eq. 3
-    kd_xu = kd_ce(scores[n:], batch["u_t_scores"], cfg.alpha) if cfg.unlabelled else None  # eq. 4
+    kd_x = kd_ce(scores[:n], batch["t_scores"], cfg.alpha, cfg.kd_form)  # eq. 3
+    kd_xu = kd_ce(scores[n:], batch["u_t_scores"], cfg.alpha, cfg.kd_form) if cfg.unlabelled else None  # eq. 4
     cpd_x = cpd_xu = None
     if cfg.contrastive:
         s_probs = ctx.probes.probs(mask_states(out.hidden_states, batch["mask_pos"], ctx.probes.layers))

@@ -11,13 +11,16 @@ held-out 2% of the text (fixed masking).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from rayapp.config import InputPath, ModelRef
 from rayapp.data.mlm_text import build_text_chunks
 from rayapp.data.shards import require_meta, shard_uris
 from rayapp.errors import ConfigError
 from rayapp.modeling.batches import MLMBatcher
+from rayapp import env
 from rayapp.modeling.models import LogitsAt, check_model, load_mlm, load_tokenizer, local_model_dir, portable_model
 from rayapp.recipes import objectives
 from rayapp.train.config import TrainConfig
@@ -30,11 +33,12 @@ from rayapp.train.run import export_model, run_recipe
 
 @dataclass
 class PretrainConfig(TrainConfig):
-    model: str = "distilroberta-base"
-    data: str = ""                  # corpus: text / WikiExtractor / JSONL / parquet files, s3:// or hf://
+    model: ModelRef = "distilroberta-base"
+    data: InputPath = ""            # corpus: text / WikiExtractor / JSONL / parquet files, s3:// or hf://
     max_length: int = 128
     mlm_probability: float = 0.15
     eval_examples: int = 256        # held out from `data` for masked-token accuracy
+    on_bad_lines: Literal["error", "skip"] = "error"  # a corpus line that does not parse (rayapp.data.corpus)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     eval_every: int = 500
@@ -79,13 +83,10 @@ def setup(cfg: PretrainConfig, inputs: dict, device) -> Setup:
 
 
 def run(cfg: PretrainConfig, callbacks=()) -> dict:
-    import ray
-
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)
     check_model(cfg.model)  # before Ray starts
-    if not ray.is_initialized():
-        ray.init()
-    text = build_text_chunks(cfg.data, cfg.output_dir, cfg.max_length, cfg.eval_examples)
+    env.start_ray()
+    text = build_text_chunks(cfg.data, cfg.output_dir, cfg.max_length, cfg.eval_examples, cfg.on_bad_lines)
     inputs = {"model": portable_model(cfg.model), "held_out": require_meta(text)["held_out"],
               "blocks": plan_blocks(shard_uris(text), cfg.engine.num_workers)}
     return run_recipe("pretrain", cfg, setup, inputs, {"text": text}, callbacks=callbacks,

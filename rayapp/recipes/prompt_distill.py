@@ -40,20 +40,31 @@ uniform layer map, one stage; see the objectives' docstrings for what changes wh
 tokenizers differ). Teacher/student FT/PT rows are finetune runs (sweep methods).
 
 Where we differ from the paper (the paper does not say): the probe architecture
-(`modeling.probes`), how alpha is applied (`losses.kd_ce`), the negative pairs and the bank
-(`losses.contrastive_probe_loss`), X~ drawn without replacement (`data.unlabelled`).
+(`modeling.probes`), how alpha is applied (`losses.kd_ce`: alpha softens the teacher only, as
+eq. 3-4 print it; `kd_form=hinton` softens both sides and scales by alpha^2 instead), the
+negative pairs and the bank (`losses.contrastive_probe_loss`), X~ drawn without replacement
+(`data.unlabelled`), and the prompts:
+
+Prompts. PD §3.1 "keep[s] all the prompts to be the same as in PET [4]", but PET's paper
+(Schick & Schütze 2021) gives patterns for Yelp, AG's News, Yahoo, MNLI and X-Stance only: of
+PD's eight tasks only MNLI has one. rayapp uses the task registry's prompts for every task:
+LM-BFF's manual templates and verbalizers (Gao et al. 2021, whose splits and protocol PD
+follows); MNLI's `x0? <mask>, x1` over Yes/Maybe/No is also one of PET's MNLI patterns. With
+`lmbff_exact=true` the prompts are tokenised by LM-BFF's own rules too (`tasks.prompts`), for
+the student, T' and the tuning of T alike; a PET pattern can be given as a task of
+`tasks_file`.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from rayapp import storage
-from rayapp.config import build
+from rayapp.config import InputPath, ModelRef, Overrides, build
 from rayapp.data.fewshot import Example, FewShotSplit, load_lmbff
 from rayapp.data.unlabelled import UnlabelledSet, default_pool, draw_unlabelled, pseudo_label_agreement
 from rayapp.errors import ConfigError
@@ -61,9 +72,8 @@ from rayapp.modeling.models import (LogitsAt, check_model, load_classifier, load
                                     portable_model, vocab_fingerprint)
 from rayapp.modeling.probes import LayerProbes, fit_probes, frozen_outputs, save_probes
 from rayapp.recipes import objectives
-from rayapp.recipes.finetune import FinetuneConfig, evaluate, fewshot_setup, make_batch, model_source
+from rayapp.recipes.finetune import FinetuneConfig, evaluate, fewshot_setup, find_task, make_batch, model_source
 from rayapp.tasks.prompts import PromptEncoder, Task
-from rayapp.tasks.registry import get_task, load_tasks
 from rayapp.train.config import TrainConfig
 from rayapp.train.engine import global_batch_indices, shard, split_batch
 from rayapp.train.loop import Setup
@@ -79,22 +89,24 @@ FT_METHODS = ("vanilla-kd", "bert-pkd", "tinybert")
 class PromptDistillConfig(TrainConfig):
     task: str = "SST-2"
     method: Literal["prompt-distiller", "prompt-kd", "vanilla-kd", "bert-pkd", "tinybert"] = "prompt-distiller"
-    model: str = "prajjwal1/bert-small"  # the student S: HF id or local dir of a masked LM
-    teacher: str = "roberta-large"       # T', the pre-trained teacher (a masked LM with its head)
-    tuned_teacher: str | None = None     # T; None: tuned here from T' by the finetune recipe, cached
-    teacher_config: dict = field(default_factory=dict)  # FinetuneConfig fields for tuning T here
-    tasks_file: str | None = None
-    data_dir: str | None = None          # LM-BFF k-shot root; default: local assets
+    model: ModelRef = "prajjwal1/bert-small"  # the student S: HF id or local dir of a masked LM
+    teacher: ModelRef = "roberta-large"  # T', the pre-trained teacher (a masked LM with its head)
+    tuned_teacher: ModelRef | None = None  # T; None: tuned here from T' by the finetune recipe, cached
+    teacher_config: Annotated[dict, Overrides(FinetuneConfig)] = field(default_factory=dict)  # FinetuneConfig fields for tuning T here
+    tasks_file: InputPath | None = None
+    data_dir: InputPath | None = None    # LM-BFF k-shot root; default: local assets
     k: int = 16
     seed: int = 13                       # few-shot split seed (13 21 42 87 100)
     max_length: int = 128
+    lmbff_exact: bool = False            # LM-BFF's own prompt tokenisation rules, for T's tuning too (module docstring)
     eval_batch_size: int = 32
     # PD eq. 3-8 and §3.1 defaults
     alpha: float = 10.0                  # KD temperature on the teachers' label-word logits
+    kd_form: Literal["paper", "hinton"] = "paper"  # eq. 3-4 as printed (alpha on T only) or both x alpha^2 (losses.kd_ce)
     lambda1: float = 0.2                 # weight of the KD terms
     lambda2: float = 0.2                 # weight of the contrastive terms
     n: int = 10                          # |X~| = n |X|
-    unlabelled_pool: str | None = None   # table X~ is drawn from; default the LM-BFF pool beside data_dir
+    unlabelled_pool: InputPath | None = None  # table X~ is drawn from; default the LM-BFF pool beside data_dir
     contrastive: bool = True             # False: PD w/o contrastive learning (Table 2)
     unlabelled: bool = True              # False: PD w/o unlabelled data (Table 2)
     probe_steps: int = 200
@@ -126,8 +138,7 @@ class PromptDistillConfig(TrainConfig):
             self.unlabelled = self.contrastive = False
 
     def resolve_task(self) -> Task:
-        extra = load_tasks(self.tasks_file) if self.tasks_file else {}
-        return extra[self.task] if self.task in extra else get_task(self.task)
+        return find_task(self.task, self.tasks_file, self.lmbff_exact)
 
     @property
     def variant(self) -> str:
@@ -173,7 +184,7 @@ def tuned_teacher(cfg: PromptDistillConfig, split: FewShotSplit) -> str:
     from rayapp.recipes import finetune
 
     fields = {"task": cfg.task, "tasks_file": cfg.tasks_file, "data_dir": cfg.data_dir, "k": cfg.k, "seed": cfg.seed,
-              "max_length": cfg.max_length, "eval_batch_size": cfg.eval_batch_size, "model": cfg.teacher,
+              "max_length": cfg.max_length, "lmbff_exact": cfg.lmbff_exact, "eval_batch_size": cfg.eval_batch_size, "model": cfg.teacher,
               "method": cfg.teacher_method, "output_dir": storage.join(cfg.output_dir, "teachers"),
               **cfg.teacher_config}
     fcfg = build(FinetuneConfig, fields)
@@ -403,8 +414,11 @@ def run(cfg: PromptDistillConfig, split: FewShotSplit | None = None, callbacks=(
 
 
 def _summary(record: dict) -> dict:
-    """The few-shot protocol's numbers plus PD's diagnostics."""
-    metrics = record["metrics"]
+    """The few-shot protocol's numbers plus PD's diagnostics: `loss_terms` is each logged term
+    of the objective (PD eq. 8: mlm, kd_x, kd_xu, cpd_x, cpd_xu, unweighted; an absent one 0)
+    averaged over the run, so a term's size is in the record (its curve: `parts_curve`)."""
+    metrics, curve = record["metrics"], record.get("parts_curve") or []
+    terms = {k: round(sum(parts[k] for _, parts in curve) / len(curve), 4) for k in (curve[0][1] if curve else {})}
     return {"dev_curve": [[step, m["dev"]] for step, m in record["evals"]], "best_dev": record["best"],
             "test": metrics.get("test"), "probe_dev_acc": metrics.get("probe_dev_acc"),
-            "pseudo_label_agreement": metrics.get("pseudo_labels")}
+            "pseudo_label_agreement": metrics.get("pseudo_labels"), "loss_terms": terms}

@@ -11,7 +11,9 @@
 Reserved keys: `recipe` (a name in `rayapp.recipes.RECIPES`, default finetune), `label` (the
 table's row label), `grid` (this method's own grid instead of the sweep's), `seeds` (a subset
 of the sweep's splits for this method: zero-shot trains nothing and LM-BFF's test file is the
-same for every split, so one split gives all five test numbers), `per_task` (task ->
+same for every split, so one split gives all five test numbers; not on a task whose test sets
+are pool fallbacks, which differ per split: there it runs every split, see
+`SweepConfig.pool_test_tasks`), `per_task` (task ->
 overrides for that task only). Everything else overrides the recipe's config, on
 top of the sweep's `base` and `per_task`; each trial's config is checked against the
 recipe's config class before anything runs.

@@ -8,6 +8,9 @@ failed or missing run is a marked gap (`—` plus a numbered note saying which s
 point), never a number over the runs that happened to finish. Under each table a caption
 says how many splits the cells are over; a cell over fewer splits than the others (a method
 planned on fewer seeds) says `n=`, and a cell over one split shows `(1 split)`, not a std of 0.
+A cell whose test sets were drawn from the task's pool (`fewshot._fallback_test`: the task's
+test file is missing) is marked `†`, with a footnote: it is not a number on the task's test
+set, so not one to compare with the papers'.
 
 A sweep directory brings its plan (`sweep.json`): its methods' row labels and order, the
 tables its config asks for (`tables:` rows/columns), and every trial it planned, so a
@@ -35,6 +38,9 @@ from rayapp.sweep.results import Cell, Expected, Run, cells, expected_from_runs,
 from rayapp.sweep.spec import TableSpec
 
 GAP = "—"
+POOL_MARK = "†"
+POOL_NOTE = (f"{POOL_MARK} test set drawn from the task's labelled pool (its original train data), not the "
+             "task's test set (the split's test file is missing): not comparable with published numbers.")
 
 
 @dataclass
@@ -69,7 +75,7 @@ def gather(dirs: list[str]) -> Plan:
             cfg = sweep_spec.load(d)
             expected = _merge(expected, cfg.expected())
             labels.update({m: cfg.label(m) for m in cfg.method_names if m not in labels})
-            tables += [t for t in cfg.tables if t.name not in {x.name for x in tables}]
+            tables += [t for t in cfg.table_specs() if t.name not in {x.name for x in tables}]
         else:
             runs += mine
     unplanned = [r for r in runs if (r.method, r.task) not in expected.seeds]
@@ -106,10 +112,16 @@ class Table:
             return f"Cells: test metric x100, mean (std) over {over}."
         return f"Cells: test metric x100, mean (std) over {counts[-1]} few-shot splits, or as many as the cell says."
 
+    def footnote(self) -> str:
+        """What `†` means, when a cell of the table has it."""
+        return POOL_NOTE if any(c.complete and c.pool_test for c in self.cells.values()) else ""
+
     def number(self, cell: Cell) -> str:
-        """A complete cell's `mean (std)`, with `n=` when it is over fewer splits than others."""
+        """A complete cell's `mean (std)`, with `n=` when it is over fewer splits than others
+        and `†` when its test sets came from the pool."""
         n = len(cell.splits)
-        return cell.text() + (f" n={n}" if 1 < n < max(self.split_counts()) else "")
+        return (cell.text() + (f" n={n}" if 1 < n < max(self.split_counts()) else "")
+                + (f" {POOL_MARK}" if cell.pool_test else ""))
 
     def notes(self) -> list[tuple[str, str, str]]:
         """(method, task, why) of every gap, numbered in table order."""
@@ -155,7 +167,7 @@ def markdown(table: Table) -> str:
              "|---|" + "---|" * len(table.columns)]
     lines += ["| " + table.labels[m] + " | " + " | ".join(texts[m, t] for t in table.columns) + " |"
               for m in table.rows]
-    lines += ["", table.caption()]
+    lines += ["", table.caption()] + ([table.footnote()] if table.footnote() else [])
     notes = table.notes()
     if notes:
         lines += [""] + [f"[{i}] {table.labels[m]} / {t}: {why}" for i, (m, t, why) in enumerate(notes, 1)]
@@ -179,13 +191,14 @@ def selected_csv(plan: Plan) -> str:
     """Every (method, task, split): its chosen run (grid point, dev, test) or why none."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "task", "seed", "chosen", "point", "best_dev", "test", "run", "checkpoint", "gaps"])
+    w.writerow(["method", "task", "seed", "chosen", "point", "best_dev", "test", "test_set", "run", "checkpoint",
+                "gaps"])
     for (m, t), cell in cells(plan.runs, plan.expected).items():
         for s in cell.splits:
             r = s.chosen
             w.writerow([m, t, s.seed, "yes" if r else "no", point_text(r.point) if r else "",
-                        r.best_dev if r else "", r.test if r else "", r.name if r else "",
-                        (r.checkpoint or "") if r else "", "; ".join(s.gaps)])
+                        r.best_dev if r else "", r.test if r else "", ("pool" if r.pool_test else "task") if r else "",
+                        r.name if r else "", (r.checkpoint or "") if r else "", "; ".join(s.gaps)])
     return buf.getvalue()
 
 
@@ -287,7 +300,8 @@ def _html_table(table: Table) -> str:
                    + "".join(f"<td>{esc(texts[m, t])}</td>" for t in table.columns) + "</tr>" for m in table.rows)
     notes = "".join(f"<li>{html.escape(table.labels[m])} / {html.escape(t)}: {html.escape(why)}</li>"
                     for m, t, why in table.notes())
-    return (f"<h2>{html.escape(table.title or table.name)}</h2><table>{head}{body}</table><p>{html.escape(table.caption())}</p>"
+    caption = " ".join(filter(None, (table.caption(), table.footnote())))
+    return (f"<h2>{html.escape(table.title or table.name)}</h2><table>{head}{body}</table><p>{html.escape(caption)}</p>"
             + (f'<ol class="notes">{notes}</ol>' if notes else ""))
 
 

@@ -54,6 +54,7 @@ class Run:
     seconds: float | None = None
     error: str | None = None
     swept: bool = False              # written (or annotated) by a sweep trial
+    pool_test: bool = False          # its test set was drawn from the pool (`split.test_fallback`)
 
 
 # --- typed reading ----------------------------------------------------------------------------
@@ -102,6 +103,7 @@ def parse_run(rec: Any, source: str) -> Run:
         config = _field(rec, "config", (dict,), source, required=False) or {}
         point = {k: config[k] for k in ("lr", "batch_size") if k in config}
     done = status == "done"
+    split = _field(rec, "split", (dict,), source, required=False) or {}
     return Run(
         source=source, name=_field(rec, "name", (str,), source), method=method, task=task, seed=seed,
         status=status, point=point_key(point),
@@ -113,6 +115,7 @@ def parse_run(rec: Any, source: str) -> Run:
         seconds=_number(rec, "seconds", source, required=False),
         error=_field(rec, "error", (str,), source, required=False),
         swept=sweep is not None,
+        pool_test=split.get("test_fallback") is True,
     )
 
 
@@ -179,6 +182,11 @@ class Cell:
     @property
     def complete(self) -> bool:
         return bool(self.splits) and all(s.chosen is not None for s in self.splits)
+
+    @property
+    def pool_test(self) -> bool:
+        """Whether a split's test set was drawn from the pool, not the task's test set."""
+        return any(s.chosen.pool_test for s in self.splits if s.chosen is not None)
 
     @property
     def mean(self) -> float | None:

@@ -3,6 +3,10 @@
 `jobs/configs/sweep-*.yaml` are `SweepConfig`s. The config a sweep runs with is saved as
 `<experiment>/sweep.json`; `--resume` and `rayapp report` read it back, so they know every
 trial the sweep planned (a run that never wrote a record is a gap, not an absence).
+
+`tasks=` narrows a config written for more tasks (`rayapp sweep --config ... tasks=[RTE]`):
+`per_task` entries and table columns of known tasks the sweep does not run are ignored; a
+name that is no task at all is an error (a typo would otherwise be ignored silently).
 """
 from __future__ import annotations
 
@@ -10,13 +14,15 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from rayapp import storage
-from rayapp.config import build, to_dict
+from rayapp.config import ModelRef, OutputPath, Overrides, RecipeOverrides, build, to_dict
 from rayapp.errors import ConfigError, DataError
 from rayapp.config import _merge
 from rayapp.sweep.methods import Method, check_grid, check_seeds, check_swept, parse_methods, phases
 from rayapp.sweep.results import Expected, point_key
+from rayapp.tasks.registry import BUILTIN_TASKS, load_tasks
 
 SEEDS = [13, 21, 42, 87, 100]  # LM-BFF's five few-shot splits
 SPEC_FILE = "sweep.json"
@@ -36,7 +42,7 @@ class AshaConfig:
 @dataclass
 class StudentSpec:
     """A student cut from a teacher before the trials (`rayapp.recipes.pretrain.make_student`)."""
-    teacher: str
+    teacher: ModelRef
     layers: list[int] | None = None  # None: every other layer
 
 
@@ -52,20 +58,24 @@ class TableSpec:
 @dataclass
 class SweepConfig:
     name: str = "sweep"                  # the experiment: <storage>/<name>
-    storage: str = "runs/sweeps"         # local dir or s3:// URI
+    storage: OutputPath = "runs/sweeps"  # local dir or s3:// URI
     tasks: list[str] = field(default_factory=lambda: ["SST-2"])
     seeds: list[int] = field(default_factory=lambda: list(SEEDS))
     k: int = 16
     # SMASH App. A.1 / LM-BFF: lr {1e-5, 2e-5, 5e-5} x batch {2, 4}; {} = one fixed point
-    grid: dict[str, list] = field(default_factory=lambda: {"lr": [1e-5, 2e-5, 5e-5], "batch_size": [2, 4]})
-    base: dict = field(default_factory=dict)        # recipe overrides shared by every method
-    per_task: dict[str, dict] = field(default_factory=dict)   # task -> overrides (e.g. max_length)
-    methods: dict[str, dict] = field(default_factory=dict)
-    students: dict[str, dict] = field(default_factory=dict)   # name -> StudentSpec fields
+    grid: Annotated[dict[str, list], RecipeOverrides] = field(default_factory=lambda: {"lr": [1e-5, 2e-5, 5e-5], "batch_size": [2, 4]})
+    base: Annotated[dict, RecipeOverrides] = field(default_factory=dict)  # recipe overrides shared by every method
+    per_task: Annotated[dict[str, dict], RecipeOverrides] = field(default_factory=dict)  # task -> overrides (e.g. max_length)
+    methods: Annotated[dict[str, dict], RecipeOverrides] = field(default_factory=dict)
+    students: Annotated[dict[str, dict], Overrides(StudentSpec)] = field(default_factory=dict)  # name -> StudentSpec fields
     max_concurrent_trials: int = 0       # 0: as many as the cluster's CPUs/GPUs fit, followed as it scales
     max_failures: int = 0                # Tune retries of a trial whose driver died
     asha: AshaConfig | None = None
     tables: list[TableSpec] = field(default_factory=list)
+    # filled by the sweep's check from the data (not by hand): tasks whose test sets are drawn
+    # from the pool (`fewshot._fallback_test`). Those differ per split, so a method's `seeds:`
+    # (one split standing for all, as zero-shot's does) does not narrow these tasks.
+    pool_test_tasks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -78,8 +88,7 @@ class SweepConfig:
         check_grid(self.grid, "grid")
         check_swept(self.base, "base")
         for task, extra in self.per_task.items():
-            if task not in self.tasks:
-                raise ConfigError(f"per_task.{task}: {task!r} is not one of the sweep's tasks {self.tasks}")
+            self._check_task_name(task, f"per_task.{task}")
             if not isinstance(extra, dict):
                 raise ConfigError(f"per_task.{task} must be a mapping of overrides, got {extra!r}")
             check_swept(extra, f"per_task.{task}")
@@ -99,9 +108,24 @@ class SweepConfig:
             unknown = [r for r in t.rows if r not in self._methods]
             if unknown:
                 raise ConfigError(f"table {t.name!r}: unknown method {unknown[0]!r}; methods: {', '.join(self._methods)}")
-            unknown = [c for c in t.columns if c not in self.tasks]
-            if unknown:
-                raise ConfigError(f"table {t.name!r}: unknown task {unknown[0]!r}; the sweep's tasks: {', '.join(self.tasks)}")
+            for column in t.columns:
+                self._check_task_name(column, f"table {t.name!r}")
+
+    def _check_task_name(self, name: str, where: str) -> None:
+        """A `per_task` key or table column names one of the sweep's tasks, or a known task it
+        does not run (ignored: `tasks=` narrowed the config); not a name that is no task
+        (built-in or in `base.tasks_file`), nor one spelled unlike the sweep's task."""
+        if name in self.tasks:
+            return
+        respelled = [t for t in self.tasks if t.lower() == name.lower()]
+        if respelled:
+            raise ConfigError(f"{where}: {name!r} is spelled {respelled[0]!r} in the sweep's tasks; use that spelling")
+        known = list(BUILTIN_TASKS)
+        if name.lower() not in {k.lower() for k in known} and self.base.get("tasks_file"):
+            known += list(load_tasks(self.base["tasks_file"]))
+        if name.lower() not in {k.lower() for k in known}:
+            raise ConfigError(f"{where}: unknown task {name!r}; the sweep's tasks: {', '.join(self.tasks)}; "
+                              f"known tasks: {', '.join(known)}")
 
     @property
     def experiment(self) -> str:
@@ -132,12 +156,13 @@ class SweepConfig:
         partial table compares methods on the same splits."""
         names = self.method_names if phase is None else self._phases[phase]
         return [{"method": m, "task": t, "seed": s, "point": p}
-                for t in self.tasks for s in self.seeds for m in names if s in self.method_seeds(m)
+                for t in self.tasks for s in self.seeds for m in names if s in self.method_seeds(m, t)
                 for p in self._methods[m].points()]
 
-    def method_seeds(self, name: str) -> list[int]:
-        """The splits `name` runs on: its own `seeds` (in the sweep's order), else the sweep's."""
-        own = self.method(name).seeds
+    def method_seeds(self, name: str, task: str) -> list[int]:
+        """The splits `name` runs on `task`: its own `seeds` (in the sweep's order), else the
+        sweep's; every split of a task whose test sets are pool fallbacks (`pool_test_tasks`)."""
+        own = None if task in self.pool_test_tasks else self.method(name).seeds
         return [s for s in self.seeds if own is None or s in own]
 
     def recipe_config(self, trial: dict, name: str, fill=None):
@@ -152,7 +177,7 @@ class SweepConfig:
         """The plan as the report checks runs against it."""
         return Expected(
             methods=self.method_names, tasks=list(self.tasks),
-            seeds={(m, t): self.method_seeds(m) for m in self._methods for t in self.tasks},
+            seeds={(m, t): self.method_seeds(m, t) for m in self._methods for t in self.tasks},
             points={(m, t): [point_key(p) for p in self._methods[m].points()] for m in self._methods for t in self.tasks},
         )
 
@@ -160,7 +185,14 @@ class SweepConfig:
         return self._methods[method].label if method in self._methods else method
 
     def table_specs(self) -> list[TableSpec]:
-        return self.tables or [TableSpec()]
+        """The config's tables over the tasks the sweep runs; a table none of whose columns it
+        runs is left out (its columns would otherwise fall back to every task)."""
+        out = []
+        for t in self.tables:
+            columns = [c for c in t.columns if c in self.tasks]
+            if columns or not t.columns:
+                out.append(TableSpec(t.name, t.title, list(t.rows), columns))
+        return out
 
 
 def save(cfg: SweepConfig) -> str:

@@ -37,6 +37,7 @@ split): dev metrics of different tasks or splits say nothing about each other.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -48,12 +49,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from rayapp import storage
+from rayapp import env, storage
 from rayapp.config import to_dict
 from rayapp.errors import ConfigError, DataError, find_user_error
 from rayapp.sweep import spec as sweep_spec
 from rayapp.recipes import get_recipe
-from rayapp.sweep.results import parse_run, read_runs, select_split, point_key
+from rayapp.sweep.results import STATUSES, parse_run, read_runs, select_split, point_key
 from rayapp.sweep.spec import SweepConfig
 from rayapp.train.launch import is_local, local_resources
 from rayapp.train.worker import scalar_metrics
@@ -77,8 +78,7 @@ def record_uri(experiment: str, name: str) -> str:
 
 def best_checkpoint(cfg: SweepConfig, method: str, task: str, seed: int) -> str:
     """Checkpoint of `method`'s best-dev run on (task, split): what `{best:METHOD}` means."""
-    root = storage.join(cfg.experiment, RECORDS)
-    runs = read_runs([cfg.experiment]) if storage.exists(root) else []
+    runs = [parse_run(rec, uri) for uri, rec in _records(cfg).items()]
     mine = [r for r in runs if r.swept and (r.method, r.task, r.seed) == (method, task, seed)]
     split = select_split(seed, mine, [point_key(p) for p in cfg.method(method).points()])
     if split.chosen is None:
@@ -119,14 +119,40 @@ def _annotation(experiment: str, k: int, trial: dict, trial_id: str) -> dict:
 
 # --- the trial (runs in a Tune actor) --------------------------------------------------------
 
+def _read_record(uri: str) -> tuple[dict, str | None]:
+    """A trial's record, or {} and why there is none to use: missing, or damaged (not JSON)."""
+    if not storage.exists(uri):
+        return {}, "is missing"
+    try:
+        rec = json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as e:
+        return {}, f"is not JSON ({e})"
+    return (rec, None) if isinstance(rec, dict) else ({}, "is not a JSON object")
+
+
 def _record(uri: str) -> dict:
-    return json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+    """A trial's record; {} when missing or damaged: the trial runs (again) and rewrites it."""
+    return _read_record(uri)[0]
+
+
+def _records(cfg: SweepConfig) -> dict[str, dict]:
+    """{uri: record} of the sweep's readable records. A damaged one is left out, not an error:
+    its trial runs again on `--resume` (`_lost_records`) while the others read theirs."""
+    root = storage.join(cfg.experiment, RECORDS)
+    files = storage.list_files(root, suffix=".json") if storage.exists(root) else []
+    return {f: rec for f in files if (rec := _record(f))}
 
 
 def _finished(rec: dict) -> bool:
     """Whether a trial's record says it finished: the recipe writes its record, then the trial
     annotates it (`sweep`, `status`), so one without both is unfinished."""
     return rec.get("status") == "done" and "sweep" in rec
+
+
+def _ended(rec: dict, statuses=("done", "stopped")) -> bool:
+    """Whether a trial's record says the trial ended: finished, or stopped early by ASHA (the
+    gap records, `GapRecords`); `statuses` adds failed where a failure counts as an end."""
+    return rec.get("status") in statuses and isinstance(rec.get("sweep"), dict)
 
 
 def trial_fn(config: dict) -> None:
@@ -136,10 +162,11 @@ def trial_fn(config: dict) -> None:
     name = run_name(trial, trial_id)
     uri = record_uri(cfg.experiment, name)
     done = _record(uri)
-    if _finished(done):  # finished before an interruption: keep its record, tell Tune its result
+    if _ended(done):  # ended before an interruption (Tune resumes every trial when a record was
+        # lost, see `_phase`): keep its record, tell Tune its result
         run = parse_run(done, uri)
         tune.report({"dev": run.best_dev, "test": run.test, "final": True,
-                     "step": run.dev_curve[-1][0] if run.dev_curve else 0})
+                     "step": run.dev_curve[-1][0] if run.dev_curve else done.get("step") or 0})
         return
     try:
         recipe_cfg = cfg.recipe_config(trial, name, _filler(cfg, trial))
@@ -279,7 +306,8 @@ class GroupedASHA(FIFOScheduler):
 
 def check(cfg: SweepConfig) -> None:
     """Every method x task x split x grid point builds its recipe config, every task is known,
-    every split loads and every named model is one, before a single trial starts."""
+    every split loads and every named model is one, before a single trial starts. Sets
+    `cfg.pool_test_tasks` from the splits loaded: the tasks whose test sets are pool fallbacks."""
     from rayapp.data.fewshot import load_lmbff
     from rayapp.modeling.models import check_model
     from rayapp.tasks.registry import get_task
@@ -287,21 +315,26 @@ def check(cfg: SweepConfig) -> None:
     def fill(placeholder: str) -> str:  # best runs and students do not exist yet: checked by type only
         return _unfilled(placeholder) if ":" in placeholder else _filler(cfg, trial)(placeholder)
 
-    loaded, models = set(), set()
-    for trial in cfg.trials():
-        rcfg = cfg.recipe_config(trial, "check", fill)
-        task = rcfg.resolve_task() if hasattr(rcfg, "resolve_task") else get_task(trial["task"])
-        data_dir = getattr(rcfg, "data_dir", None)
-        if (data_dir, task.name, trial["seed"]) not in loaded:
-            try:
-                load_lmbff(data_dir, task, k=cfg.k, seed=trial["seed"])
-            except DataError as e:
-                raise DataError(f"task {trial['task']} split seed {trial['seed']}: {e}") from None
-            loaded.add((data_dir, task.name, trial["seed"]))
-        for key in ("model", "init", "teacher"):
-            ref = getattr(rcfg, key, None)
-            if ref and "<" not in ref:
-                models.add(ref)
+    loaded, models = {}, set()  # loaded: (data_dir, task, seed) -> (the sweep's task name, pool test?)
+    while True:
+        for trial in cfg.trials():
+            rcfg = cfg.recipe_config(trial, "check", fill)
+            task = rcfg.resolve_task() if hasattr(rcfg, "resolve_task") else get_task(trial["task"])
+            data_dir = getattr(rcfg, "data_dir", None)
+            if (data_dir, task.name, trial["seed"]) not in loaded:
+                try:
+                    split = load_lmbff(data_dir, task, k=cfg.k, seed=trial["seed"])
+                except DataError as e:
+                    raise DataError(f"task {trial['task']} split seed {trial['seed']}: {e}") from None
+                loaded[data_dir, task.name, trial["seed"]] = (trial["task"], bool(split.source.get("test_fallback")))
+            for key in ("model", "init", "teacher"):
+                ref = getattr(rcfg, key, None)
+                if ref and "<" not in ref:
+                    models.add(ref)
+        pool = sorted({name for name, fallback in loaded.values() if fallback}, key=cfg.tasks.index)
+        if pool == cfg.pool_test_tasks:
+            break
+        cfg.pool_test_tasks = pool  # a method's `seeds:` no longer narrows these: check their other splits too
     for ref in sorted(models):
         check_model(ref, mlm=False)
 
@@ -398,6 +431,39 @@ class SweepInterrupted(RuntimeError):
     """The sweep was stopped before a phase ended; `--resume` continues it."""
 
 
+class NoTuneResumeHint(logging.Filter):
+    """Drops Tune's "Resume experiment with: Tuner.restore(...)" after an interrupt: a sweep is
+    continued with `rayapp sweep --resume DIR`, the hint the sweep prints itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+TUNE_LOGGER = "ray.tune.tune"  # where `tune.run` logs its resume hint when interrupted
+
+
+def _ended_trials(cfg: SweepConfig, phase: int) -> int:
+    """How many records of the phase's methods say their trial ended (done, failed or
+    stopped); a damaged record says nothing, so its trial has not ended."""
+    methods = set(cfg.phases[phase])
+    return sum(_ended(r, STATUSES) and r["sweep"].get("method") in methods for r in _records(cfg).values())
+
+
+def _lost_records(cfg: SweepConfig, exp_path: str, fs) -> list[str]:
+    """A line per trial Tune counts as finished whose record is missing or damaged (deleted,
+    overwritten): Tune would never run it again, and the phase would never end."""
+    lines = []
+    for trial in tune.ExperimentAnalysis(exp_path, storage_filesystem=fs).trials:
+        if trial.status != "TERMINATED":
+            continue  # unfinished and errored trials run again anyway
+        name = run_name(trial.config["trial"], trial.trial_id)
+        rec, why = _read_record(record_uri(cfg.experiment, name))
+        if not _ended(rec):
+            lines.append(f"re-running trial {name}: its record {record_uri(cfg.experiment, name)} "
+                         f"{why or 'does not say it ended (status ' + repr(rec.get('status')) + ')'}")
+    return lines
+
+
 def _phase(cfg: SweepConfig, phase: int) -> None:
     path, fs = _tune_storage(cfg.experiment)
     name = f"tune-{phase}"
@@ -406,10 +472,18 @@ def _phase(cfg: SweepConfig, phase: int) -> None:
     if not live:  # Tune's new output prints its experiment box and paths even at verbose=0
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     exp_path = f"{path.rstrip('/')}/{name}"
+    planned = cfg.trials(phase)
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
-        # finished trials stay finished; unfinished and errored ones run again (their Train runs
-        # resume from their checkpoints)
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
+        # unfinished and errored trials run again (their Train runs resume from their
+        # checkpoints); finished ones stay finished, unless a record of the phase is lost: Tune
+        # cannot restart one finished trial, so then every finished trial runs again, and those
+        # whose record says they ended only report it (`trial_fn`)
+        lost = _lost_records(cfg, exp_path, fs) if _ended_trials(cfg, phase) < len(planned) else []
+        for line in lost:
+            print(line, flush=True)
+        again = tune.ResumeConfig.ResumeType.RESUME  # RESUME keeps the trial id: its run and record names
+        tuner = tune.Tuner.restore(exp_path, trainable, storage_filesystem=fs, _resume_config=tune.ResumeConfig(
+            finished=again if lost else tune.ResumeConfig.ResumeType.SKIP, unfinished=again, errored=again))
     else:
         max_t = max(cfg.recipe_config(t, "check", _unfilled).max_steps for t in cfg.trials(phase))
         tuner = tune.Tuner(
@@ -429,13 +503,15 @@ def _phase(cfg: SweepConfig, phase: int) -> None:
                 callbacks=[GapRecords(cfg.experiment, cfg.k)] + ([] if live else [TrialLines(len(cfg.trials(phase)))]),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=1 if live else 0),
         )
-    tuner.fit()
+    hint = NoTuneResumeHint()
+    logging.getLogger(TUNE_LOGGER).addFilter(hint)
+    try:
+        tuner.fit()
+    finally:
+        logging.getLogger(TUNE_LOGGER).removeFilter(hint)
     # Tune returns normally when interrupted (Ctrl-C, SIGTERM): the next phase needs this one's
     # best runs, so stop unless every trial of the phase left a record (done, failed or stopped)
-    planned = cfg.trials(phase)
-    methods = {t["method"] for t in planned}
-    ended = sum(r.swept and r.method in methods for r in read_runs([cfg.experiment])) \
-        if storage.exists(storage.join(cfg.experiment, RECORDS)) else 0
+    ended = _ended_trials(cfg, phase)
     if ended < len(planned):
         raise SweepInterrupted(f"sweep {cfg.experiment} stopped in phase {phase + 1} of {len(cfg.phases)} "
                                f"({ended}/{len(planned)} trials ended); "
@@ -444,23 +520,21 @@ def _phase(cfg: SweepConfig, phase: int) -> None:
 
 def run(cfg: SweepConfig, resume: bool = False) -> dict:
     """Run (or continue) the sweep; returns {"experiment", "trials", "done", "failed", "stopped", "seconds"}."""
-    import ray
-
     started = time.time()
+    storage.require_writable(cfg.storage, "storage", (cfg.name,))  # the experiment folder, before any work
     stored = storage.join(cfg.experiment, sweep_spec.SPEC_FILE)
+    check(cfg)  # first: it fills `pool_test_tasks`, part of the config compared and saved
     if storage.exists(stored) and not resume:
         if json.loads(storage.read_text(stored)) != json.loads(json.dumps(to_dict(cfg))):
             raise ConfigError(f"sweep {cfg.experiment} exists with another config; continue it with "
                               f"`rayapp sweep --resume {cfg.experiment}` or choose another name=")
-    check(cfg)
     if not storage.exists(stored):
         sweep_spec.save(cfg)
     make_students(cfg)
     # trial drivers stay in the job's working directory (Tune would move them into their trial
     # dirs), so relative paths in the config mean what they mean on the command line
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    if not ray.is_initialized():
-        ray.init()  # the embedded default: a local cluster on this machine
+    env.start_ray()
     pace = (f"up to {cfg.max_concurrent_trials}" if cfg.max_concurrent_trials else
             f"as many as the cluster holds ({cluster_fits(trial_resources(cfg))} now)")
     print(f"sweep {cfg.experiment}: {len(cfg.trials())} trials, {pace} at a time "

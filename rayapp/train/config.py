@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rayapp.config import OutputPath
 from rayapp.errors import ConfigError
 from rayapp.train.engine import EngineConfig
 
@@ -20,7 +21,7 @@ class TrainConfig:
     checkpoint_every: int = 1000        # recipes that keep the best evaluation checkpoint when it improves
     log_every: int = 10                 # loss/throughput curve points
     train_seed: int = 42                # model init, data order, masking
-    output_dir: str = "runs"            # local dir or s3:// URI; runs live in <output_dir>/<name>
+    output_dir: OutputPath = "runs"     # local dir or s3:// URI; runs live in <output_dir>/<name>
     name: str | None = None             # default: derived from the config, so a re-run resumes
     engine: EngineConfig = field(default_factory=EngineConfig)
 

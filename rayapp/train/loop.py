@@ -143,8 +143,9 @@ def train_loop(loop_cfg: dict) -> None:
         best_weights = snapshot(engine.module) if setup.select and state["best"] is not None else None
     else:
         state = {"step": 0, "done": False, "best": None, "best_step": None, "evals": [], "loss_curve": [],
-                 "throughput": [], "restarts": [], "data_digest": []}
+                 "parts_curve": [], "throughput": [], "restarts": [], "data_digest": []}
         best_weights = None
+    state.setdefault("parts_curve", [])  # checkpoints older than the curve
     # where each attempt trained: [first step, node id of every rank] (older checkpoints lack it)
     state.setdefault("nodes", []).append([state["step"], rank_nodes()])
 
@@ -174,6 +175,10 @@ def train_loop(loop_cfg: dict) -> None:
                 # throughput includes data loading: it is what a user's run gets (ranks see equal shares)
                 state["throughput"].append([step, tokens * world / (time.perf_counter() - started)])
                 state["loss_curve"].append([step, sum(w["loss"] for w in window) / len(window)])
+                # the objective's parts (e.g. PD's eq. 8 terms), so a term's size is visible in the record
+                parts = {k: sum(w[k] for w in window) / len(window) for k in logs if k != "loss"}
+                if parts:
+                    state["parts_curve"].append([step, parts])
                 window, tokens, started = [], 0, time.perf_counter()
             bar.update(loss=f"{logs['loss']:.4f}")
             metrics, checkpoint = {}, False
@@ -197,7 +202,8 @@ def train_loop(loop_cfg: dict) -> None:
     with timed("finish"):
         final = setup.finish(engine.module) if setup.finish is not None else {}
     selected = {setup.select: state["best"]} if setup.select else {}
-    curves = ("step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts", "data_digest", "nodes")
+    curves = ("step", "best", "best_step", "evals", "loss_curve", "parts_curve", "throughput", "restarts", "data_digest",
+              "nodes")
     # a run that trained nothing (zero-shot) keeps no copy of the weights it was given
     # the final checkpoint's own write is outside `loop_seconds` (in the run's `seconds`)
     report({"final": True, **selected, **final, "loop_seconds": round(time.perf_counter() - loop_started, 2),

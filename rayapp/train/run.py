@@ -8,11 +8,11 @@ from rayapp import storage
 from rayapp.config import to_dict
 from rayapp.train.launch import launch
 from rayapp.train.loop import train_loop
-from rayapp.train.records import run_name, write_record
+from rayapp.train.records import RECORDS, run_name, write_record
 
 # what the loop's final report carries besides the recipe's own final metrics
-_LOOP_KEYS = ("final", "step", "best", "best_step", "evals", "loss_curve", "throughput", "restarts", "loop_seconds",
-              "timings", "data_digest", "nodes")
+_LOOP_KEYS = ("final", "step", "best", "best_step", "evals", "loss_curve", "parts_curve", "throughput", "restarts",
+              "loop_seconds", "timings", "data_digest", "nodes")
 
 
 def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, prefix: str | None = None,
@@ -21,9 +21,12 @@ def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, 
     """Run `setup`'s recipe (on the launcher `cfg.engine` picks) as `<output_dir>/<name>` and write its record.
 
     The name is `cfg.name` or `<prefix>-<config hash>` (stable: a re-submission resumes).
+    `<output_dir>`, the run's folder and `records/` are checked writable before the launch.
     The record = `extra` + the loop's curves and final metrics (+ `derive(record)`), written
     to `<output_dir>/records/<name>.json`; returned with `record["record"]` = that URI."""
     name = cfg.name or run_name(prefix or recipe, cfg)
+    # before Ray starts: a folder that cannot take the checkpoints or the record fails now, not after training
+    storage.require_writable(cfg.output_dir, "output_dir", (name, RECORDS))
     started = time.time()
     outcome = launch(train_loop, {"cfg": cfg, "setup": setup, **inputs}, cfg.engine, storage=cfg.output_dir,
                      name=name, callbacks=callbacks, keep_checkpoints=keep_checkpoints)

@@ -10,7 +10,10 @@ blocks with the seed, worker `rank` takes every `world`-th block of that order, 
 rows inside a block are permuted too (block order + a block-sized local shuffle). A
 worker's rows form one endless sequence, so resuming after `n` consumed rows is arithmetic:
 whole blocks are skipped by their row counts, and only the block holding row `n` is read.
-The data stages (Ray Data) produce these folders; training reads them directly.
+The data stages (Ray Data) produce these folders; training reads them directly. The
+recipes pass `shards.shard_uris(folder)`, which checks every shard against `_meta.json` on
+the driver (rows, size, footer); workers read through `shards.open_shard`, so a page whose
+CRC fails, or a shard damaged since, is one DataError naming the file and how to rebuild it.
 """
 from __future__ import annotations
 
@@ -21,9 +24,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from rayapp import storage
+from rayapp.data.shards import open_shard
 from rayapp.errors import DataError
 from rayapp.train.worker import worker
 
@@ -42,9 +44,8 @@ def plan_blocks(uris: list[str], world: int, block_rows: int = 4096) -> list[Blo
     """Blocks of the shards' row groups, small enough that every worker gets several."""
     groups = []
     for uri in uris:
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_file(path) as f:
-            meta = pq.ParquetFile(f).metadata
+        with open_shard(uri) as f:
+            meta = f.metadata
         groups += [(uri, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
     total = sum(n for *_, n in groups)
     if total < world:
@@ -54,9 +55,8 @@ def plan_blocks(uris: list[str], world: int, block_rows: int = 4096) -> list[Blo
 
 
 def _read(block: Block) -> pa.Table:
-    fs, path = storage.filesystem(block.uri)
-    with fs.open_input_file(path) as f:
-        table = pq.ParquetFile(f).read_row_group(block.row_group)
+    with open_shard(block.uri) as f:
+        table = f.read_row_group(block.row_group)
     return table.slice(block.start, block.stop - block.start)
 
 
