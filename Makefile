@@ -10,6 +10,11 @@ ENV_FLAGS := $(shell $(PY) rayapp/env.py local)
 $(foreach kv,$(ENV_FLAGS),$(eval $(subst =, ?= ,$(kv))))
 export $(foreach kv,$(ENV_FLAGS),$(firstword $(subst =, ,$(kv))))
 
+# the venv's tools first, for every process a target starts (Ray workers, local nodes): DeepSpeed's
+# op build below and its later loads must see the same `ninja` (the venv's pip one); a system
+# ninja of another version reads the build log as stale and recompiles the op inside a test
+export PATH := $(abspath $(BIN)):$(PATH)
+
 .PHONY: install test bench-smoke demo clean
 
 install: $(STAMP)

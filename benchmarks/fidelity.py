@@ -9,7 +9,10 @@ and MRPC, and (b) the sentiment task (Wikipedia sentences the teacher labels con
 SST-2 and MR (SMASH §3: the intermediate task matches the downstream task's shape). The
 teacher runs online (`teacher_mode=online`, its full distribution) rather than from a top-k
 cache: on 2 cores caching 100k pairs costs about 45 min of teacher forwards, while the
-distillation budget here consumes `--distill-steps` x 16 examples of them.
+distillation budget here consumes `--distill-steps` x 16 examples of them. SMASH distils for
+one epoch (App. A.1: "training for 200k steps takes exactly 1 epoch"), so by default each
+half distils for one pass over its intermediate examples at batch 16 (`one_epoch`), and a
+`--distill-steps` above that is refused: no example is seen twice.
 
 Rows, on all 5 LM-BFF splits, test = the split's test file: zero-shot and prompt FT of the
 plain student, the SMASH student and the teacher; standard FT (classification head) of the
@@ -22,7 +25,7 @@ Where this differs from the paper, to fit 2 CPU cores: `--finetune-steps` (defau
 dev every 10; the paper 1000 / 100) at one fixed point (lr 1e-4, batch 4) instead of the
 6-point grid (a grid would triple the runs; on these splits the two learning rates of the
 local SMASH sweep, 5e-5 and 1e-4, were chosen about equally often); `--distill-steps` of
-SMASH distillation (paper: 200k) at batch 16; zero-shot rows run on split 13 only (no
+SMASH distillation (paper: 200k, one epoch; here at most one) at batch 16; zero-shot rows run on split 13 only (no
 training, and the test file is the same for every split: the cell is the 5 splits' value).
 
 The two halves run one after the other, each = its intermediate data, its SMASH student, its
@@ -34,7 +37,7 @@ be built over several sittings by re-running the same command. Prints the tables
 `report.html` beside them.
 
     python benchmarks/fidelity.py [--work-dir runs/fidelity] [--pairs 100000]
-        [--sentiment-corpus PATH] [--distill-steps 400]
+        [--sentiment-corpus PATH] [--distill-steps N]
         [--pairs-distill-steps N] [--finetune-steps 40] [--smoke]
 
 `--smoke` (CI) runs every stage with tiny random models and tiny sizes: it checks that the
@@ -61,6 +64,20 @@ ROWS = ["zero-shot", "prompt-ft", "fine-tune", "smash-zero-shot", "smash", "dist
         "teacher-zero-shot", "teacher"]
 
 PD_ROWS = ["prompt-kd", "prompt-distiller"]
+DISTILL_BATCH = 16
+
+
+def one_epoch(data: str, steps: int | None, batch_size: int = DISTILL_BATCH) -> int:
+    """Distillation steps for at most one pass over the examples folder `data` (SMASH App.
+    A.1: one epoch): all of it when `steps` is None, else `steps` if that is no more."""
+    from rayapp.data import shards
+
+    rows = sum(entry["rows"] for entry in shards.require_meta(data)["shards"].values())
+    epoch = max(1, -(-rows // batch_size))
+    if steps is not None and steps > epoch:
+        sys.exit(f"--distill-steps {steps} would show the student {data}'s {rows} examples more than once "
+                 f"(one epoch = {epoch} steps at batch {batch_size}; SMASH distils for one epoch)")
+    return epoch if steps is None else steps
 
 
 def pd_methods(teacher: str) -> dict:
@@ -118,7 +135,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=100_000)
     p.add_argument("--sentiment-corpus", help="corpus the teacher labels (default: one 1 MB file of the local "
                                               "Wikipedia; scoring all 25 MB takes about an hour on 2 cores)")
-    p.add_argument("--distill-steps", type=int, default=400)
+    p.add_argument("--distill-steps", type=int, help="SMASH distillation steps (default: one epoch of each "
+                                                      "half's intermediate examples at batch 16, at most that)")
     p.add_argument("--pairs-distill-steps", type=int, help="SMASH distillation steps on the pairs task "
                                                             "(default: --distill-steps; a step costs 2.3x a "
                                                             "sentiment step: length 128 vs 64)")
@@ -160,9 +178,10 @@ def main() -> None:
     for task, tasks in halves:
         data = str(work / task)
         stage(work, task, lambda: builders[task](data))
+        steps[task] = one_epoch(data, steps[task])
         smash = stage(work, f"distill-{task}", lambda: distill(DistillConfig(
             student=student, teacher=teacher, data=data, task=f"smash-{task}", teacher_mode="online",
-            batch_size=16, lr=1e-4, max_steps=steps[task], checkpoint_every=max(1, steps[task] // 4),
+            batch_size=DISTILL_BATCH, lr=1e-4, max_steps=steps[task], checkpoint_every=max(1, steps[task] // 4),
             log_every=25, output_dir=str(work / "runs"), name=f"smash-{task}",
             engine=EngineConfig(num_workers=1))))["model"]
         cfg = sweep_config(f"fidelity-{task}", str(work / "sweeps"), tasks, student, smash, teacher,

@@ -104,8 +104,8 @@ def main() -> None:
         print(f"{name:34s}" + "".join(f"{v:10.2f}" for v in (wall, seconds, loop, wall - loop, *fixed)))
     mean = [sum(r[i] for r in rows) / len(rows) for i in range(1, 8)]
     print(f"{'mean':34s}" + "".join(f"{v:10.2f}" for v in (*mean[:3], mean[0] - mean[2], *mean[3:])))
-    print(f"overhead = trial wall - loop (sweep config, model check, split load, final checkpoint, record); "
-          f"load/dev eval/ckpt/test are inside the loop")
+    print("overhead = trial wall - loop (sweep config, model check, split load, final checkpoint, record); "
+          "load/dev eval/ckpt/test are inside the loop")
     print(f"a fresh actor's process start + imports (torch, transformers, recipe), paid once per actor: {fresh:.1f} s")
     ray.shutdown()
 

@@ -59,6 +59,17 @@ QUIET_WORKERS: dict[str, str] = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISA
                                  "PYTHONWARNINGS": "ignore"}
 
 
+def plain_output() -> None:
+    """When stdout is not a terminal (a captured log), no `\r` bars and no colour codes from
+    the start: environment flags only (no import), so the CLI sets them before any command
+    loads a model (transformers reads its bar setting from HF_HUB_DISABLE_PROGRESS_BARS at
+    import: a sweep cuts its students before Ray starts)."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by the driver when it prints worker lines
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
 def quiet_console() -> None:
     """What a rayapp command prints: its own progress and errors. Ray Data's execution plans
     and INFO lines stay in Ray's session logs (`/tmp/ray/session_*/logs`: Ray Data's file
@@ -70,11 +81,10 @@ def quiet_console() -> None:
     import ray.data
     import transformers
 
+    plain_output()
     if not sys.stdout.isatty():
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by the driver when it prints worker lines
         ray.data.DataContext.get_current().enable_progress_bars = False
         transformers.utils.logging.disable_progress_bar()
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("ray").setLevel(logging.WARNING)
     for handler in logging.getLogger("ray.data").handlers:  # its own logger, DEBUG, console at INFO
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):

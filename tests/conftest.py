@@ -6,7 +6,6 @@ loopback only, no hub), set before anything imports ray.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from rayapp import env
 

@@ -61,7 +61,8 @@ def test_console_script_help():
 
 
 def test_a_captured_log_of_single_commands_is_plain_lines(tiny_bert, tmp_path):
-    """`rayapp intermediate pairs` then `rayapp teacher-cache` (Ray tasks, then Ray Data's
+    """`rayapp init-student` (transformers' weight-loading bars, before any Ray), `rayapp
+    intermediate pairs` then `rayapp teacher-cache` (Ray tasks, then Ray Data's
     actor pool), each a fresh process with its output in a file, as under `> log` or `ray job
     submit`: rayapp's own lines only, no Ray start-up warning, execution plan, colour code or
     live-bar frame."""
@@ -78,14 +79,15 @@ def test_a_captured_log_of_single_commands_is_plain_lines(tiny_bert, tmp_path):
     log = tmp_path / "log.txt"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    for argv in (["intermediate", "pairs", "--corpus", str(corpus), "--out", str(tmp_path / "pairs"), "--num-examples", "30"],
+    for argv in (["init-student", "--teacher", tiny_bert, "--out", str(tmp_path / "student")],  # model loading bars
+                 ["intermediate", "pairs", "--corpus", str(corpus), "--out", str(tmp_path / "pairs"), "--num-examples", "30"],
                  ["teacher-cache", "--examples", str(tmp_path / "pairs"), "--teacher", tiny_bert,
                   "--out", str(tmp_path / "cache"), "--top-k", "4"]):
         with open(log, "a") as out:
             done = subprocess.run([sys.executable, "-m", "rayapp.cli", *argv], stdout=out, stderr=subprocess.STDOUT, env=env)
         assert done.returncode == 0, log.read_text()
     text = log.read_text()
-    assert "examples written to" in text and "teacher cache written to" in text
+    assert "student written to" in text and "examples written to" in text and "teacher cache written to" in text
     for noise in ("\x1b[", "\r", "Token authentication", "Started a local Ray instance", "Execution plan",
                   "Running Dataset", "Progress will be logged"):
         assert noise not in text, (noise, text)

@@ -14,7 +14,6 @@ import boto3
 import jsonschema
 import pytest
 import yaml
-from conftest import wait_until
 
 from rayapp import env, storage
 from rayapp.assets import asset

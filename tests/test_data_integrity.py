@@ -21,7 +21,7 @@ from rayapp.data.fewshot import read_table
 from rayapp.data.mlm_text import build_text_chunks
 from rayapp.errors import DataError
 from rayapp.train.stream import Block, _read, plan_blocks
-from test_driver_checks import RUNNER  # the CLI cases in one fresh process, and whether Ray started
+from test_driver_checks import RUNNER, assert_one_line_error  # the CLI cases in one fresh process, and whether Ray started
 
 SENTENCES = ["Alpha went to the market today.", "Beta bought three red apples there.",
              "Gamma paid with a shiny coin.", "Delta walked home in the rain."]
@@ -297,11 +297,4 @@ def driver_results(tiny_bert, damaged, tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(_driver_cases("TINY", "ROOT", "OUT")))
 def test_damaged_or_empty_input_is_one_line_before_ray_starts(driver_results, case):
-    import re
-
-    got, pattern = driver_results[case]
-    assert got["code"] == 2, got
-    lines = got["stderr"].strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), got["stderr"]
-    assert re.search(pattern, lines[0]), (pattern, lines[0])
-    assert not got["ray"], "Ray was started for a mistake the driver can see"
+    assert_one_line_error(*driver_results[case])

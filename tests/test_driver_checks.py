@@ -96,13 +96,17 @@ def results(tiny_bert, bad, tmp_path_factory):
     return {name: (json.loads(done.stdout.splitlines()[-1])[name], cases[name][1]) for name in cases}
 
 
-@pytest.mark.parametrize("case", list(_cases("TINY", "BAD", "OUT")))
-def test_bad_input_is_one_line_before_ray_starts(results, case):
+def assert_one_line_error(got: dict, pattern: str) -> None:
+    """A RUNNER result: exit 2, stderr one `error:` line matching `pattern`, Ray not started."""
     import re
 
-    got, pattern = results[case]
     assert got["code"] == 2, got
     lines = got["stderr"].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), got["stderr"]
     assert re.search(pattern, lines[0]), (pattern, lines[0])
     assert not got["ray"], "Ray was started for a mistake the driver can see"
+
+
+@pytest.mark.parametrize("case", list(_cases("TINY", "BAD", "OUT")))
+def test_bad_input_is_one_line_before_ray_starts(results, case):
+    assert_one_line_error(*results[case])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import free_port
+from test_driver_checks import assert_one_line_error
 from rayapp import storage
 from rayapp.cli import main
 from rayapp.config import load_config
@@ -154,11 +154,7 @@ def test_storage_fault_is_one_line_before_ray_starts(results, faults, case):
     if case == "run folder not writable" and faults[1] is None:
         pytest.skip("running as root without chattr: no way to make a folder unwritable here")
     got, pattern = results[case]
-    assert got["code"] == 2, got
-    lines = got["stderr"].strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), got["stderr"]
-    assert re.search(pattern, lines[0]), (pattern, lines[0])
-    assert not got["ray"], "Ray was started for a fault the driver can see"
+    assert_one_line_error(got, pattern)
     if "s3" in case or "yaml" in case:
         assert got["seconds"] < S3_BOUND_S, got
 
