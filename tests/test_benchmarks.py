@@ -36,3 +36,26 @@ def test_benchmark_smoke_run(name, tmp_path):
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert PRINTS[name] in done.stdout, out[-3000:]
+
+
+def test_fidelity_distils_at_most_one_epoch(tmp_path):
+    """SMASH distils for one epoch (App. A.1): by default one pass over the examples, and a
+    budget that would show them twice is refused (the sentiment student saw its 2,604
+    sentences 2.5 times before)."""
+    import importlib.util
+
+    import pyarrow as pa
+
+    from rayapp.data import shards
+
+    spec = importlib.util.spec_from_file_location("fidelity", BENCHMARKS / "fidelity.py")
+    fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fidelity)
+    names = ["part-00000.parquet", "part-00001.parquet"]
+    written = {name: shards.write_table(str(tmp_path / name), pa.table({"text_a": ["x"] * rows}))
+               for name, rows in zip(names, (30, 20))}
+    shards.write_meta(str(tmp_path), {"files": names}, written)
+    assert fidelity.one_epoch(str(tmp_path), None) == 4  # ceil(50 / 16)
+    assert fidelity.one_epoch(str(tmp_path), 3) == 3
+    with pytest.raises(SystemExit, match=r"more than once \(one epoch = 4 steps at batch 16"):
+        fidelity.one_epoch(str(tmp_path), 5)
