@@ -5,7 +5,8 @@ in the trial's actor itself (`train.launch`'s local launcher): the actor holds t
 CPU/GPU, reports each evaluation with `tune.report`, and Tune reuses it for the next trial
 (`reuse_actors`), so torch, transformers and the recipe are imported once per actor, not once
 per trial. A run of several workers or DeepSpeed starts its Ray Train run from the trial
-(the Ray 2.60 pattern for Train V2 inside Tune), with Tune's `TuneReportCallback`. Either way
+(the Ray 2.60 pattern for Train V2 inside Tune), with Tune's `TuneReportCallback`
+(`train.launch.TUNE_TRIAL` tells the launcher it is in a trial). Either way
 every evaluation (`dev` every `eval_every` steps and in the final report) reaches Tune, its
 schedulers and its TensorBoard/JSON/CSV loggers, and the run's name is derived from the trial
 id, so a trial restarted by `max_failures` or `--resume` finds its own run directory and
@@ -45,7 +46,6 @@ import tempfile
 import time
 
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -56,8 +56,7 @@ from rayapp.sweep import spec as sweep_spec
 from rayapp.recipes import get_recipe
 from rayapp.sweep.results import STATUSES, parse_run, read_runs, select_split, point_key
 from rayapp.sweep.spec import SweepConfig
-from rayapp.train.launch import is_local, local_resources
-from rayapp.train.worker import scalar_metrics
+from rayapp.train.launch import TUNE_TRIAL, is_local, local_resources
 
 
 DRIVER_MEMORY = 256 * 1024 ** 2  # what a trial that waits on its Ray Train run reserves (it holds no model)
@@ -103,14 +102,6 @@ def _unfilled(placeholder: str) -> str:
     """A stand-in for checks before the trials: the keys and types of a config do not depend on
     which checkpoint `{best:...}` will be."""
     return f"<{placeholder}>"
-
-
-class ScalarReport(TuneReportCallback):
-    """Tune's report callback, passing on the scalar metrics only (as a local run reports
-    them): curves and eval lists stay in the run record."""
-
-    def after_report(self, run_context, metrics, checkpoint):
-        super().after_report(run_context, [scalar_metrics(m) for m in metrics], checkpoint)
 
 
 def _annotation(experiment: str, k: int, trial: dict, trial_id: str) -> dict:
@@ -171,7 +162,7 @@ def trial_fn(config: dict) -> None:
     try:
         recipe_cfg = cfg.recipe_config(trial, name, _filler(cfg, trial))
         _, run = get_recipe(cfg.method(trial["method"]).recipe)
-        record = run(recipe_cfg, callbacks=[ScalarReport()])
+        record = run(recipe_cfg, callbacks=[TUNE_TRIAL])
     except Exception as exc:
         # the trial records its own error: Tune's error file can be missing when the callback
         # runs (seen with reused actors), which left "no error recorded" in the report

@@ -12,6 +12,12 @@ Which launcher (`engine.launcher`):
   else in one Ray task with that worker's resources (`rayapp finetune`, `evaluate`). Runs
   of several workers, and DeepSpeed (it needs a process group), run on Ray Train.
 - `train`: Ray Train always (a `TorchTrainer` with a TrainController and a worker group).
+
+A Tune trial says so by passing `TUNE_TRIAL` in `callbacks`. A local run then reports with
+`tune.report`; a Ray Train run gets Tune's `TuneReportCallback` (`ScalarReport`), created
+only then: creating one starts a queue actor that the trial's Tune session polls a few times
+a second for the rest of the trial, and that polling slowed two concurrent local trials'
+loops by about a quarter on 2 cores (`benchmarks/sweep.py`).
 """
 from __future__ import annotations
 
@@ -103,6 +109,21 @@ def _local_run(loop: Callable[[dict], None], loop_cfg: dict, run_uri: str, keep:
     return Outcome(w.committed["metrics"], st.join(run_uri, w.committed["checkpoint"]))
 
 
+TUNE_TRIAL = "tune-trial"  # in `callbacks`: this run is a Tune trial (module docstring)
+
+
+def _report_callback():
+    """Tune's report callback for a Ray Train run in a trial, passing on the scalar metrics
+    only (as a local run reports them): curves and eval lists stay in the run record."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ScalarReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            super().after_report(run_context, [scalar_metrics(m) for m in metrics], checkpoint)
+
+    return ScalarReport()
+
+
 def _tune_report(metrics: dict) -> None:
     from ray import tune
 
@@ -112,10 +133,9 @@ def _tune_report(metrics: dict) -> None:
 def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *, storage: str, name: str,
            keep_checkpoints: int = 2, callbacks: Sequence = ()) -> Outcome:
     """Run `loop` as `storage/name` (a local dir or `s3://` URI) on the launcher `cfg` picks
-    (module docstring). `callbacks` holding Tune's report callback mean "this is a Tune
-    trial": a Ray Train run passes them to its RunConfig, a local run reports to the trial."""
+    (module docstring). `callbacks` go to a Ray Train run's RunConfig; `TUNE_TRIAL` among
+    them means "this is a Tune trial" (module docstring)."""
     import ray
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     env.start_ray()
     # workers on any node read the config's inputs and write to the storage
@@ -125,12 +145,13 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
     try:
         if is_local(cfg):
             run_uri = st.join(storage if st.is_remote(storage) else str(Path(storage).resolve()), name)
-            if any(isinstance(c, TuneReportCallback) for c in callbacks):  # in the trial's actor
+            if TUNE_TRIAL in callbacks:  # in the trial's actor
                 return _local_run(loop, loop_config, run_uri, keep_checkpoints, cfg.use_gpu, _tune_report)
             need = local_resources(cfg)
             task = ray.remote(_local_run).options(num_cpus=need["CPU"], num_gpus=need.get("GPU", 0),
                                                   max_retries=cfg.max_failures, name=f"rayapp:{name}")
             return ray.get(task.remote(loop, loop_config, run_uri, keep_checkpoints, cfg.use_gpu))
+        callbacks = [_report_callback() if c == TUNE_TRIAL else c for c in callbacks]
         return _train(loop_config, cfg, storage, name, keep_checkpoints, callbacks)
     except Exception as exc:  # a user mistake seen by a worker is reported as that mistake
         err = find_user_error(exc)
