@@ -67,7 +67,7 @@ def test_lmbff_exact_is_a_config_field_for_the_student_and_the_tuned_teacher(mon
     cfg = load_config(PromptDistillConfig, None, ["lmbff_exact=true", f"output_dir={tmp_path}"])
     assert cfg.resolve_task().lmbff_exact  # the task the recipe encodes X, X~, dev and test with
     seen = {}
-    monkeypatch.setattr(finetune, "run", lambda fcfg, split: seen.setdefault("cfg", fcfg) and {"checkpoint": "T"})
+    monkeypatch.setattr(finetune, "run", lambda fcfg, split, callbacks: seen.setdefault("cfg", fcfg) and {"checkpoint": "T"})
     assert tuned_teacher(cfg, load_lmbff(None, SST2, k=16, seed=13)) == "T"
     assert seen["cfg"].lmbff_exact and seen["cfg"].resolve_task().lmbff_exact  # T is tuned on the same prompts
 

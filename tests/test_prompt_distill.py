@@ -283,3 +283,28 @@ def test_sweep_with_pd_prompt_kd_and_an_ablation(ray_cluster, tiny_bert, tiny_ro
     md = (tmp_path / "report" / "table2.md").read_text()
     rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "method" not in line]
     assert rows == ["Prompt-Distiller", "PD w/o contrastive", "Prompt-KD"]
+
+
+def test_a_sweep_trial_tunes_its_own_teacher_in_its_process(ray_cluster, tiny_bert, tmp_path):
+    """A PD trial with no `tuned_teacher` tunes T itself: in the trial's actor, which holds the
+    worker's CPU (as a Ray task it was refused: "No trial resources are available"), and T's
+    metrics are not reported as the trial's."""
+    import yaml
+
+    from rayapp.cli import main
+
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "name": "pd-own-t", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13, 21], "grid": {},
+        "base": {"model": tiny_bert, "teacher": tiny_bert, "max_steps": 2, "eval_every": 2, "n": 1, "probe_steps": 5,
+                 "eval_batch_size": 128, "teacher_config": {"max_steps": 2, "eval_every": 2}},
+        "methods": {"pd": {"recipe": "prompt-distill"}}}))
+    assert main(["sweep", "--config", str(cfg_file)]) == 0
+    exp = tmp_path / "sweeps" / "pd-own-t"
+    records = [json.loads(f.read_text()) for f in sorted((exp / "records").glob("*.json"))]
+    assert len(records) == 2 and all(r["status"] == "done" for r in records), [r.get("error") for r in records]
+    teachers = {r["seed"]: r["tuned_teacher"] for r in records}
+    assert all(t.startswith(str(exp / "teachers")) for t in teachers.values()) and len(set(teachers.values())) == 2
+    # Tune saw the student's reports only: each trial's last result is its record's test number
+    results = [json.loads(line) for f in exp.glob("tune-0/*/result.json") for line in f.read_text().splitlines()]
+    assert sorted(r["test"] for r in results if r.get("final")) == sorted(r["test"] for r in records)

@@ -77,6 +77,7 @@ from rayapp.tasks.prompts import PromptEncoder, Task
 from rayapp.train.config import TrainConfig
 from rayapp.train.engine import global_batch_indices, shard, split_batch
 from rayapp.train.loop import Setup
+from rayapp.train.launch import nested
 from rayapp.train.records import RECORDS, run_name
 from rayapp.train.run import run_recipe
 from rayapp.train.worker import worker
@@ -175,10 +176,13 @@ def load_frozen_mlm(ref: str, name: str, device):
     return LogitsAt(mlm).to(device).eval().requires_grad_(False)
 
 
-def tuned_teacher(cfg: PromptDistillConfig, split: FewShotSplit) -> str:
+def tuned_teacher(cfg: PromptDistillConfig, split: FewShotSplit, callbacks=()) -> str:
     """T: `cfg.tuned_teacher`, or T' tuned on X by the finetune recipe (best on dev), cached
     under `<output_dir>/teachers/` by its config: a second student method of the same
-    (task, split, teacher settings) finds the record and reuses the checkpoint."""
+    (task, split, teacher settings) finds the record and reuses the checkpoint. `callbacks`
+    are the PD run's: in a sweep trial T is tuned in the trial's process (`launch.nested`).
+    In a sweep, T is better a method of its own (`tuned_teacher: "{best:teacher-pt}"`): two
+    trials of one split tuning the same T at once would write the same run folder."""
     if cfg.tuned_teacher:
         return cfg.tuned_teacher
     from rayapp.recipes import finetune
@@ -193,7 +197,7 @@ def tuned_teacher(cfg: PromptDistillConfig, split: FewShotSplit) -> str:
     cached = storage.join(fcfg.output_dir, RECORDS, f"{fcfg.name}.json")
     if storage.exists(cached):
         return json.loads(storage.read_text(cached))["checkpoint"]
-    return finetune.run(fcfg, split)["checkpoint"]
+    return finetune.run(fcfg, split, callbacks=nested(callbacks))["checkpoint"]
 
 
 # --- the per-worker setup ------------------------------------------------------------------
@@ -401,7 +405,7 @@ def run(cfg: PromptDistillConfig, split: FewShotSplit | None = None, callbacks=(
     if cfg.unlabelled and cfg.method in PROMPT_METHODS:
         pool = cfg.unlabelled_pool or default_pool(task, split.source.get("root") or cfg.data_dir)
         xu = draw_unlabelled(split, task, cfg.n, pool=pool)
-    tuned = tuned_teacher(cfg, split)
+    tuned = tuned_teacher(cfg, split, callbacks)
     prefix = f"{cfg.variant}-{task.name}-{cfg.k}-{cfg.seed}"
     name = cfg.name or run_name(prefix, cfg)
     inputs = {"task": task, "split": split, "unlabelled": xu, "model_ref": portable_model(cfg.model),

@@ -13,7 +13,11 @@ Which launcher (`engine.launcher`):
   of several workers, and DeepSpeed (it needs a process group), run on Ray Train.
 - `train`: Ray Train always (a `TorchTrainer` with a TrainController and a worker group).
 
-A Tune trial says so by passing `TUNE_TRIAL` in `callbacks`. A local run then reports with
+A Tune trial says so by passing `TUNE_TRIAL` in `callbacks`, and a run it starts itself (a
+Prompt-Distiller trial tuning its teacher T) gets `nested(callbacks)`: `IN_TRIAL`, one local
+run in this process, reporting nothing to the trial (its metrics are not the trial's). It
+cannot be a Ray task: the trial's actor holds the worker's resources in Tune's placement
+group, and a task asking for them there is refused ("No trial resources are available"). A local run then reports with
 `tune.report`; a Ray Train run gets Tune's `TuneReportCallback` (`ScalarReport`), created
 only then: creating one starts a queue actor that the trial's Tune session polls a few times
 a second for the rest of the trial, and that polling slowed two concurrent local trials'
@@ -110,6 +114,12 @@ def _local_run(loop: Callable[[dict], None], loop_cfg: dict, run_uri: str, keep:
 
 
 TUNE_TRIAL = "tune-trial"  # in `callbacks`: this run is a Tune trial (module docstring)
+IN_TRIAL = "in-trial"      # in `callbacks`: a run a trial started, run in its process (module docstring)
+
+
+def nested(callbacks: Sequence) -> list:
+    """The callbacks of a run started from inside the run whose callbacks are `callbacks`."""
+    return [IN_TRIAL] if TUNE_TRIAL in callbacks or IN_TRIAL in callbacks else []
 
 
 def _report_callback():
@@ -147,11 +157,13 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
             run_uri = st.join(storage if st.is_remote(storage) else str(Path(storage).resolve()), name)
             if TUNE_TRIAL in callbacks:  # in the trial's actor
                 return _local_run(loop, loop_config, run_uri, keep_checkpoints, cfg.use_gpu, _tune_report)
+            if IN_TRIAL in callbacks:
+                return _local_run(loop, loop_config, run_uri, keep_checkpoints, cfg.use_gpu)
             need = local_resources(cfg)
             task = ray.remote(_local_run).options(num_cpus=need["CPU"], num_gpus=need.get("GPU", 0),
                                                   max_retries=cfg.max_failures, name=f"rayapp:{name}")
             return ray.get(task.remote(loop, loop_config, run_uri, keep_checkpoints, cfg.use_gpu))
-        callbacks = [_report_callback() if c == TUNE_TRIAL else c for c in callbacks]
+        callbacks = [_report_callback() if c == TUNE_TRIAL else c for c in callbacks if c != IN_TRIAL]
         return _train(loop_config, cfg, storage, name, keep_checkpoints, callbacks)
     except Exception as exc:  # a user mistake seen by a worker is reported as that mistake
         err = find_user_error(exc)
