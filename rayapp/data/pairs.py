@@ -71,11 +71,11 @@ import pyarrow as pa
 import ray
 
 from rayapp import env, storage
+from rayapp.config import InputPath, OutputPath
 from rayapp.data.corpus import (CHUNK_BYTES, DROP_REASONS, Source, check_words, document_sentences,
                                 plan_sources)
 from rayapp.data.formats import CORPUS_FORMATS, warn_skipped
 from rayapp.data.shards import META, shard_name, write_meta, write_table
-from rayapp.config import InputPath, OutputPath
 from rayapp.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

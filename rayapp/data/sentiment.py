@@ -180,8 +180,7 @@ def sentence_table(cfg: SentimentConfig, settings: dict, scored: set[str]) -> di
     meta = {"stage": "sentence-table", "settings": settings, "files": sorted(written),
             "counts": {c: sum(int(b[c]) for b in blocks) for c in _COUNTS}}
     warn_skipped(cfg.corpus, meta["counts"]["bad_lines"])
-    shards.write_meta(table, meta, written)
-    return shards.require_meta(table)
+    return shards.write_meta(table, meta, written)
 
 
 # --- 2. scoring -----------------------------------------------------------------------------

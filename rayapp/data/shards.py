@@ -89,15 +89,18 @@ def describe(uri: str) -> dict:
     return _entry(data, rows)
 
 
-def write_meta(out_uri: str, meta: dict, written: dict[str, dict] | None = None) -> None:
+def write_meta(out_uri: str, meta: dict, written: dict[str, dict] | None = None) -> dict:
     """Write `_meta.json`, last: after it the folder is finished. `meta["files"]` lists
     the shard names in read order; `written` maps names to the entries `write_table`
-    returned, and a listed shard without one is described by reading it."""
+    returned, and a listed shard without one is described by reading it. Returns what it
+    wrote (`meta` with `shards`)."""
     if not isinstance(meta.get("files"), list):
         raise ValueError("_meta.json must list the folder's shards under 'files'")
     written = written or {}
     entries = {name: written.get(name) or describe(storage.join(out_uri, name)) for name in meta["files"]}
-    storage.write_text(storage.join(out_uri, META), json.dumps({**meta, "shards": entries}, indent=2, default=str))
+    meta = {**meta, "shards": entries}
+    storage.write_text(storage.join(out_uri, META), json.dumps(meta, indent=2, default=str))
+    return meta
 
 
 def read_meta(out_uri: str) -> dict | None:

@@ -15,12 +15,12 @@ from typing import Literal
 
 import torch
 
+from rayapp import env
 from rayapp.config import InputPath, ModelRef
 from rayapp.data.mlm_text import build_text_chunks
 from rayapp.data.shards import require_meta, shard_uris
 from rayapp.errors import ConfigError
 from rayapp.modeling.batches import MLMBatcher
-from rayapp import env
 from rayapp.modeling.models import LogitsAt, check_model, load_mlm, load_tokenizer, local_model_dir, portable_model
 from rayapp.recipes import objectives
 from rayapp.train.config import TrainConfig

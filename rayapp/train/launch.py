@@ -13,15 +13,17 @@ Which launcher (`engine.launcher`):
   of several workers, and DeepSpeed (it needs a process group), run on Ray Train.
 - `train`: Ray Train always (a `TorchTrainer` with a TrainController and a worker group).
 
-A Tune trial says so by passing `TUNE_TRIAL` in `callbacks`, and a run it starts itself (a
-Prompt-Distiller trial tuning its teacher T) gets `nested(callbacks)`: `IN_TRIAL`, one local
-run in this process, reporting nothing to the trial (its metrics are not the trial's). It
-cannot be a Ray task: the trial's actor holds the worker's resources in Tune's placement
-group, and a task asking for them there is refused ("No trial resources are available"). A local run then reports with
-`tune.report`; a Ray Train run gets Tune's `TuneReportCallback` (`ScalarReport`), created
-only then: creating one starts a queue actor that the trial's Tune session polls a few times
-a second for the rest of the trial, and that polling slowed two concurrent local trials'
-loops by about a quarter on 2 cores (`benchmarks/sweep.py`).
+A Tune trial says so by passing `TUNE_TRIAL` in `callbacks`. A local run then reports with
+`tune.report`; a Ray Train run gets Tune's `TuneReportCallback` (`_report_callback`),
+created only then: creating one starts a queue actor that the trial's Tune session polls a
+few times a second for the rest of the trial, and that polling slowed two concurrent local
+trials' loops by about a quarter on 2 cores (`benchmarks/sweep.py`).
+
+A run a trial starts itself (a Prompt-Distiller trial tuning its teacher T) gets
+`nested(callbacks)`: `IN_TRIAL`, one local run in this process, reporting nothing to the
+trial (its metrics are not the trial's). It cannot be a Ray task: the trial's actor holds
+the worker's resources in Tune's placement group, and a task asking for them there is
+refused ("No trial resources are available").
 """
 from __future__ import annotations
 

@@ -143,9 +143,9 @@ def train_loop(loop_cfg: dict) -> None:
         best_weights = snapshot(engine.module) if setup.select and state["best"] is not None else None
     else:
         state = {"step": 0, "done": False, "best": None, "best_step": None, "evals": [], "loss_curve": [],
-                 "parts_curve": [], "throughput": [], "restarts": [], "data_digest": []}
+                 "throughput": [], "restarts": [], "data_digest": []}
         best_weights = None
-    state.setdefault("parts_curve", [])  # checkpoints older than the curve
+    state.setdefault("parts_curve", [])  # a fresh run, or a checkpoint older than the curve
     # where each attempt trained: [first step, node id of every rank] (older checkpoints lack it)
     state.setdefault("nodes", []).append([state["step"], rank_nodes()])
 
