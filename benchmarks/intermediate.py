@@ -18,6 +18,12 @@ What is measured, and why:
   40x. The machine is shared: the load average (others' work) is printed with each case,
   and so are the CPU seconds of each build (its whole process tree), which that load
   changes far less than wall time.
+- The same build across nodes (issue 30): the largest corpus as one JSONL file, built by a
+  driver of a local cluster (`cluster.local_cluster`) of one 2-CPU node, then of a 0-CPU
+  head plus two one-CPU worker nodes (each in its own namespaces with a private /tmp), the
+  corpus and the output on a folder all nodes see (as a shared filesystem would be; the
+  benchmark's work folder is under `runs/`, not /tmp, for that). Spreading the build must
+  not slow it: reported are both wall times, their ratio and each tree's peak PSS.
 - Teacher cache against bare PyTorch, in one run: the real local teacher
   (`minilm-l6-mlm-wiki`) at top_k=64 on pairs taken from the first build, in
   `CACHE_SHARDS` shards (at least two per actor, so the actors finish together). Tokens/s
@@ -54,6 +60,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -61,7 +68,13 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # cluster/ (the local multi-node cluster)
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+# Ray's default worker pool, as `rayapp` runs for a user (`make` exports the test session's
+# 6 warm idle workers, which cost this build memory and start-up CPU)
+os.environ.pop("RAY_num_workers_soft_limit", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -154,6 +167,17 @@ def plain_pairs(files: list[str], fmt: str, out: str, num_examples: int, seed: i
             "sent_b": [docs[d][2][j] for _, _, d, j, _ in part]}, schema=PAIRS_SCHEMA), f"{out}/part-{s:05d}.parquet")
 
 
+def _process_kind(cmdline: list[str]) -> str:
+    """A short name for a process of the tree: Ray's title (`ray::IDLE`, `ray::_split_source`),
+    its daemon (gcs_server, raylet) or script."""
+    if not cmdline:
+        return "?"
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split()[0]
+    return next((Path(a).name for a in cmdline if a.endswith((".py", "raylet", "gcs_server"))),
+                Path(cmdline[0]).name)
+
+
 class TreeUsage:
     """This process and its descendants (with Ray running: the driver, GCS, raylet, agents
     and workers) while the block runs: the peak, sampled every 0.25 s, of their summed PSS
@@ -165,22 +189,27 @@ class TreeUsage:
         import psutil
 
         self.me, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.at_peak: dict[str, int] = {}  # process kind -> summed PSS at the peak
         self.cpu: dict[int, list[float]] = {}  # pid -> CPU seconds at the start (0: started later), now
         self.started = False
 
     def _sample(self) -> None:
         import psutil
 
-        total = 0
+        total, parts = 0, {}
         for proc in [self.me, *self.me.children(recursive=True)]:
             try:
-                total += proc.memory_full_info().pss
+                pss = proc.memory_full_info().pss
+                total += pss
+                name = _process_kind(proc.cmdline())
+                parts[name] = parts.get(name, 0) + pss
                 times = proc.cpu_times()
                 now = times.user + times.system
                 self.cpu.setdefault(proc.pid, [now if not self.started else 0.0, now])[1] = now
             except psutil.Error:  # exited between listing and reading
                 pass
-        self.peak = max(self.peak, total)
+        if total > self.peak:
+            self.peak, self.at_peak = total, parts
 
     @property
     def cpu_seconds(self) -> float:
@@ -230,9 +259,43 @@ def measure_pairs(corpus: str, fmt: str, out: str, examples: int) -> dict:
             "plain": {"s": plain_seconds, "cpu_s": plain_usage.cpu_seconds, "mb": plain_usage.peak / 2**20}}
 
 
-def pairs_at_scale(work: Path, copies: list[int], examples: int) -> str:
-    """Every case of the pairs benchmark, printed as a table; returns the first case's
-    `build_pairs` output (the cache stage's input)."""
+def measure_on_nodes(corpus: str, fmt: str, out: str, examples: int, workers: int) -> dict:
+    """In this (fresh) process: `build_pairs` as the driver of a cluster started here
+    (`cluster.local_cluster`), either one node of 2 CPUs (`workers=0`: a `ray start --head`)
+    or a 0-CPU head plus `workers` one-CPU worker nodes, each in its own namespaces with a
+    private /tmp; `corpus` and `out` are on a folder every node sees, as a shared filesystem
+    would be. Seconds and peak PSS of the whole tree (head, nodes, driver)."""
+    from cluster.local_cluster import LocalCluster
+
+    cluster = LocalCluster(head_cpus=0 if workers else 2)
+    try:
+        for _ in range(workers):
+            cluster.add_node(num_cpus=1)
+        os.environ.update(cluster.env)  # token auth: read when Ray is imported
+        import ray
+
+        from rayapp.data.pairs import build_pairs
+
+        ray.init(address=cluster.head.gcs_address, log_to_driver=False, logging_level=logging.WARNING)
+        with TreeUsage() as usage:
+            start = time.perf_counter()
+            build_pairs(corpus, out, examples, seed=0, fmt=fmt)
+            seconds = time.perf_counter() - start
+        ray.shutdown()
+    finally:
+        cluster.stop()
+    return {"s": seconds, "cpu_s": usage.cpu_seconds, "mb": usage.peak / 2**20}
+
+
+def in_fresh_process(*args, fn) -> dict:
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def pairs_at_scale(work: Path, copies: list[int], examples: int, node_repeats: int) -> str:
+    """Every case of the pairs benchmark, printed as a table, then the largest JSONL case on
+    one node against three; returns the first case's `build_pairs` output (the cache stage's
+    input)."""
     rows, first = [], None
     for c in copies:
         folder = work / f"wikipedia-x{c}"
@@ -240,13 +303,20 @@ def pairs_at_scale(work: Path, copies: list[int], examples: int) -> str:
         for fmt, shape in SHAPES.items():
             corpus, out = folder / fmt, work / f"pairs-x{c}-{fmt}"
             gb = sum(f.stat().st_size for f in corpus.iterdir()) / 1e9
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                rows.append((shape, c, gb, pool.submit(measure_pairs, str(corpus), fmt, str(out), examples).result()))
+            rows.append((shape, c, gb, in_fresh_process(str(corpus), fmt, str(out), examples, fn=measure_pairs)))
             shutil.rmtree(f"{out}-plain")
             if first is None:
                 first = f"{out}-ray"
             else:
                 shutil.rmtree(f"{out}-ray")
+        if c == copies[-1]:  # the largest corpus, as one JSONL file, on the local multi-node cluster
+            nodes = {0: [], 2: []}
+            for _ in range(node_repeats):  # alternating, so that others' load on the machine hits both
+                for workers, runs in nodes.items():
+                    out = work / f"pairs-nodes-{workers}"
+                    runs.append(in_fresh_process(str(folder / "jsonl"), "jsonl", str(out), examples, workers,
+                                                 fn=measure_on_nodes))
+                    shutil.rmtree(out)
         shutil.rmtree(folder)
     print(f"\nSMASH sentence pairs: {examples:,} from the local Wikipedia repeated N times; Ray num_cpus=2 on "
           "this shared machine (load average: others' work, before / after Ray / after plain)")
@@ -257,6 +327,14 @@ def pairs_at_scale(work: Path, copies: list[int], examples: int) -> str:
         print(f"{shape:26s}{c:>4d}{gb:>6.2f}{r['sources']:>8d}{ray_['s']:>8.1f}{plain['s']:>8.1f}"
               f"{plain['s'] / ray_['s']:>6.2f}x{ray_['cpu_s']:>10.1f}{plain['cpu_s']:>12.1f}{ray_['mb']:>16.0f}"
               f"{plain['mb']:>13.0f}   " + " / ".join(f"{x:.0f}" for x in r["load"]))
+    one, many = (min(runs, key=lambda r: r["s"]) for runs in nodes.values())
+    print(f"\nthe same build ({SHAPES['jsonl']}, N={copies[-1]}) on a local cluster (`cluster.local_cluster`), "
+          f"corpus and output on a folder every node sees; the faster of {node_repeats} alternating runs each")
+    print(f"{'cluster':40s}{'seconds':>9s}{'CPU s':>8s}{'tree PSS MB':>13s}   all runs (s)")
+    for name, r, runs in (("one node, 2 CPUs", one, nodes[0]), ("0-CPU head + 2 one-CPU worker nodes", many, nodes[2])):
+        print(f"{name:40s}{r['s']:>9.1f}{r['cpu_s']:>8.1f}{r['mb']:>13.0f}   "
+              + " / ".join(f"{x['s']:.1f}" for x in runs))
+    print(f"three nodes / one node (wall): {many['s'] / one['s']:.2f}x")
     return first
 
 
@@ -359,11 +437,6 @@ def bare_forward(source: str, examples: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "cpu_s": cpu}
 
 
-def in_fresh_process(*args, fn=measure) -> dict:
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
 def cache_bytes(cache: str) -> tuple[dict[str, float], int]:
     """Bytes per example of the cache's distribution columns and shard files; vocab size."""
     import pyarrow.parquet as pq
@@ -402,16 +475,19 @@ def main() -> None:
     if args.smoke:
         args.copies, args.pairs, args.cache_examples = [1], 2_000, 64
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    # not under /tmp: the local cluster's worker nodes each have a private one
+    (ROOT / "runs").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-intermediate-", dir=ROOT / "runs") as tmp:
         work = Path(tmp)
-        pairs = pairs_at_scale(work, args.copies, args.pairs)
+        pairs = pairs_at_scale(work, args.copies, args.pairs, node_repeats=1 if args.smoke else 2)
         (work / "cache-input").mkdir()
         first = pq.read_table(pairs)  # parquet files, not _meta.json
         pq.write_table(first.slice(0, args.cache_examples), work / "cache-input" / "part-00000.parquet")
         shards.write_meta(str(work / "cache-input"), {"files": ["part-00000.parquet"]})
         bare = [in_fresh_process(str(work / "cache-input" / "part-00000.parquet"), args.cache_examples,
                                  fn=bare_forward)]
-        r = in_fresh_process("cache", str(work / "cache-input"), str(work / "cache"), args.cache_examples)
+        r = in_fresh_process("cache", str(work / "cache-input"), str(work / "cache"), args.cache_examples,
+                             fn=measure)
         rows.append(("teacher cache (top-64)", "-", r))
         bare.append(in_fresh_process(str(work / "cache-input" / "part-00000.parquet"), args.cache_examples,
                                      fn=bare_forward))

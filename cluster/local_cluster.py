@@ -80,6 +80,15 @@ def cluster_env(extra: dict[str, str] | None = None) -> dict[str, str]:
             "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]), **(extra or {})}
 
 
+def node_env(environ: dict[str, str], num_cpus: int) -> dict[str, str]:
+    """`environ` for a node of `num_cpus` CPUs: it keeps at most that many idle workers. With
+    LOCAL's 6 (for the one-node test session) each one-CPU node started up to 8 workers for a
+    stage's queued tasks: the 1 GB pairs build on 3 nodes paid 16 worker start-ups on this
+    machine's 2 cores and ran 1.3x slower than on one node (`benchmarks/intermediate.py`); a
+    node started with the node API does not size the pool by its logical CPUs by itself."""
+    return {**environ, "RAY_num_workers_soft_limit": str(max(1, num_cpus))}
+
+
 def ensure_token(environ: dict[str, str]) -> None:
     """A Ray auth token in ~/.ray/auth_token, readable by its owner only."""
     if not TOKEN.exists():
@@ -183,7 +192,7 @@ def start_head(num_cpus: int = 0, environ: dict[str, str] | None = None, timeout
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
              "127.0.0.1", "--dashboard-host", "127.0.0.1", "--num-cpus", str(num_cpus), "--temp-dir", temp_dir,
              "--disable-usage-stats", *(str(a) for kv in ports.items() for a in kv)],
-            env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            env=node_env(environ, num_cpus), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     head = Head(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", environ, temp_dir, proc, log)
 
     def ready():
@@ -290,7 +299,7 @@ class LocalCluster:
                 ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private", "--pid", "--fork",
                  "--mount-proc",  # a /proc of the namespace: Ray (psutil) looks its own pids up there
                  "sh", "-c", inner],
-                cwd=ROOT, env={**self.env, "RAYAPP_CACHE": "/tmp/rayapp-cache"}, stdout=out,
+                cwd=ROOT, env={**node_env(self.env, num_cpus), "RAYAPP_CACHE": "/tmp/rayapp-cache"}, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
         node = WorkerNode(name, proc, log, resources={"CPU": num_cpus, **(resources or {})})
         self.nodes.append(node)

@@ -60,6 +60,10 @@ are one sequence whatever it is).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import gc
 import logging
 import math
 import time
@@ -350,7 +354,7 @@ def _write_shard(shard: int, sources: int, fs, work: str, out: str) -> tuple[lis
     for index in range(sources):
         with fs.open_input_file(_table_path(work, "piece", index)) as f:
             batches.append(pa.ipc.open_file(f).get_batch(shard))
-    picked = pa.Table.from_batches(batches)  # chunks over the batches read: no copy
+    picked = pa.Table.from_batches(batches).combine_chunks()  # one copy; `take` on chunks copies per column
     del batches
     row, side = picked["row"].to_numpy(), picked["side"].to_numpy()
     order = np.argsort(2 * row + side)
@@ -360,12 +364,40 @@ def _write_shard(shard: int, sources: int, fs, work: str, out: str) -> tuple[lis
                ("pos", first), ("pos", second)]
     table = pa.table([picked[name].take(index) for name, index in columns], names=PAIRS_SCHEMA.names)
     del picked  # the text is in `table` now: hold one copy while writing
+    release_memory()  # before the parquet writer's buffers: the take's temporaries are free
     table = table.cast(PAIRS_SCHEMA)
     entry = write_table(storage.join(out, shard_name(shard)), table)
     return np.bincount(table["label"].to_numpy(), minlength=3).tolist(), entry
 
 
 # --- build ---------------------------------------------------------------------------------
+
+def _task(fn):
+    """`fn` as a one-CPU Ray task that hands its freed memory back when it returns.
+
+    A worker that finished a task keeps what the task freed (Python's allocator, malloc and
+    Arrow's mimalloc pool hold on to it), and the next round's tasks often run in other
+    workers, so the build's whole process tree peaked near the sum of every worker's
+    largest task: 1.22-1.36 GB for the 1 GB corpus (`benchmarks/intermediate.py`), 1.08 GB
+    with this."""
+    @functools.wraps(fn)
+    def released(*args):
+        try:
+            return fn(*args)
+        finally:
+            release_memory()
+
+    return ray.remote(num_cpus=1)(released)
+
+
+def release_memory() -> None:
+    """Hand this process's freed memory back to the system (Python, Arrow's pool, malloc)."""
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
+
 
 def check_out_dir(out: str) -> None:
     """Refuse an output URI that already holds a build (parquet shards or `_meta.json`)."""
@@ -415,7 +447,7 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     if storage.exists(work):  # a crashed run's scratch
         fs.delete_dir(work_root)
     storage.makedirs(work)
-    split, gather, write = (ray.remote(num_cpus=1)(f) for f in (_split_source, _gather_source, _write_shard))
+    split, gather, write = (_task(f) for f in (_split_source, _gather_source, _write_shard))
 
     log.info("pairs: splitting %d corpus sources into sentences", len(sources))
     splits = ray.get([split.remote(s, i, fs, work_root, cfg.min_words, cfg.max_words)
