@@ -45,6 +45,8 @@ def start_local() -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import ray
+
     from rayapp.assets import asset
     from rayapp.data.pairs import build_pairs
     from rayapp.data.teacher_cache import build_cache
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     start_local()
     teacher = str(asset("models", "minilm-l6-mlm-wiki"))
-    engine = EngineConfig(num_workers=1)
+    # the distillation runs alone: one worker on every CPU of the machine (its threads), where
+    # the sweep's trials take one CPU each, side by side
+    engine = EngineConfig(num_workers=1, cpus_per_worker=max(1, int(ray.cluster_resources().get("CPU", 1))))
 
     pairs = str(work / "pairs")
     stage(work, "pairs", lambda: build_pairs(str(asset("corpus", "wikipedia-en", "AA")), pairs,

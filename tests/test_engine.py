@@ -250,3 +250,24 @@ def test_ray_train_loggers_named_by_file_are_held_to_warnings():
     quiet_train_file_loggers()
     assert not train.isEnabledFor(logging.INFO) and train.isEnabledFor(logging.WARNING)
     assert other.level == logging.NOTSET
+
+
+def test_a_local_run_trains_on_as_many_threads_as_it_holds_cpus(ray_cluster, tmp_path):
+    """torch sizes its thread pool once per process, so a reused Ray worker kept the size of
+    the task that first imported torch: the demo's 2-CPU distillation trained on 1 thread.
+    A local worker sets it from the CPUs its task holds."""
+    import torch
+
+    from rayapp.train.worker import LocalWorker
+
+    @ray_cluster.remote(num_cpus=2)
+    def threads(run: str) -> tuple[int, int]:
+        torch.set_num_threads(1)  # as a worker that imported torch for a one-CPU task
+        before = torch.get_num_threads()
+        LocalWorker(run, keep=1, use_gpu=False)
+        return before, torch.get_num_threads()
+
+    assert ray_cluster.get(threads.remote(str(tmp_path / "run"))) == (1, 2)
+    mine = torch.get_num_threads()
+    LocalWorker(str(tmp_path / "driver"), keep=1, use_gpu=False)  # a driver (no task) keeps its own
+    assert torch.get_num_threads() == mine

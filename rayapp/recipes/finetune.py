@@ -139,11 +139,16 @@ def predict(model, batch, task: Task, encoder: PromptEncoder | None) -> torch.Te
 
 def evaluate(model, examples: list[Example], task: Task, tokenizer, encoder, cfg: FinetuneConfig, device) -> float:
     """Metric over `examples`; each worker predicts a strided share and the shares are
-    gathered, so evaluation also scales with the number of workers."""
+    gathered, so evaluation also scales with the number of workers. Predictions do not depend
+    on the batching: a row's padding is masked out."""
     import torch.distributed as dist
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = list(range(rank, len(examples), world))
+    # batches of similar length (by characters, before tokenising): a batch pads to its
+    # longest; in file order, batches of 32 padded the test sets of SST-2 (max_length 64) and
+    # RTE (128) to 1.76x and 1.95x their tokens, sorted to 1.22x and 1.21x
+    mine = sorted(range(rank, len(examples), world), key=lambda i: len(examples[i].text_a) + len(
+        examples[i].text_b or ""))
     model.eval()
     preds, idx = [], []
     for i in range(0, len(mine), cfg.eval_batch_size):

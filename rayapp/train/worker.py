@@ -80,6 +80,20 @@ def read_latest(run_uri: str) -> dict | None:
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
 
 
+def _use_assigned_cpus() -> None:
+    """Train on as many threads as the task or actor holds CPUs. torch sizes its thread pool
+    once, from the OMP_NUM_THREADS Ray sets around each task, so a reused worker kept the
+    size of the task that first imported torch: a 2-CPU run on 1 thread."""
+    import ray
+    from ray._private.worker import WORKER_MODE, global_worker
+
+    if not ray.is_initialized() or global_worker.mode != WORKER_MODE:  # a driver keeps its own setting
+        return
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
+
+
 class LocalWorker:
     """Rank 0 of 1, in this process; checkpoints committed to `run_uri` (module docstring).
     `on_report(metrics)`: where else reports go (a Tune trial's `tune.report`)."""
@@ -91,6 +105,8 @@ class LocalWorker:
         # Ray gives a task or actor that asked for a GPU that GPU, as its device 0
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.committed = read_latest(run_uri)
+        if not use_gpu:
+            _use_assigned_cpus()
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
