@@ -11,6 +11,7 @@
     rayapp init-student --teacher DIR --out DIR    a student cut from every other teacher layer
     rayapp sweep --config FILE key=value ...       methods x tasks x splits x grid on Ray Tune (--resume DIR)
     rayapp report DIR... [--out DIR]               tables (Markdown/CSV), plots and report.html from run records
+    rayapp export RUN --out DIR                    a run's model for plain transformers + ONNX + model card
     rayapp assets pull ID --to ROOT                copy a hub model/dataset into a mirror (RAYAPP_ASSETS)
     rayapp assets push --to ROOT                   copy the local few-shot splits and pools there
     rayapp demo                                    the pipeline end to end on local assets
@@ -178,6 +179,14 @@ def cmd_report(args) -> None:
     print(f"written: {', '.join(written['files'])}")
 
 
+def cmd_export(args) -> None:
+    from rayapp.ship.export import ExportConfig, run
+
+    cfg = _stage_config(ExportConfig, args, ("run", "out"))
+    print(json.dumps(run(cfg), indent=1))
+    print(f"model exported to {cfg.out}")
+
+
 def cmd_assets(args) -> None:
     from rayapp.assets import pull, push
     from rayapp.errors import ConfigError
@@ -298,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep dirs, run output dirs or records/ folders (local or s3://)")
     p.add_argument("--out", help="local output dir (default: DIR/report for a local DIR, else ./report)")
     p.set_defaults(func=cmd_report)
+
+    help = "a few-shot run's selected model as a folder for plain transformers, its ONNX classifier and a model card"
+    p = sub.add_parser("export", help=help, description=help)
+    p.add_argument("run", help="the run's record (OUTPUT_DIR/records/NAME.json) or folder (OUTPUT_DIR/NAME)")
+    p.add_argument("--out", help="the folder to write (local or s3://)")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. onnx=false check_examples=128")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("assets", help="fill an asset mirror (RAYAPP_ASSETS): pull from the hub, push the few-shot data")
     p.add_argument("action", choices=["pull", "push"])

@@ -1,0 +1,353 @@
+"""`rayapp export RUN --out DIR`: a few-shot run's model as a folder users load with plain
+`transformers`, an ONNX graph of its classifier and a model card (issue 29).
+
+RUN is a run's record (`OUTPUT_DIR/records/NAME.json`, what `rayapp finetune` prints and a
+sweep writes per trial) or the run's folder (`OUTPUT_DIR/NAME`). DIR (local or `s3://`) gets:
+- the run's selected model (its best-dev checkpoint, LM-BFF's selection): `config.json`,
+  weights and tokenizer, loaded by `AutoModelForMaskedLM` (prompt methods) or
+  `AutoModelForSequenceClassification` (`method=classifier`). `config.json` also holds
+  `id2label` / `label2id` and, under `rayapp_prompt`, what turns the masked LM into the
+  classifier it was selected as: the task, its template and verbalizer, the label-word ids
+  under this tokenizer, `max_length` and `lmbff_exact`;
+- `model.onnx`: that classifier as one graph, (input_ids, attention_mask, mask_pos) -> class
+  probabilities (the softmax of the label words' logits at the mask, PD eq. 1 / LM-BFF; a
+  classifier run: (input_ids, attention_mask) -> probabilities). It is checked against the
+  PyTorch model on the run's own test examples before anything is written (`ONNX_TOLERANCE`);
+- `README.md`, the model card: the few-shot results from the run's records (this run and,
+  for a sweep trial, every split of its method and task), the teacher (when the model is a
+  `rayapp distill` student, from the distillation's record beside it), the data and the
+  commands.
+
+`classify(DIR, texts_a, texts_b)` classifies with an exported folder: plain `transformers`
+loads the model and tokenizer; the prompt is built by rayapp's `PromptEncoder` from the stored
+template (the same tokenisation, truncation and mask placement the run was evaluated with).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from rayapp import storage
+from rayapp.config import InputPath, OutputPath
+from rayapp.errors import ConfigError, DataError
+
+PROMPT_KEY = "rayapp_prompt"  # config.json entry holding the prompt
+ONNX_TOLERANCE = 1e-4  # max abs difference of class probabilities, ONNX Runtime vs PyTorch
+EXPORTABLE = ("finetune",)  # recipes whose records describe one few-shot classifier
+
+
+@dataclass
+class ExportConfig:
+    run: InputPath      # a run's record (OUTPUT_DIR/records/NAME.json) or folder (OUTPUT_DIR/NAME)
+    out: OutputPath     # the model folder to write (local or s3://)
+    onnx: bool = True   # also write model.onnx (checked against PyTorch)
+    check_examples: int = 64  # test examples the ONNX check compares on
+
+
+def read_record(run: str) -> tuple[dict, str]:
+    """The run's record and its URI, from a record file or a run folder."""
+    run = run.rstrip("/")
+    uri = run if run.endswith(".json") else storage.join(os.path.dirname(run) or ".", "records",
+                                                         os.path.basename(run) + ".json")
+    if not storage.exists(uri):
+        raise DataError(f"run={run} is not a run: there is no record at {uri}; pass a run's record "
+                        "(OUTPUT_DIR/records/NAME.json, printed by `rayapp finetune` and written per sweep "
+                        "trial) or its folder (OUTPUT_DIR/NAME)")
+    try:
+        record = json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"run={run}: the record {uri} is not JSON ({exc}); rerun the run or pass another") from None
+    if record.get("recipe") not in EXPORTABLE:
+        raise DataError(f"run={run} is a {record.get('recipe')!r} run; `rayapp export` takes a few-shot run "
+                        f"({', '.join(EXPORTABLE)}: a prompt or classifier run, or a sweep trial of one). A "
+                        "distillation's student is already a model folder (its record's `model`)")
+    if record.get("status", "done") != "done" or not record.get("checkpoint"):
+        raise DataError(f"run={run} has no selected model yet (status {record.get('status')!r}); export a "
+                        "finished run")
+    return record, uri
+
+
+def _task(record: dict):
+    from rayapp.recipes.finetune import find_task
+
+    cfg = record["config"]
+    return find_task(cfg["task"], cfg.get("tasks_file"), cfg.get("lmbff_exact", False))
+
+
+class PromptClassifier(torch.nn.Module):
+    """The masked LM as the classifier it was selected as: class probabilities from the
+    label words' logits at the mask (`class_logits`), one graph for ONNX."""
+
+    def __init__(self, mlm: torch.nn.Module, label_word_ids: list[list[int]]):
+        super().__init__()
+        from rayapp.modeling.models import LogitsAt
+
+        self.at, self.label_word_ids = LogitsAt(mlm), label_word_ids
+
+    def forward(self, input_ids, attention_mask, mask_pos):
+        from rayapp.tasks.prompts import class_logits
+
+        return class_logits(self.at(input_ids, attention_mask, mask_pos)[0], self.label_word_ids).softmax(-1)
+
+
+class HeadClassifier(torch.nn.Module):
+    """A sequence classifier's probabilities (standard fine-tuning runs)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.softmax(-1)
+
+
+def load(folder: str):
+    """(classifier module, tokenizer, task, PromptEncoder or None, the stored prompt) of an
+    exported folder, loaded with plain `transformers` classes."""
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from rayapp.tasks.prompts import PromptEncoder
+
+    from rayapp.tasks.prompts import Task
+
+    config = AutoConfig.from_pretrained(folder)
+    prompt = getattr(config, PROMPT_KEY, None)
+    if prompt is None:
+        raise DataError(f"{folder} has no `{PROMPT_KEY}` in its config.json: it is not a folder `rayapp export` "
+                        "wrote; export the run first")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    task = Task(**prompt["task"])
+    if prompt["method"] == "classifier":
+        model = HeadClassifier(AutoModelForSequenceClassification.from_pretrained(folder)).eval()
+        return model, tokenizer, task, None, prompt
+    encoder = PromptEncoder(tokenizer, task, prompt["max_length"])
+    model = PromptClassifier(AutoModelForMaskedLM.from_pretrained(folder), encoder.label_word_ids).eval()
+    return model, tokenizer, task, encoder, prompt
+
+
+def _inputs(tokenizer, encoder, max_length: int, texts_a: list[str], texts_b: list[str] | None) -> dict:
+    if encoder is not None:
+        batch = encoder.encode_batch(texts_a, texts_b)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "mask_pos": batch["mask_pos"]}
+    batch = tokenizer(texts_a, texts_b, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@torch.no_grad()
+def classify(folder: str, texts_a: list[str], texts_b: list[str] | None = None, batch_size: int = 32) -> list[dict]:
+    """Classify with an exported folder: per input `{"label", "probs": {label: p}}` (a
+    regression task: `{"score"}`, the expected value over its two label words)."""
+    from rayapp.tasks.prompts import regression_prediction
+
+    model, tokenizer, task, encoder, prompt = load(folder)
+    out = []
+    for i in range(0, len(texts_a), batch_size):
+        b = texts_b[i:i + batch_size] if texts_b is not None else None
+        probs = model(**_inputs(tokenizer, encoder, prompt["max_length"], texts_a[i:i + batch_size], b))
+        if task.is_regression:
+            out += [{"score": float(s)} for s in regression_prediction(probs, task.bounds)]
+        else:
+            out += [{"label": task.labels[int(p.argmax())], "probs": dict(zip(task.labels, p.tolist()))}
+                    for p in probs]
+    return out
+
+
+def _write_config(folder: str, record: dict, task, encoder) -> dict:
+    import dataclasses
+
+    cfg = record["config"]
+    # the whole task (a user's tasks file need not travel with the folder)
+    prompt = {"task": {f.name: getattr(task, f.name) for f in dataclasses.fields(task)},
+              "labels": list(task.labels), "method": cfg["method"], "max_length": cfg["max_length"],
+              "label_word_ids": encoder.label_word_ids if encoder is not None else None}
+    path = os.path.join(folder, "config.json")
+    config = json.loads(open(path).read())
+    config[PROMPT_KEY] = prompt
+    if not task.is_regression:
+        config["id2label"] = {str(i): label for i, label in enumerate(task.labels)}
+        config["label2id"] = {label: i for i, label in enumerate(task.labels)}
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+    return prompt
+
+
+def _export_onnx(model: torch.nn.Module, example: dict, path: str) -> None:
+    names = list(example)
+    dims = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+            "mask_pos": {0: "batch"}}
+    torch.onnx.export(model, tuple(example.values()), path, input_names=names, output_names=["probs"],
+                      dynamic_axes={**{n: dims[n] for n in names}, "probs": {0: "batch"}}, dynamo=False,
+                      opset_version=17)
+
+
+def onnx_difference(path: str, model: torch.nn.Module, batches: list[dict]) -> float:
+    """Max abs difference of class probabilities, ONNX Runtime vs PyTorch, over `batches`."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            want = model(**batch).numpy()
+            got = session.run(["probs"], {k: v.numpy() for k, v in batch.items()})[0]
+            worst = max(worst, float(abs(got - want).max()))
+    return worst
+
+
+def _results(record: dict, record_uri: str) -> list[dict]:
+    """This run's record and, for a sweep trial, the records of every split of its method and task."""
+    sweep = record.get("sweep")
+    if not sweep:
+        return [record]
+    rows = []
+    for uri in storage.list_files(os.path.dirname(record_uri), ".json"):
+        try:
+            r = json.loads(storage.read_text(uri))
+        except (OSError, json.JSONDecodeError):
+            continue
+        s = r.get("sweep") or {}
+        if (s.get("method"), s.get("task"), s.get("point")) == (sweep["method"], sweep["task"], sweep.get("point")) \
+                and r.get("status", "done") == "done" and r.get("test") is not None:
+            rows.append(r)
+    return sorted(rows, key=lambda r: r["seed"]) or [record]
+
+
+def distillation_of(model: str) -> dict | None:
+    """The distillation record of a student folder `OUTPUT_DIR/NAME/student` (where `rayapp
+    distill` writes it; its record is `OUTPUT_DIR/records/NAME.json`), or None."""
+    run = os.path.dirname(model.rstrip("/"))
+    uri = storage.join(os.path.dirname(run) or ".", "records", os.path.basename(run) + ".json")
+    try:
+        record = json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if record and record.get("recipe") == "distill" else None
+
+
+def model_card(record: dict, results: list[dict], prompt: dict, onnx_diff: float | None) -> str:
+    cfg = record["config"]
+    distilled = distillation_of(cfg.get("init") or cfg["model"])
+    teacher = (f"`{cfg.get('init') or cfg['model']}` is a student distilled by `rayapp distill` "
+               f"({distilled['objective']}, {distilled['step']} steps on `{distilled['config']['data']}`) from the "
+               f"teacher `{distilled['config']['teacher']}`." if distilled else
+               f"`{cfg.get('init') or cfg['model']}` was not distilled by rayapp (no distillation record "
+               "beside it).")
+    split = record.get("split") or {}
+    tests = [r["test"] for r in results]
+    mean = f"{100 * statistics.mean(tests):.1f}" + (f" ({100 * statistics.stdev(tests):.1f})" if len(tests) > 1 else "")
+    rows = "\n".join(f"| {r['seed']} | {r['best_step']} | {100 * r['best_dev']:.1f} | {100 * r['test']:.1f} |"
+                     for r in results)
+    method = (record.get("sweep") or {}).get("method") or cfg["method"]
+    words = ", ".join(f"{label} -> {word!r}" for label, word in prompt["task"]["verbalizer"].items())
+    onnx = (f"`model.onnx`: the classifier as one graph, (input_ids, attention_mask"
+            f"{', mask_pos' if prompt['label_word_ids'] else ''}) -> class probabilities; on {cfg['task']} "
+            f"test examples its probabilities differ from PyTorch's by at most {onnx_diff:.1e}.") \
+        if onnx_diff is not None else "No ONNX graph was exported (`onnx=false`)."
+    init = f"initialised from `{cfg['init']}`, " if cfg.get("init") else ""
+    return f"""---
+library_name: transformers
+pipeline_tag: {'fill-mask' if prompt['label_word_ids'] else 'text-classification'}
+tags: [rayapp, few-shot, prompt-based-fine-tuning, {prompt['task']['name'].lower()}]
+---
+# {record['name']}
+
+A {prompt['task']['name']} classifier from `rayapp` ({method}: `{cfg['method']}` fine-tuning of
+`{cfg['model']}`, {init}{cfg['k']} examples per class), exported by `rayapp export`.
+
+## Few-shot results
+
+{prompt['task']['metric']} on the test set, in %, of the model selected by few-shot dev {prompt['task']['metric']}
+(LM-BFF's protocol), per split seed; mean (std) over the splits: **{mean}**.
+
+| split seed | best step | dev | test |
+|---|---|---|---|
+{rows}
+
+This folder holds the model of split seed {record['seed']}.
+
+## How it classifies
+
+Template `{prompt['task']['template']}`, label words {words}: the class score is the
+masked LM's logit of the label word at the mask. `config.json` stores these under
+`{PROMPT_KEY}`. With rayapp installed:
+
+```python
+from rayapp.ship.export import classify
+classify("THIS_FOLDER", ["a gripping, funny film."])  # [{{"label": ..., "probs": {{...}}}}]
+```
+
+The weights load with plain `transformers` (`AutoModelForMaskedLM.from_pretrained`).
+{onnx}
+
+## Teacher
+
+{teacher}
+
+## Data
+
+Train and dev: `{split.get('train', '?')}`, `{split.get('dev', '?')}`; test:
+`{split.get('test', '?')}` ({split.get('test_source', '')}).
+
+## How it was made
+
+```
+rayapp finetune task={cfg['task']} method={cfg['method']} model={cfg['model']} k={cfg['k']} seed={cfg['seed']} \\
+  lr={cfg['lr']} batch_size={cfg['batch_size']} max_steps={cfg['max_steps']} eval_every={cfg['eval_every']} \\
+  max_length={cfg['max_length']}
+rayapp export {record.get('record', record['name'])} --out THIS_FOLDER
+```
+"""
+
+
+def run(cfg: ExportConfig) -> dict:
+    """Write the export (module docstring); returns what was written."""
+    from rayapp.data.fewshot import load_lmbff
+    from rayapp.modeling.models import local_model_dir
+    from rayapp.tasks.prompts import PromptEncoder
+
+    record, record_uri = read_record(cfg.run)
+    if storage.exists(cfg.out) and storage.list_files(cfg.out):
+        raise ConfigError(f"out={cfg.out} is not empty; export into a new folder")
+    task = _task(record)
+    run_cfg = record["config"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "model")
+        storage.copy_dir(local_model_dir(record["checkpoint"]), folder)
+        for leftover in ("optimizer.pt", "trainer_state.json"):
+            if os.path.exists(os.path.join(folder, leftover)):
+                os.remove(os.path.join(folder, leftover))
+        from transformers import AutoTokenizer
+
+        encoder = None if run_cfg["method"] == "classifier" else PromptEncoder(
+            AutoTokenizer.from_pretrained(folder), task, run_cfg["max_length"])
+        prompt = _write_config(folder, record, task, encoder)
+        diff = None
+        if cfg.onnx:
+            model, tokenizer, task, encoder, _ = load(folder)
+            split = load_lmbff(run_cfg.get("data_dir"), task, k=run_cfg["k"], seed=run_cfg["seed"])
+            examples = (split.test or split.dev)[:cfg.check_examples]
+            batches = [_inputs(tokenizer, encoder, run_cfg["max_length"],
+                               [e.text_a for e in examples[i:i + 16]],
+                               [e.text_b for e in examples[i:i + 16]] if task.num_inputs == 2 else None)
+                       for i in range(0, len(examples), 16)]
+            path = os.path.join(folder, "model.onnx")
+            with warnings.catch_warnings():  # the tracer's notes on constant shapes: checked below instead
+                warnings.simplefilter("ignore")
+                _export_onnx(model, batches[0], path)
+            diff = onnx_difference(path, model, batches)
+            if diff > ONNX_TOLERANCE:
+                raise DataError(f"the ONNX graph of run={cfg.run} differs from PyTorch by {diff:.2e} (> "
+                                f"{ONNX_TOLERANCE}) on {len(examples)} test examples; nothing was written. "
+                                "Export with onnx=false and file an issue with the model's architecture")
+        with open(os.path.join(folder, "README.md"), "w") as f:
+            f.write(model_card(record, _results(record, record_uri), prompt, diff))
+        storage.copy_dir(folder, cfg.out)
+    return {"out": cfg.out, "onnx_max_abs_diff": diff, "files": sorted(os.path.basename(f)
+                                                                     for f in storage.list_files(cfg.out))}
