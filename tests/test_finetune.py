@@ -108,3 +108,29 @@ def test_kd_from_teacher_during_prompt_ft(ray_cluster, tiny_roberta, tmp_path):
 def test_kd_teacher_with_another_vocabulary(tiny_bert, tiny_roberta, tmp_path):
     with pytest.raises(ConfigError, match="different vocabularies"):
         run(_cfg(tiny_roberta, tmp_path, teacher=tiny_bert))
+
+
+def test_a_verbalizer_of_several_tokens_trains_and_evaluates(ray_cluster, tiny_roberta, tmp_path):
+    """SST-2 with label words of two BPE pieces (' aw'+'ful', ' super'+'b'), `multi_token: true`:
+    prompt FT trains on PET's score, selects on dev and evaluates on test; the same task
+    without the opt-in is refused before Ray starts, naming the word and the tokenizer."""
+    import yaml
+
+    from rayapp.errors import PromptError
+
+    # the user's own SST-2 (a tasks file entry wins over the built-in task of its name)
+    task = {"name": "SST-2", "template": "{x0} It was {mask}.", "verbalizer": {"0": "awful", "1": "superb"},
+            "multi_token": True}
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump([task]))
+    base = dict(model=tiny_roberta, max_steps=4, eval_every=2, log_every=1, batch_size=8, lr=2e-3,
+                output_dir=str(tmp_path / "runs"), engine=EngineConfig(num_workers=1),
+                tasks_file=str(tmp_path / "tasks.yaml"), task="SST-2")
+    rec = run(FinetuneConfig(**base))
+    assert rec["step"] == 4 and 0.0 <= rec["test"] <= 1.0 and len(rec["dev_curve"]) >= 2
+    losses = [loss for _, loss in rec["loss_curve"]]
+    assert all(math.isfinite(x) for x in losses) and losses[0] != losses[-1]
+
+    (tmp_path / "off.yaml").write_text(yaml.safe_dump([{**task, "multi_token": False}]))
+    with pytest.raises(PromptError, match=r"label word 'awful' of task 'SST-2' is not a single token for "
+                                          r"tokenizer RobertaTokenizer.*multi_token: true"):
+        run(FinetuneConfig(**{**base, "tasks_file": str(tmp_path / "off.yaml")}))

@@ -190,6 +190,39 @@ def test_label_word_not_single_token(wordpiece_tokenizer, bpe_tokenizer):
         PromptEncoder(bpe_tokenizer, task)
 
 
+def test_a_word_of_several_tokens_takes_one_mask_per_piece_when_asked(bpe_tokenizer):
+    """multi_token off (the default): a word of two pieces is the single-token error, which now
+    names the opt-in. On: {mask} becomes as many masks as the longest word has pieces, side
+    by side, and mask_pos lists them."""
+    verbalizer = {"0": "awful", "1": "great"}  # ' awful' is 2 pieces in the tiny BPE vocabulary
+    with pytest.raises(PromptError, match=r"label word 'awful' of task 't' is not a single token for tokenizer "
+                                          r"RobertaTokenizer: it tokenizes to \['Ġaw', 'ful'\].*multi_token: true"):
+        PromptEncoder(bpe_tokenizer, Task("t", "{x0} It was {mask}.", verbalizer))
+    enc = PromptEncoder(bpe_tokenizer, Task("t", "{x0} It was {mask}.", verbalizer, multi_token=True))
+    aw, ful = bpe_tokenizer.convert_tokens_to_ids(["Ġaw", "ful"])
+    assert enc.num_masks == 2 and enc.label_word_ids == [[(aw, ful)], [(bpe_tokenizer.convert_tokens_to_ids("Ġgreat"),)]]
+    e = enc.encode("A fine film")
+    ids = e["input_ids"]
+    assert [i for i, t in enumerate(ids) if t == bpe_tokenizer.mask_token_id] == e["mask_pos"] == [e["mask_pos"][0],
+                                                                                                   e["mask_pos"][0] + 1]
+    assert bpe_tokenizer.decode(ids[e["mask_pos"][1] + 1:]).startswith(".")
+    batch = enc.encode_batch(["A fine film", "Dull"])
+    assert batch["mask_pos"].shape == (2, 2)
+
+
+def test_multi_token_scores_are_the_mean_log_probability_of_the_pieces():
+    """PET's multi-token score by hand: V = 3, M = 2 masks; mask 0 logits (0, 0, 0) -> log p =
+    -ln 3 each; mask 1 logits (ln 2, 0, 0) -> p = (1/2, 1/4, 1/4). Class 0: the word (0, 1)
+    -> (-ln 3 + ln 1/4) / 2; class 1: the words (2,) and (1, 0) -> mean of -ln 3 and
+    (-ln 3 + ln 1/2) / 2."""
+    import math
+
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [math.log(2), 0.0, 0.0]]])  # [B=1, M=2, V=3]
+    got = class_logits(logits, [[(0, 1)], [(2,), (1, 0)]])
+    want = [(-math.log(3) + math.log(0.25)) / 2, (-math.log(3) + (-math.log(3) + math.log(0.5)) / 2) / 2]
+    assert got.shape == (1, 2) and torch.allclose(got[0], torch.tensor(want), atol=1e-6)
+
+
 def test_label_word_unknown_or_shared(wordpiece_tokenizer):
     msg = r"label word '☃' of task 't' is unknown to tokenizer BertTokenizer \(maps to \[UNK\]\)"
     with pytest.raises(PromptError, match=msg):

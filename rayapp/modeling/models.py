@@ -200,8 +200,9 @@ class LogitsAt(torch.nn.Module):
         self.mlm = mlm
 
     def forward(self, input_ids, attention_mask, positions: torch.Tensor, **kwargs):
-        """positions: LongTensor [B] (one position per row) or BoolTensor [B, T]. Returns
-        (logits [N, V], the encoder's outputs: hidden_states/attentions when asked for)."""
+        """positions: LongTensor [B] (one position per row), [B, M] (M per row: the masks of
+        a label word of several pieces) or BoolTensor [B, T]. Returns (logits [B, V], [B, M, V]
+        or [N, V], the encoder's outputs: hidden_states/attentions when asked for)."""
         head = mlm_head(self.mlm)
         model = self.mlm.base_model if head is not None else self.mlm
         out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -209,7 +210,8 @@ class LogitsAt(torch.nn.Module):
         if positions.dtype == torch.bool:
             picked = states[positions]
         else:
-            picked = states[torch.arange(states.shape[0], device=states.device), positions]
+            rows = torch.arange(states.shape[0], device=states.device)
+            picked = states[rows[:, None] if positions.dim() == 2 else rows, positions]
         return (head(picked) if head is not None else picked), out
 
 

@@ -215,6 +215,9 @@ def fewshot_setup(model, objective, batches, score, split: FewShotSplit, tokeniz
 def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) -> dict:
     """Fine-tune (or evaluate) one task/split; returns the run's record."""
     task = cfg.resolve_task()
+    if task.multi_token and cfg.teacher:
+        raise ConfigError(f"task {task.name} has multi_token: true; KD from teacher= compares vocabulary "
+                          "distributions at one mask, so it needs label words of one token each")
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)  # fail before launching
     check_model(cfg.init or cfg.model, mlm=cfg.method != "classifier",
                 prompt=(task, cfg.max_length) if cfg.method != "classifier" else None)

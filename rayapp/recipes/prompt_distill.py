@@ -390,6 +390,10 @@ def run(cfg: PromptDistillConfig, split: FewShotSplit | None = None, callbacks=(
     if task.is_regression:
         raise ConfigError(f"task {task.name} is a regression task; Prompt-Distiller's KD and contrastive negatives "
                           "need class labels")
+    if task.multi_token:
+        raise ConfigError(f"task {task.name} has multi_token: true; Prompt-Distiller compares the teacher's and "
+                          "the student's vocabulary distributions at one mask, so its label words must be one "
+                          "token each (multi-token words work in rayapp finetune method=prompt)")
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)  # fail before launching
     check_model(cfg.model)
     check_model(cfg.teacher)

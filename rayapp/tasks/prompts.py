@@ -44,6 +44,18 @@ special-token text inside a sentence stays text (LM-BFF would read "[MASK]" as a
 mask). LM-BFF looks a one-character literal up as a vocabulary entry rather than tokenising
 it; for the built-in templates' ``? , . :`` the two give the same id.
 
+Label words of several tokens (``multi_token: true`` on a task; off by default, when a word
+that is not one token of the model's vocabulary is an error naming it and the tokenizer).
+Scored as PET scores them (Schick & Schütze 2021, "It's Not Just Size That Matters", §3.3):
+``{mask}`` becomes M masks, M the most pieces any label word has; piece i of a word is read
+at mask i, and the word's score is the mean log-probability of its pieces; a class's score is
+the mean over its words (`class_logits`). Where this differs from PET: one forward pass with
+all M masks for every word, in training and at test (PET removes a shorter word's surplus
+masks and, at test, fills the masks one at a time, most confident first). Prompt
+fine-tuning and evaluation (`rayapp finetune` method=prompt / zero-shot, export) take such
+tasks; the distillation recipes, which compare vocabulary distributions at one mask, refuse
+them.
+
 Regression (STS-B, SMASH §3.1): ``y`` in ``[l, u]`` is interpolated between the two label
 words: ``p_gold = [(u-y)/(u-l), (y-l)/(u-l)]`` and ``y_hat = l*p(low) + u*p(high)``.
 """
@@ -154,6 +166,7 @@ class Task:
     metric: str = "acc"
     bounds: tuple[float, float] | None = None  # regression: (l, u); labels = (low word, high word)
     lmbff_exact: bool = False  # LM-BFF's own nopunct and whitespace rules (module docstring)
+    multi_token: bool = False  # label words of several tokens, PET-style (module docstring)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
@@ -165,8 +178,9 @@ class Task:
             parse_template(self.template)
         except PromptError as e:
             raise PromptError(f"{where}: {e}") from None
-        if not isinstance(self.lmbff_exact, bool):
-            raise PromptError(f"{where}: lmbff_exact must be true or false, got {self.lmbff_exact!r}")
+        for flag in ("lmbff_exact", "multi_token"):
+            if not isinstance(getattr(self, flag), bool):
+                raise PromptError(f"{where}: {flag} must be true or false, got {getattr(self, flag)!r}")
         if self.metric not in METRICS:
             raise PromptError(
                 f"{where}: unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}"
@@ -259,9 +273,12 @@ class PromptEncoder:
         probe = tokenizer.encode(tokenizer.mask_token, add_special_tokens=True)
         at = probe.index(self.mask_id)
         self._prefix, self._suffix = probe[:at], probe[at + 1 :]
+        # per class, its words: one id each, or (multi_token) a tuple of piece ids each
         self.label_word_ids = [
             [self._label_word_id(word) for word in _words(entry)] for entry in task.verbalizer.values()
         ]
+        self.num_masks = max((len(w) for ids in self.label_word_ids for w in ids), default=1) \
+            if task.multi_token else 1
         flat = [i for ids in self.label_word_ids for i in set(ids)]
         if len(flat) != len(set(flat)):
             raise PromptError(
@@ -280,7 +297,7 @@ class PromptEncoder:
                     )
                 self._pieces.append(ids)
             else:
-                self._pieces.append([self.mask_id] if segment.kind == "mask" else segment)
+                self._pieces.append([self.mask_id] * self.num_masks if segment.kind == "mask" else segment)
         literal = sum(len(p) for p in self._pieces if isinstance(p, list))
         fixed = len(self._prefix) + literal + len(self._suffix)
         num_sentences = sum(isinstance(p, Segment) for p in self._pieces)
@@ -294,21 +311,23 @@ class PromptEncoder:
     def _ids(self, text: str, split_special: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split_special)
 
-    def _label_word_id(self, word: str) -> int:
+    def _label_word_id(self, word: str) -> int | tuple[int, ...]:
+        """The word's token id; with `multi_token`, the tuple of its piece ids."""
         ids = self._ids(" " + word.strip())
         name, where = type(self.tokenizer).__name__, f"label word {word!r} of task {self.task.name!r}"
-        if len(ids) != 1:
+        if len(ids) != 1 and not self.task.multi_token:
             raise PromptError(
                 f"{where} is not a single token for tokenizer {name}: it tokenizes to "
                 f"{self.tokenizer.convert_ids_to_tokens(ids)}; choose a word that is one token of this "
-                "vocabulary (with a leading space for BPE vocabularies)"
+                "vocabulary (with a leading space for BPE vocabularies), or set multi_token: true on the "
+                "task to score its pieces at one mask each (prompt fine-tuning only)"
             )
-        if ids[0] == self.tokenizer.unk_token_id:
+        if not ids or self.tokenizer.unk_token_id in ids:
             raise PromptError(
                 f"{where} is unknown to tokenizer {name} (maps to {self.tokenizer.unk_token}); "
                 "choose another word"
             )
-        return ids[0]
+        return tuple(ids) if self.task.multi_token else ids[0]
 
     def _sentence_ids(self, segment: Segment, texts: list[str]) -> list[int]:
         text = texts[segment.slot]
@@ -337,18 +356,21 @@ class PromptEncoder:
         parts = [self._sentence_ids(p, texts) if isinstance(p, Segment) else p for p in self._pieces]
         input_ids = self._prefix + [t for part in parts for t in part] + self._suffix
         if len(input_ids) > self.max_length:
-            if task.lmbff_exact and self.mask_id in input_ids[: self.max_length]:
+            if task.lmbff_exact and input_ids[: self.max_length].count(self.mask_id) == self.num_masks:
                 input_ids = input_ids[: self.max_length]  # LM-BFF cuts the tail, [SEP] included
             else:  # (where LM-BFF's cut would lose the mask, LM-BFF fails; exact mode cuts here)
                 sentences = [part for part, piece in zip(parts, self._pieces) if isinstance(piece, Segment)]
                 _truncate(sentences, self._budget)
                 input_ids = self._prefix + [t for part in parts for t in part] + self._suffix
-        assert input_ids.count(self.mask_id) == 1 and len(input_ids) <= self.max_length, "mask lost"
+        assert input_ids.count(self.mask_id) == self.num_masks and len(input_ids) <= self.max_length, "mask lost"
         mask_pos = input_ids.index(self.mask_id)
+        if self.task.multi_token:  # the masks are consecutive: one position per piece
+            mask_pos = list(range(mask_pos, mask_pos + self.num_masks))
         return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "mask_pos": mask_pos}
 
     def encode_batch(self, texts_a: list[str], texts_b: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Encode and right-pad to the longest example: input_ids, attention_mask [B, T], mask_pos [B]."""
+        """Encode and right-pad to the longest example: input_ids, attention_mask [B, T], mask_pos [B]
+        (a `multi_token` task: [B, M], the M mask positions)."""
         if texts_b is not None and len(texts_b) != len(texts_a):
             raise DataError(f"got {len(texts_a)} first sentences but {len(texts_b)} second sentences")
         if not texts_a:
@@ -374,9 +396,13 @@ def pad_ids(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, attention_mask
 
 
-def class_logits(mask_logits: torch.Tensor, label_word_ids: list[list[int]]) -> torch.Tensor:
+def class_logits(mask_logits: torch.Tensor, label_word_ids: list[list]) -> torch.Tensor:
     """MLM logits at the mask ``[..., V]`` -> class scores ``[..., C]``: the mean logit of each
-    class's label words (PD eq. 1; one word per class is the usual case). Scores are float32."""
+    class's label words (PD eq. 1; one word per class is the usual case). Scores are float32.
+    Words of several pieces (`multi_token`: each word a tuple of piece ids, logits at the M
+    masks ``[..., M, V]``): `multi_token_scores`."""
+    if label_word_ids and label_word_ids[0] and isinstance(label_word_ids[0][0], (tuple, list)):
+        return multi_token_scores(mask_logits, label_word_ids)
     vocab = mask_logits.shape[-1]
     for c, ids in enumerate(label_word_ids):
         if not ids or min(ids) < 0 or max(ids) >= vocab:
@@ -385,6 +411,18 @@ def class_logits(mask_logits: torch.Tensor, label_word_ids: list[list[int]]) -> 
                 f"vocabulary of {vocab} tokens; build the verbalizer with the model's tokenizer"
             )
     return torch.stack([mask_logits[..., list(ids)].float().mean(-1) for ids in label_word_ids], dim=-1)
+
+
+def multi_token_scores(mask_logits: torch.Tensor, label_words: list[list[tuple[int, ...]]]) -> torch.Tensor:
+    """PET's score of label words of several pieces (module docstring): logits at the M masks
+    ``[..., M, V]`` -> class scores ``[..., C]``, each the mean over the class's words of the
+    mean log-probability of word piece i at mask i (float32)."""
+    logp = mask_logits.float().log_softmax(-1)
+    classes = []
+    for words in label_words:
+        per_word = [torch.stack([logp[..., i, t] for i, t in enumerate(word)], -1).mean(-1) for word in words]
+        classes.append(torch.stack(per_word, -1).mean(-1))
+    return torch.stack(classes, -1)
 
 
 def regression_target(y: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:

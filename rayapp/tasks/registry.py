@@ -61,12 +61,13 @@ def get_task(name: str) -> Task:
 
 
 _REQUIRED_KEYS = ("name", "template", "verbalizer")
-_OPTIONAL_KEYS = ("metric", "bounds", "lmbff_exact")
+_OPTIONAL_KEYS = ("metric", "bounds", "lmbff_exact", "multi_token")
 
 
 def task_from_dict(d: dict) -> Task:
-    """A Task from a config mapping: name, template, verbalizer, optional metric, bounds and
-    lmbff_exact (LM-BFF's own tokenisation rules, see rayapp.tasks.prompts)."""
+    """A Task from a config mapping: name, template, verbalizer, optional metric, bounds,
+    lmbff_exact (LM-BFF's own tokenisation rules) and multi_token (label words of several
+    tokens), see rayapp.tasks.prompts."""
     keys = ", ".join(_REQUIRED_KEYS) + " (optional: " + ", ".join(_OPTIONAL_KEYS) + ")"
     if not isinstance(d, dict):
         raise PromptError(f"a task must be a mapping with keys {keys}, got {d!r}")
@@ -91,6 +92,7 @@ def task_from_dict(d: dict) -> Task:
         metric=d.get("metric", "acc"),
         bounds=bounds,
         lmbff_exact=d.get("lmbff_exact", False),
+        multi_token=d.get("multi_token", False),
     )
 
 
