@@ -180,8 +180,12 @@ def cmd_report(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from rayapp.errors import ConfigError
     from rayapp.ship.export import ExportConfig, run
 
+    if args.out is None and not args.config and not any(o.startswith("out=") for o in args.overrides):
+        raise ConfigError("`rayapp export RUN` needs --out DIR: the new folder (local or s3://) to write the "
+                          "model, its ONNX graph and its card to")
     cfg = _stage_config(ExportConfig, args, ("run", "out"))
     print(json.dumps(run(cfg), indent=1))
     print(f"model exported to {cfg.out}")

@@ -98,11 +98,12 @@ def test_the_exported_folder_predicts_what_the_run_was_tested_on(runs, method, t
 
 
 def test_export_refuses_what_it_cannot_export(runs, tmp_path):
-    """One error line each: no run there, a folder already holding files, a record that is
-    not a few-shot run."""
+    """One error line each: no run there, no --out, a folder already holding files, a record
+    that is not a few-shot run."""
     record = runs["prompt"]
     cases = [
         ([str(tmp_path / "nowhere"), "--out", str(tmp_path / "a")], "is not a run: there is no record"),
+        ([record["record"]], "needs --out DIR"),
     ]
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("x")
