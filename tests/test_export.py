@@ -15,13 +15,22 @@ from rayapp.train.engine import EngineConfig
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, tiny_bert, tmp_path_factory) -> dict:
-    """A prompt FT run and a classifier run of the tiny BERT on SST-2 split 13 (local assets)."""
+def runs(ray_cluster, tiny_bert, tiny_roberta, tmp_path_factory) -> dict:
+    """A prompt FT run and a classifier run of the tiny BERT on SST-2 split 13 (local assets),
+    and a prompt FT run of the tiny RoBERTa whose label words are two BPE pieces each
+    (`multi_token`: two masks, a [B, 2] mask_pos in the ONNX graph)."""
+    import yaml
+
     out = tmp_path_factory.mktemp("export-runs")
+    (out / "tasks.yaml").write_text(yaml.safe_dump([{"name": "SST-2", "template": "{x0} It was {mask}.",
+                                                     "verbalizer": {"0": "awful", "1": "superb"}, "multi_token": True}]))
     base = dict(task="SST-2", model=tiny_bert, max_steps=4, eval_every=2, batch_size=8, lr=2e-3, max_length=48,
                 output_dir=str(out), engine=EngineConfig(num_workers=1))
-    return {method: run(FinetuneConfig(method=method, name=f"{method}-run", **base))
-            for method in ("prompt", "classifier")}
+    found = {method: run(FinetuneConfig(method=method, name=f"{method}-run", **base))
+             for method in ("prompt", "classifier")}
+    found["multi-token"] = run(FinetuneConfig(**{**base, "model": tiny_roberta, "tasks_file": str(out / "tasks.yaml")},
+                                              name="multi-token-run"))
+    return found
 
 
 def _export(tmp_path, *args: str) -> tuple[int, str]:
@@ -34,7 +43,7 @@ def _export(tmp_path, *args: str) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-@pytest.mark.parametrize("method", ["prompt", "classifier"])
+@pytest.mark.parametrize("method", ["prompt", "classifier", "multi-token"])
 def test_the_exported_folder_predicts_what_the_run_was_tested_on(runs, method, tmp_path):
     """Export -> load with plain transformers -> the run's test predictions: the test
     accuracy the run recorded, example by example the predictions of the run's own
@@ -55,10 +64,12 @@ def test_the_exported_folder_predicts_what_the_run_was_tested_on(runs, method, t
     # plain transformers loads it, labels and prompt in its config
     config = AutoConfig.from_pretrained(folder)
     assert config.id2label == {0: "0", 1: "1"} and config.rayapp_prompt["task"]["template"] == "{x0} It was {mask}."
-    plain = (AutoModelForMaskedLM if method == "prompt" else AutoModelForSequenceClassification).from_pretrained(folder)
+    plain = (AutoModelForSequenceClassification if method == "classifier" else AutoModelForMaskedLM).from_pretrained(
+        folder)
     assert plain is not None
 
-    task = find_task("SST-2", None, False)
+    task = find_task("SST-2", record["config"]["tasks_file"], False)
+    assert task.multi_token == (method == "multi-token")
     test = load_lmbff(None, task, k=16, seed=13).test
     got = classify(folder, [e.text_a for e in test])
     accuracy = np.mean([g["label"] == e.label for g, e in zip(got, test)])
@@ -66,7 +77,7 @@ def test_the_exported_folder_predicts_what_the_run_was_tested_on(runs, method, t
 
     # the run's own evaluation path on its selected checkpoint, example by example
     tokenizer = load_tokenizer(record["checkpoint"])
-    if method == "prompt":
+    if method != "classifier":
         model, encoder = LogitsAt(load_mlm(record["checkpoint"])).eval(), PromptEncoder(tokenizer, task, 48)
     else:
         model, encoder = load_classifier(record["checkpoint"], 2).eval(), None
