@@ -78,7 +78,7 @@ from rayapp.train.config import TrainConfig
 from rayapp.train.engine import global_batch_indices, shard, split_batch
 from rayapp.train.loop import Setup
 from rayapp.train.launch import nested
-from rayapp.train.records import RECORDS, run_name
+from rayapp.train.records import record_uri, run_name
 from rayapp.train.run import run_recipe
 from rayapp.train.worker import worker
 
@@ -194,7 +194,7 @@ def tuned_teacher(cfg: PromptDistillConfig, split: FewShotSplit, callbacks=()) -
     fcfg = build(FinetuneConfig, fields)
     fcfg.engine = cfg.engine
     fcfg.name = fcfg.name or run_name(f"teacher-{fcfg.method}-{split.task}-{cfg.k}-{cfg.seed}", fcfg)
-    cached = storage.join(fcfg.output_dir, RECORDS, f"{fcfg.name}.json")
+    cached = record_uri(fcfg.output_dir, fcfg.name)
     if storage.exists(cached):
         return json.loads(storage.read_text(cached))["checkpoint"]
     return finetune.run(fcfg, split, callbacks=nested(callbacks))["checkpoint"]

@@ -36,6 +36,7 @@ import torch
 from rayapp import storage
 from rayapp.config import InputPath, OutputPath
 from rayapp.errors import ConfigError, DataError
+from rayapp.train.records import record_uri
 
 PROMPT_KEY = "rayapp_prompt"  # config.json entry holding the prompt
 ONNX_TOLERANCE = 1e-4  # max abs difference of class probabilities, ONNX Runtime vs PyTorch
@@ -50,11 +51,15 @@ class ExportConfig:
     check_examples: int = 64  # test examples the ONNX check compares on
 
 
+def _record_of(run_folder: str) -> str:
+    """The record of the run whose folder is `OUTPUT_DIR/NAME`."""
+    return record_uri(os.path.dirname(run_folder) or ".", os.path.basename(run_folder))
+
+
 def read_record(run: str) -> tuple[dict, str]:
     """The run's record and its URI, from a record file or a run folder."""
     run = run.rstrip("/")
-    uri = run if run.endswith(".json") else storage.join(os.path.dirname(run) or ".", "records",
-                                                         os.path.basename(run) + ".json")
+    uri = run if run.endswith(".json") else _record_of(run)
     if not storage.exists(uri):
         raise DataError(f"run={run} is not a run: there is no record at {uri}; pass a run's record "
                         "(OUTPUT_DIR/records/NAME.json, printed by `rayapp finetune` and written per sweep "
@@ -222,8 +227,7 @@ def _results(record: dict, record_uri: str) -> list[dict]:
 def distillation_of(model: str) -> dict | None:
     """The distillation record of a student folder `OUTPUT_DIR/NAME/student` (where `rayapp
     distill` writes it; its record is `OUTPUT_DIR/records/NAME.json`), or None."""
-    run = os.path.dirname(model.rstrip("/"))
-    uri = storage.join(os.path.dirname(run) or ".", "records", os.path.basename(run) + ".json")
+    uri = _record_of(os.path.dirname(model.rstrip("/")))
     try:
         record = json.loads(storage.read_text(uri)) if storage.exists(uri) else None
     except (OSError, json.JSONDecodeError):

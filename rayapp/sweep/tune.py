@@ -57,10 +57,10 @@ from rayapp.recipes import get_recipe
 from rayapp.sweep.results import STATUSES, parse_run, read_runs, select_split, point_key
 from rayapp.sweep.spec import SweepConfig
 from rayapp.train.launch import TUNE_TRIAL, is_local, local_resources
+from rayapp.train.records import RECORDS, record_uri
 
 
 DRIVER_MEMORY = 256 * 1024 ** 2  # what a trial that waits on its Ray Train run reserves (it holds no model)
-RECORDS = "records"
 
 
 # --- names and placeholders -----------------------------------------------------------------
@@ -69,10 +69,6 @@ def run_name(trial: dict, trial_id: str) -> str:
     """The trial's Ray Train run and record name: readable, and unique by the trial id."""
     raw = f"{trial['method']}-{trial['task']}-s{trial['seed']}-{trial_id}"
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", raw)
-
-
-def record_uri(experiment: str, name: str) -> str:
-    return storage.join(experiment, RECORDS, f"{name}.json")
 
 
 def best_checkpoint(cfg: SweepConfig, method: str, task: str, seed: int) -> str:

@@ -157,10 +157,9 @@ def launch(loop: Callable[[dict], None], loop_config: dict, cfg: EngineConfig, *
     try:
         if is_local(cfg):
             run_uri = st.join(storage if st.is_remote(storage) else str(Path(storage).resolve()), name)
-            if TUNE_TRIAL in callbacks:  # in the trial's actor
-                return _local_run(loop, loop_config, run_uri, keep_checkpoints, cfg.use_gpu, _tune_report)
-            if IN_TRIAL in callbacks:
-                return _local_run(loop, loop_config, run_uri, keep_checkpoints, cfg.use_gpu)
+            if TUNE_TRIAL in callbacks or IN_TRIAL in callbacks:  # in the trial's actor; only a trial reports
+                return _local_run(loop, loop_config, run_uri, keep_checkpoints, cfg.use_gpu,
+                                  _tune_report if TUNE_TRIAL in callbacks else None)
             need = local_resources(cfg)
             task = ray.remote(_local_run).options(num_cpus=need["CPU"], num_gpus=need.get("GPU", 0),
                                                   max_retries=cfg.max_failures, name=f"rayapp:{name}")

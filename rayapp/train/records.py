@@ -27,8 +27,13 @@ def run_name(prefix: str, cfg) -> str:
     return f"{prefix}-{digest}"
 
 
+def record_uri(output_dir: str, name: str) -> str:
+    """Where run `name` of `output_dir` (a run's or a sweep's) keeps its record."""
+    return storage.join(output_dir, RECORDS, f"{name}.json")
+
+
 def write_record(output_dir: str, record: dict) -> str:
-    uri = storage.join(output_dir, RECORDS, f"{record['name']}.json")
+    uri = record_uri(output_dir, record["name"])
     storage.write_text(uri, json.dumps(record, indent=1, sort_keys=True, default=str))
     return uri
 
