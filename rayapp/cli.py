@@ -12,6 +12,7 @@
     rayapp sweep --config FILE key=value ...       methods x tasks x splits x grid on Ray Tune (--resume DIR)
     rayapp report DIR... [--out DIR]               tables (Markdown/CSV), plots and report.html from run records
     rayapp export RUN --out DIR                    a run's model for plain transformers + ONNX + model card
+    rayapp predict MODEL --input TABLE --out DIR   an exported model labels a table (Ray Data, resumable)
     rayapp assets pull ID --to ROOT                copy a hub model/dataset into a mirror (RAYAPP_ASSETS)
     rayapp assets push --to ROOT                   copy the local few-shot splits and pools there
     rayapp demo                                    the pipeline end to end on local assets
@@ -191,6 +192,15 @@ def cmd_export(args) -> None:
     print(f"model exported to {cfg.out}")
 
 
+def cmd_predict(args) -> None:
+    from rayapp.ship.predict import PredictConfig, run
+
+    cfg = _stage_config(PredictConfig, args, ("model", "input", "out", "text_column", "text_b_column", "id_column",
+                                              "tokens_per_batch", "num_actors", "use_gpu"))
+    print(json.dumps(run(cfg), indent=1))
+    print(f"predictions written to {cfg.out}")
+
+
 def cmd_assets(args) -> None:
     from rayapp.assets import pull, push
     from rayapp.errors import ConfigError
@@ -320,6 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. onnx=false check_examples=128")
     p.set_defaults(func=cmd_export)
 
+    help = "label a table or corpus with an exported model: Ray Data batch inference, parquet out, resumable"
+    p = sub.add_parser("predict", help=help, description=help)
+    p.add_argument("model", help="a folder `rayapp export` wrote (local or s3://)")
+    p.add_argument("--input", help="file or folder of .tsv/.csv/.jsonl/.parquet, save_to_disk folder, hf://, s3://")
+    p.add_argument("--out", help="the predictions folder (local or s3://)")
+    p.add_argument("--text-column", help="column of the first sentence (default text; a position without header)")
+    p.add_argument("--text-b-column", help="column of the second sentence (two-sentence tasks)")
+    p.add_argument("--id-column", help="column of the row's id (default FILE#ROW)")
+    p.add_argument("--tokens-per-batch", type=int, help="padded tokens per forward pass (default 4096)")
+    p.add_argument("--num-actors", type=int, help="most actors (default: as many as the cluster gives)")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per actor")
+    p.add_argument("--config", help="YAML config file (see jobs/configs/predict*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. header=false rows_per_shard=50000")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("assets", help="fill an asset mirror (RAYAPP_ASSETS): pull from the hub, push the few-shot data")
     p.add_argument("action", choices=["pull", "push"])
     p.add_argument("ref", nargs="?", help="(pull) hub model id (roberta-large, org/name) or dataset "
@@ -342,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "demo":  # the demo parses its own options (argparse's REMAINDER drops leading ones)
         args.demo_args = extra + args.demo_args
+    elif extra and hasattr(args, "overrides") and not any(e.startswith("-") or "=" not in e for e in extra):
+        # key=value after a flag (`export RUN --out DIR onnx=false`): argparse ends the positionals at the flag
+        args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

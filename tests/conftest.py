@@ -108,3 +108,25 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def fewshot_runs(ray_cluster, tiny_bert, tiny_roberta, tmp_path_factory) -> dict:
+    """A prompt FT run and a classifier run of the tiny BERT on SST-2 split 13 (local assets),
+    and a prompt FT run of the tiny RoBERTa whose label words are two BPE pieces each
+    (`multi_token`: two masks, a [B, 2] mask_pos in the ONNX graph)."""
+    import yaml
+
+    from rayapp.recipes.finetune import FinetuneConfig, run
+    from rayapp.train.engine import EngineConfig
+
+    out = tmp_path_factory.mktemp("export-runs")
+    (out / "tasks.yaml").write_text(yaml.safe_dump([{"name": "SST-2", "template": "{x0} It was {mask}.",
+                                                     "verbalizer": {"0": "awful", "1": "superb"}, "multi_token": True}]))
+    base = dict(task="SST-2", model=tiny_bert, max_steps=4, eval_every=2, batch_size=8, lr=2e-3, max_length=48,
+                output_dir=str(out), engine=EngineConfig(num_workers=1))
+    found = {method: run(FinetuneConfig(method=method, name=f"{method}-run", **base))
+             for method in ("prompt", "classifier")}
+    found["multi-token"] = run(FinetuneConfig(**{**base, "model": tiny_roberta, "tasks_file": str(out / "tasks.yaml")},
+                                              name="multi-token-run"))
+    return found

@@ -15,6 +15,7 @@ PRINTS = {
     "fidelity": "stage wall times (s):",
     "intermediate": "teacher cache vs bare PyTorch",
     "multinode": "0-CPU head + 2 one-CPU worker nodes:",
+    "predict": "rayapp predict vs bare PyTorch",
     "pretrain": "ratio rayapp / plain (tokens/s):",
     "sweep": "Ray Tune, 2 trials at a time:",
     "train_overhead": "rayapp on Ray Train (1 worker)",

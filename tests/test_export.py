@@ -10,27 +10,6 @@ import torch
 
 from rayapp import cli
 from rayapp.data.fewshot import load_lmbff
-from rayapp.recipes.finetune import FinetuneConfig, run
-from rayapp.train.engine import EngineConfig
-
-
-@pytest.fixture(scope="module")
-def runs(ray_cluster, tiny_bert, tiny_roberta, tmp_path_factory) -> dict:
-    """A prompt FT run and a classifier run of the tiny BERT on SST-2 split 13 (local assets),
-    and a prompt FT run of the tiny RoBERTa whose label words are two BPE pieces each
-    (`multi_token`: two masks, a [B, 2] mask_pos in the ONNX graph)."""
-    import yaml
-
-    out = tmp_path_factory.mktemp("export-runs")
-    (out / "tasks.yaml").write_text(yaml.safe_dump([{"name": "SST-2", "template": "{x0} It was {mask}.",
-                                                     "verbalizer": {"0": "awful", "1": "superb"}, "multi_token": True}]))
-    base = dict(task="SST-2", model=tiny_bert, max_steps=4, eval_every=2, batch_size=8, lr=2e-3, max_length=48,
-                output_dir=str(out), engine=EngineConfig(num_workers=1))
-    found = {method: run(FinetuneConfig(method=method, name=f"{method}-run", **base))
-             for method in ("prompt", "classifier")}
-    found["multi-token"] = run(FinetuneConfig(**{**base, "model": tiny_roberta, "tasks_file": str(out / "tasks.yaml")},
-                                              name="multi-token-run"))
-    return found
 
 
 def _export(tmp_path, *args: str) -> tuple[int, str]:
@@ -44,7 +23,7 @@ def _export(tmp_path, *args: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("method", ["prompt", "classifier", "multi-token"])
-def test_the_exported_folder_predicts_what_the_run_was_tested_on(runs, method, tmp_path):
+def test_the_exported_folder_predicts_what_the_run_was_tested_on(fewshot_runs, method, tmp_path):
     """Export -> load with plain transformers -> the run's test predictions: the test
     accuracy the run recorded, example by example the predictions of the run's own
     evaluation code on its selected checkpoint, and ONNX Runtime within 1e-4 of PyTorch."""
@@ -56,7 +35,7 @@ def test_the_exported_folder_predicts_what_the_run_was_tested_on(runs, method, t
     from rayapp.ship.export import classify, load
     from rayapp.tasks.prompts import PromptEncoder
 
-    record = runs[method]
+    record = fewshot_runs[method]
     code, err = _export(tmp_path, record["record"], "--out", str(tmp_path / "model"))
     assert code == 0, err
     folder = str(tmp_path / "model")
@@ -108,10 +87,10 @@ def test_the_exported_folder_predicts_what_the_run_was_tested_on(runs, method, t
     assert "rayapp export" in card and "16-13/test" in card
 
 
-def test_export_refuses_what_it_cannot_export(runs, tmp_path):
+def test_export_refuses_what_it_cannot_export(fewshot_runs, tmp_path):
     """One error line each: no run there, no --out, a folder already holding files, a record
     that is not a few-shot run."""
-    record = runs["prompt"]
+    record = fewshot_runs["prompt"]
     cases = [
         ([str(tmp_path / "nowhere"), "--out", str(tmp_path / "a")], "is not a run: there is no record"),
         ([record["record"]], "needs --out DIR"),

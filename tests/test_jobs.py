@@ -15,7 +15,7 @@ CONFIGS = Path(__file__).parent.parent / "jobs" / "configs"
 # job module -> the `rayapp` command it runs
 JOBS = {"intermediate": "intermediate", "teacher_cache": "teacher-cache", "distill": "distill",
         "finetune": "finetune", "evaluate": "evaluate", "sweep": "sweep", "prompt_distill": "prompt-distill",
-        "report": "report"}
+        "report": "report", "predict": "predict"}
 
 
 def _config_class(name: str):
@@ -32,6 +32,9 @@ def _config_class(name: str):
     if name.startswith("intermediate-pairs"):
         from rayapp.data.pairs import PairsConfig
         return PairsConfig
+    if name.startswith("predict"):
+        from rayapp.ship.predict import PredictConfig
+        return PredictConfig
     if name.startswith("intermediate-sentiment"):
         from rayapp.data.sentiment import SentimentConfig
         return SentimentConfig

@@ -76,6 +76,20 @@ def length_batches(lengths, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def token_batches(lengths, tokens: int) -> list[np.ndarray]:
+    """Row indices, longest rows first, in batches of at most `tokens` padded tokens (a row
+    longer than that alone): short rows share a batch, so a batch's cost follows its tokens,
+    not a fixed row count sized for the longest row."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        size = max(1, tokens // max(int(lengths[order[start]]), 1))  # the first row is the batch's longest
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
 class _Float32(torch.nn.Module):
     """Runs the wrapped vocabulary head in float32 with autocast off."""
 

@@ -112,6 +112,24 @@ class HeadClassifier(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.softmax(-1)
 
 
+def _not_exported(folder: str) -> DataError:
+    return DataError(f"{folder} has no `{PROMPT_KEY}` in its config.json: it is not a folder `rayapp export` "
+                     "wrote; export the run first (`rayapp export RUN --out DIR`)")
+
+
+def read_prompt(folder: str) -> dict:
+    """The stored prompt of an exported folder (local or s3://), read from its config.json
+    alone (the weights stay where they are)."""
+    uri = storage.join(folder, "config.json")
+    if not storage.exists(uri):
+        raise DataError(f"model={folder} has no config.json: give a folder `rayapp export` wrote "
+                        "(`rayapp export RUN --out DIR`)")
+    prompt = json.loads(storage.read_text(uri)).get(PROMPT_KEY)
+    if prompt is None:
+        raise _not_exported(folder)
+    return prompt
+
+
 def load(folder: str):
     """(classifier module, tokenizer, task, PromptEncoder or None, the stored prompt) of an
     exported folder, loaded with plain `transformers` classes."""
@@ -124,8 +142,7 @@ def load(folder: str):
     config = AutoConfig.from_pretrained(folder)
     prompt = getattr(config, PROMPT_KEY, None)
     if prompt is None:
-        raise DataError(f"{folder} has no `{PROMPT_KEY}` in its config.json: it is not a folder `rayapp export` "
-                        "wrote; export the run first")
+        raise _not_exported(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     task = Task(**prompt["task"])
     if prompt["method"] == "classifier":
@@ -136,32 +153,80 @@ def load(folder: str):
     return model, tokenizer, task, encoder, prompt
 
 
-def _inputs(tokenizer, encoder, max_length: int, texts_a: list[str], texts_b: list[str] | None) -> dict:
-    if encoder is not None:
-        batch = encoder.encode_batch(texts_a, texts_b)
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "mask_pos": batch["mask_pos"]}
-    batch = tokenizer(texts_a, texts_b, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+class Classifier:
+    """An exported folder loaded for inference with plain `transformers` classes: rows are
+    encoded with the stored prompt (the same tokenisation, truncation and mask placement the
+    run was evaluated with) and classified in batches of similar length. On a GPU the model
+    runs under bf16 autocast (fp16 where bf16 is unsupported); probabilities are float32."""
+
+    def __init__(self, folder: str, device: torch.device | str = "cpu"):
+        self.model, self.tokenizer, self.task, self.encoder, self.prompt = load(folder)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.half = None
+        if self.device.type == "cuda":
+            self.half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def encode(self, texts_a: list, texts_b: list | None = None) -> list[dict]:
+        """Per row its `input_ids` (and `mask_pos`, prompt models); a missing text is empty."""
+        def text(value) -> str:
+            return "" if value is None else str(value)
+
+        pairs = [(text(a), text(b) if self.task.num_inputs == 2 else None)
+                 for a, b in zip(texts_a, texts_b if texts_b is not None else [None] * len(texts_a))]
+        if self.encoder is not None:
+            return [self.encoder.encode(a, b) for a, b in pairs]
+        return [{"input_ids": self.tokenizer(a, b, truncation=True, max_length=self.prompt["max_length"])["input_ids"]}
+                for a, b in pairs]
+
+    def batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Encoded rows as the model's padded inputs (the ONNX graph's too)."""
+        from rayapp.tasks.prompts import pad_ids
+
+        input_ids, attention_mask = pad_ids([r["input_ids"] for r in rows], self.tokenizer.pad_token_id)
+        if self.encoder is None:
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "mask_pos": torch.tensor([r["mask_pos"] for r in rows], dtype=torch.long)}
+
+    @torch.inference_mode()
+    def probs(self, rows: list[dict], tokens_per_batch: int = 4096) -> torch.Tensor:
+        """Class probabilities `[N, C]` of encoded rows, in row order, each forward pass at
+        most `tokens_per_batch` padded tokens (`rayapp.modeling.scorer.token_batches`)."""
+        import contextlib
+
+        from rayapp.modeling.scorer import token_batches
+
+        autocast = (torch.autocast(self.device.type, dtype=self.half) if self.half is not None
+                    else contextlib.nullcontext())
+        parts, order = [], []
+        for index in token_batches([len(r["input_ids"]) for r in rows], tokens_per_batch):
+            inputs = {k: v.to(self.device) for k, v in self.batch([rows[i] for i in index]).items()}
+            with autocast:
+                parts.append(self.model(**inputs).float().cpu())
+            order.append(torch.as_tensor(index))
+        if not parts:
+            return torch.empty(0, len(self.task.labels))
+        return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+    def results(self, probs: torch.Tensor) -> list[dict]:
+        """Per row `{"label", "probs": {label: p}}`; a regression task: `{"score"}`, the
+        expected value over its two label words."""
+        from rayapp.tasks.prompts import regression_prediction
+
+        if self.task.is_regression:
+            return [{"score": float(s)} for s in regression_prediction(probs, self.task.bounds)]
+        return [{"label": self.task.labels[int(p.argmax())], "probs": dict(zip(self.task.labels, p.tolist()))}
+                for p in probs]
 
 
-@torch.no_grad()
-def classify(folder: str, texts_a: list[str], texts_b: list[str] | None = None, batch_size: int = 32) -> list[dict]:
+def classify(folder: str, texts_a: list[str], texts_b: list[str] | None = None,
+             tokens_per_batch: int = 4096) -> list[dict]:
     """Classify with an exported folder: per input `{"label", "probs": {label: p}}` (a
-    regression task: `{"score"}`, the expected value over its two label words)."""
-    from rayapp.tasks.prompts import regression_prediction
-
-    model, tokenizer, task, encoder, prompt = load(folder)
-    out = []
-    for i in range(0, len(texts_a), batch_size):
-        b = texts_b[i:i + batch_size] if texts_b is not None else None
-        probs = model(**_inputs(tokenizer, encoder, prompt["max_length"], texts_a[i:i + batch_size], b))
-        if task.is_regression:
-            out += [{"score": float(s)} for s in regression_prediction(probs, task.bounds)]
-        else:
-            out += [{"label": task.labels[int(p.argmax())], "probs": dict(zip(task.labels, p.tolist()))}
-                    for p in probs]
-    return out
+    regression task: `{"score"}`). For a table or corpus, `rayapp predict` runs the same
+    classifier on Ray Data."""
+    classifier = Classifier(folder)
+    return classifier.results(classifier.probs(classifier.encode(texts_a, texts_b), tokens_per_batch))
 
 
 def _write_config(folder: str, record: dict, task, encoder) -> dict:
@@ -334,13 +399,12 @@ def run(cfg: ExportConfig) -> dict:
         prompt = _write_config(folder, record, task, encoder)
         diff = None
         if cfg.onnx:
-            model, tokenizer, task, encoder, _ = load(folder)
+            classifier = Classifier(folder)
+            model = classifier.model
             split = load_lmbff(run_cfg.get("data_dir"), task, k=run_cfg["k"], seed=run_cfg["seed"])
             examples = (split.test or split.dev)[:cfg.check_examples]
-            batches = [_inputs(tokenizer, encoder, run_cfg["max_length"],
-                               [e.text_a for e in examples[i:i + 16]],
-                               [e.text_b for e in examples[i:i + 16]] if task.num_inputs == 2 else None)
-                       for i in range(0, len(examples), 16)]
+            rows = classifier.encode([e.text_a for e in examples], [e.text_b for e in examples])
+            batches = [classifier.batch(rows[i:i + 16]) for i in range(0, len(rows), 16)]
             path = os.path.join(folder, "model.onnx")
             with warnings.catch_warnings():  # the tracer's notes on constant shapes: checked below instead
                 warnings.simplefilter("ignore")
