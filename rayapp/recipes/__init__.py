@@ -15,6 +15,7 @@ RECIPES: dict[str, tuple[str, str]] = {  # name -> (module, config class)
     "distill": ("rayapp.recipes.distill", "DistillConfig"),
     "pretrain": ("rayapp.recipes.pretrain", "PretrainConfig"),
     "prompt-distill": ("rayapp.recipes.prompt_distill", "PromptDistillConfig"),
+    "setfit": ("rayapp.recipes.setfit", "SetFitConfig"),  # needs the setfit extra
 }
 
 

@@ -232,16 +232,17 @@ def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) ->
              "split": split.source}
     return run_recipe("finetune", cfg, setup, inputs, extra, callbacks=callbacks,
                       prefix=f"{cfg.method}-{task.name}-{cfg.k}-{cfg.seed}", keep_checkpoints=1,
-                      derive=lambda record: _summary(record, cfg))
+                      derive=lambda record: few_shot_summary(record, cfg))
 
 
-def _summary(record: dict, cfg: FinetuneConfig) -> dict:
+def few_shot_summary(record: dict, cfg) -> dict:
     """The few-shot protocol's numbers: dev curve, best dev (selection) and its test. A run
-    of 0 steps (zero-shot) saved no copy of its model: its checkpoint is the model it evaluated."""
+    of 0 steps (zero-shot) saved no copy of its model: its checkpoint is the model it evaluated.
+    Every few-shot recipe's record (finetune, SetFit) takes these keys from it."""
     out = {"dev_curve": [[step, m["dev"]] for step, m in record["evals"]],
            "best_dev": record["best"], "test": record["metrics"].get("test")}
     if record["checkpoint"] is None:
-        out["checkpoint"] = cfg.init or cfg.model
+        out["checkpoint"] = getattr(cfg, "init", None) or cfg.model
     return out
 
 

@@ -15,10 +15,12 @@ _LOOP_KEYS = ("final", "step", "best", "best_step", "evals", "loss_curve", "part
               "loop_seconds", "timings", "data_digest", "nodes")
 
 
-def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, prefix: str | None = None,
+def run_recipe(recipe: str, cfg, setup: Callable | None, inputs: dict, extra: dict, *, prefix: str | None = None,
                callbacks: Sequence = (), keep_checkpoints: int = 2,
-               derive: Callable[[dict], dict] | None = None) -> dict:
+               derive: Callable[[dict], dict] | None = None, loop: Callable[[dict], None] = train_loop) -> dict:
     """Run `setup`'s recipe (on the launcher `cfg.engine` picks) as `<output_dir>/<name>` and write its record.
+    `loop` is rayapp's one loop; a recipe whose training is a library's own (SetFit) passes
+    its loop, which reports through the same worker seam (`rayapp.train.worker`).
 
     The name is `cfg.name` or `<prefix>-<config hash>` (stable: a re-submission resumes).
     `<output_dir>`, the run's folder and `records/` are checked writable before the launch.
@@ -28,14 +30,15 @@ def run_recipe(recipe: str, cfg, setup: Callable, inputs: dict, extra: dict, *, 
     # before Ray starts: a folder that cannot take the checkpoints or the record fails now, not after training
     storage.require_writable(cfg.output_dir, "output_dir", (name, RECORDS))
     started = time.time()
-    outcome = launch(train_loop, {"cfg": cfg, "setup": setup, **inputs}, cfg.engine, storage=cfg.output_dir,
+    outcome = launch(loop, {"cfg": cfg, "setup": setup, **inputs}, cfg.engine, storage=cfg.output_dir,
                      name=name, callbacks=callbacks, keep_checkpoints=keep_checkpoints)
     metrics = dict(outcome.metrics)
+    trained = metrics.get("step", cfg.max_steps)
     record = {"recipe": recipe, "name": name, "config": to_dict(cfg), **extra,
               **{k: metrics.pop(k) for k in _LOOP_KEYS if k in metrics},
               "metrics": metrics,  # the recipe's final metrics (e.g. test)
               # a run of 0 steps saved no weights (its model is its input)
-              "checkpoint": storage.join(outcome.checkpoint, "model") if cfg.max_steps else None,
+              "checkpoint": storage.join(outcome.checkpoint, "model") if trained else None,
               "started": round(started, 3), "seconds": round(time.time() - started, 1)}
     if derive is not None:
         record.update(derive(record))
