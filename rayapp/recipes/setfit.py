@@ -115,7 +115,7 @@ def _setfit_loop(loop_cfg: dict) -> None:
             trainer = DistillationTrainer(teacher_model=teacher, student_model=model, args=args,
                                           train_dataset=datasets.Dataset.from_dict({"text": loop_cfg["unlabelled"]}))
         trainer.train()
-    steps = trainer.state.global_step if getattr(trainer, "state", None) is not None else 0
+    steps = trainer.st_trainer.state.global_step  # the body's optimizer steps (its sentence-transformers trainer)
     metrics = {}
     for name, examples in (("dev", split.dev), ("test", split.test)):
         predicted = np.asarray(model.predict(_texts(examples), as_numpy=True))
