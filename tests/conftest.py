@@ -17,16 +17,6 @@ from cluster.local_cluster import free_port, wait_until  # noqa: F401  (tests im
 from tiny import make_tiny_random_model, make_tiny_tokenizer
 
 
-def pytest_configure(config):
-    """The Ray auth token exists before any test process starts a cluster: with `-n 2`
-    (pytest-xdist, `make test`) two workers starting their first cluster at once on a fresh
-    machine would each write one, and the cluster started with the first would refuse
-    clients that read the second."""
-    if not hasattr(config, "workerinput"):  # the controller, before it starts the workers
-        from cluster.local_cluster import cluster_env, ensure_token
-
-        ensure_token(cluster_env())
-
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
