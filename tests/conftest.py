@@ -17,7 +17,6 @@ from cluster.local_cluster import free_port, wait_until  # noqa: F401  (tests im
 from tiny import make_tiny_random_model, make_tiny_tokenizer
 
 
-
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """Started after the S3 server so that workers inherit its endpoint and test keys."""

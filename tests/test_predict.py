@@ -148,3 +148,30 @@ def test_bad_input_is_one_line_before_ray_starts(exported, tmp_path):
         assert "Traceback" not in err
     code, _, err = _cli("predict", str(tmp_path), "--input", str(table), "--out", str(tmp_path / "o6"))
     assert code == 2 and "rayapp export" in err and "Traceback" not in err
+
+
+def test_a_two_sentence_regression_task_writes_scores(tiny_bert, ray_cluster, tmp_path):
+    """An STS-B prompt run, exported, scores LM-BFF's own STS-B test file (GLUE TSV, two
+    sentence columns): a `score` per row, the expected value `classify` gives, no label."""
+    from rayapp.assets import fewshot_dir
+    from rayapp.recipes.finetune import FinetuneConfig, run
+    from rayapp.ship.export import classify
+    from rayapp.train.engine import EngineConfig
+
+    record = run(FinetuneConfig(task="STS-B", model=tiny_bert, max_steps=2, eval_every=2, batch_size=8, max_length=48,
+                                output_dir=str(tmp_path / "runs"), engine=EngineConfig(num_workers=1)))
+    model = str(tmp_path / "model")
+    assert _cli("export", record["record"], "--out", model, "onnx=false")[0] == 0
+    table = os.path.join(fewshot_dir("k-shot"), "STS-B", "16-13", "test.tsv")
+    out = tmp_path / "out"
+    code, _, err = _cli("predict", model, "--input", table, "--out", str(out), "--text-column", "sentence1",
+                        "--text-b-column", "sentence2", "--id-column", "index", "rows_per_shard=400")
+    assert code == 0, err
+    got = _read(str(out))
+    assert got.column_names == ["id", "score"]
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert got["id"].to_pylist() == [r["index"] for r in rows]
+    want = classify(model, [r["sentence1"] for r in rows[:50]], [r["sentence2"] for r in rows[:50]])
+    assert np.abs(np.array(got["score"].to_pylist()[:50]) - [w["score"] for w in want]).max() < 1e-4
+    assert json.loads((out / META).read_text())["labels"] is None
