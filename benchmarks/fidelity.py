@@ -19,7 +19,8 @@ plain student, the SMASH student and the teacher; standard FT (classification he
 plain student; "distill" = KD during prompt FT of the plain student from the teacher's best
 prompt-FT checkpoint of the same split (eq. 1 at the mask). On SST-2 and MR also
 Prompt-Distiller's rows (its student PT row is the plain student's prompt FT): Prompt-KD and
-Prompt-Distiller, T' = the teacher, T = its best prompt-FT run of the same split.
+Prompt-Distiller, T' = the teacher, T = its best prompt-FT run of the same split, each once
+from the plain student and once from the SMASH student (SMASH inside Prompt-Distiller).
 
 Where this differs from the paper, to fit 2 CPU cores: `--finetune-steps` (default 40,
 dev every 10; the paper 1000 / 100) at one fixed point (lr 1e-4, batch 4) instead of the
@@ -38,7 +39,7 @@ be built over several sittings by re-running the same command. Prints the tables
 
     python benchmarks/fidelity.py [--work-dir runs/fidelity] [--pairs 100000]
         [--sentiment-corpus PATH] [--distill-steps N]
-        [--pairs-distill-steps N] [--finetune-steps 40] [--smoke]
+        [--pairs-distill-steps N] [--finetune-steps 40] [--halves sentiment pairs] [--rows ROW ...] [--smoke]
 
 `--smoke` (CI) runs every stage with tiny random models and tiny sizes: it checks that the
 pipeline runs, its numbers mean nothing.
@@ -63,7 +64,7 @@ ONE_SPLIT = [13]
 ROWS = ["zero-shot", "prompt-ft", "fine-tune", "smash-zero-shot", "smash", "distill",
         "teacher-zero-shot", "teacher"]
 
-PD_ROWS = ["prompt-kd", "prompt-distiller"]
+PD_ROWS = ["prompt-kd", "prompt-distiller", "prompt-kd-smash", "prompt-distiller-smash"]
 DISTILL_BATCH = 16
 
 
@@ -80,23 +81,29 @@ def one_epoch(data: str, steps: int | None, batch_size: int = DISTILL_BATCH) -> 
     return epoch if steps is None else steps
 
 
-def pd_methods(teacher: str) -> dict:
+def pd_methods(teacher: str, smash: str) -> dict:
     """Prompt-Distiller's rows on SST-2 and MR (its student PT row is `prompt-ft`): T' = the
     teacher, T = the teacher's best prompt-FT run of the same split, the paper's alpha,
-    lambdas and n; the sweep's lr/batch/steps like every other row."""
+    lambdas and n; the sweep's lr/batch/steps like every other row. The `-smash` rows start the
+    student from the SMASH student instead of the plain one (SMASH inside Prompt-Distiller, a
+    combination neither paper ran; issue 31)."""
     pd = {"recipe": "prompt-distill", "teacher": teacher, "tuned_teacher": "{best:teacher}"}
     return {"prompt-kd": {**pd, "method": "prompt-kd", "label": "Prompt-KD (PD Table 1)"},
-            "prompt-distiller": {**pd, "method": "prompt-distiller", "label": "Prompt-Distiller"}}
+            "prompt-distiller": {**pd, "method": "prompt-distiller", "label": "Prompt-Distiller"},
+            "prompt-kd-smash": {**pd, "method": "prompt-kd", "model": smash, "label": "Prompt-KD, SMASH student"},
+            "prompt-distiller-smash": {**pd, "method": "prompt-distiller", "model": smash,
+                                       "label": "Prompt-Distiller, SMASH student"}}
 
 
 def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash: str, teacher: str, steps: int,
-                 seeds: list[int] | None = None):
+                 seeds: list[int] | None = None, rows: list[str] | None = None):
     """One of the two sweeps (same methods; `smash` = the SMASH student for these tasks), on
-    the 5 LM-BFF splits unless `seeds`."""
+    the 5 LM-BFF splits unless `seeds`; `rows`: only those methods (and the ones they read
+    `{best:...}` from)."""
     from rayapp.sweep.spec import SweepConfig, TableSpec
 
     sentiment = set(tasks) <= set(SENTIMENT_TASKS)  # Prompt-Distiller's rows: SST-2 and MR only
-    return SweepConfig(
+    cfg = SweepConfig(
         name=name, storage=storage, tasks=tasks, grid={}, **({"seeds": seeds} if seeds else {}),
         base={"model": student, "batch_size": 4, "lr": 1e-4, "max_steps": steps, "eval_every": 10,
               "max_length": 128, "engine": {"engine": "ddp", "num_workers": 1}},
@@ -112,10 +119,21 @@ def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash:
             "teacher-zero-shot": {"method": "zero-shot", "seeds": ONE_SPLIT, "model": teacher,
                                   "label": "teacher (MiniLM-L6) zero-shot"},
             "teacher": {"method": "prompt", "model": teacher, "label": "teacher (MiniLM-L6) prompt FT"},
-            **(pd_methods(teacher) if sentiment else {}),
+            **(pd_methods(teacher, smash) if sentiment else {}),
         },
         tables=[TableSpec(name="fidelity", title="16-shot test, mean (std) over the 5 LM-BFF splits",
                           rows=ROWS + (PD_ROWS if sentiment else []))])
+    if rows is None:
+        return cfg
+    unknown = sorted(set(rows) - set(cfg.methods))
+    if unknown:
+        sys.exit(f"--rows {' '.join(unknown)}: not a row of the {name} sweep ({', '.join(cfg.methods)})")
+    keep = set(rows) | {need for r in rows for need in cfg.method(r).needs()}
+    return SweepConfig(name=cfg.name, storage=cfg.storage, tasks=cfg.tasks, grid={}, seeds=cfg.seeds,
+                       base=cfg.base, per_task=cfg.per_task,
+                       methods={m: spec for m, spec in cfg.methods.items() if m in keep},
+                       tables=[TableSpec(name="fidelity", title=cfg.tables[0].title,
+                                         rows=[r for r in cfg.tables[0].rows if r in keep])])
 
 
 def main() -> None:
@@ -146,8 +164,13 @@ def main() -> None:
     p.add_argument("--with-sweep", nargs="*", default=[],
                    help="more finished sweeps for the report, e.g. the Prompt-Distiller local sweep "
                         "(runs/sweeps/pd-table1-local: its Tables 1 and 2)")
+    p.add_argument("--halves", nargs="+", choices=["sentiment", "pairs"], default=["sentiment", "pairs"],
+                   help="which halves to run (default both)")
+    p.add_argument("--rows", nargs="+", help="only these rows (methods) and the rows they need, e.g. "
+                                              "prompt-kd-smash prompt-distiller-smash (with the teacher's)")
     args = p.parse_args()
-    halves = (("sentiment", SENTIMENT_TASKS), ("pairs", PAIR_TASKS))
+    halves = tuple((h, tasks) for h, tasks in (("sentiment", SENTIMENT_TASKS), ("pairs", PAIR_TASKS))
+                   if h in args.halves)
     if args.smoke:
         args.pairs, args.distill_steps, args.pairs_distill_steps, args.finetune_steps = 64, 2, 2, 2
         halves = tuple((task, tasks[:1]) for task, tasks in halves)
@@ -185,7 +208,7 @@ def main() -> None:
             log_every=25, output_dir=str(work / "runs"), name=f"smash-{task}",
             engine=EngineConfig(num_workers=1))))["model"]
         cfg = sweep_config(f"fidelity-{task}", str(work / "sweeps"), tasks, student, smash, teacher,
-                           args.finetune_steps, seeds=ONE_SPLIT if args.smoke else None)
+                           args.finetune_steps, seeds=ONE_SPLIT if args.smoke else None, rows=args.rows)
         started = time.time()
         try:
             done = sweep.run(cfg, resume=(Path(cfg.storage) / cfg.name / "sweep.json").exists())
