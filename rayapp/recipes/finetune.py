@@ -64,9 +64,7 @@ class FinetuneConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("k", "eval_batch_size", "max_length"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        self.require_positive("k", "eval_batch_size", "max_length")
         if self.teacher and self.method != "prompt":
             raise ConfigError(f"teacher= (KD during prompt FT) needs method=prompt, got method={self.method}")
         if self.kd_temperature <= 0 or self.kd_weight < 0:

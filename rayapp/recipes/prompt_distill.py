@@ -123,9 +123,7 @@ class PromptDistillConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("k", "eval_batch_size", "max_length", "probe_steps"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        self.require_positive("k", "eval_batch_size", "max_length", "probe_steps")
         if not self.alpha > 0:
             raise ConfigError(f"alpha (the KD temperature of PD eq. 3-4) must be > 0, got {self.alpha}; the paper uses 10")
         if self.lambda1 < 0 or self.lambda2 < 0:

@@ -68,9 +68,7 @@ class SetFitConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("k", "num_iterations", "num_epochs", "unlabelled"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        self.require_positive("k", "num_iterations", "num_epochs", "unlabelled")
         if (self.method == "distill") != (self.teacher is not None):
             raise ConfigError("method=distill needs teacher=<a SetFit model folder>, and only it takes one "
                               f"(got method={self.method}, teacher={self.teacher!r})")

@@ -26,11 +26,15 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        self.require_positive("batch_size", "checkpoint_every", "log_every")
         for key in ("max_steps", "eval_every", "warmup_ratio", "weight_decay"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+    def require_positive(self, *keys: str) -> None:
+        """One ConfigError naming the first of `keys` (fields of this config) that is not > 0."""
+        for key in keys:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
