@@ -82,10 +82,11 @@ def test_every_format_in_one_folder_gets_classify_s_labels_and_probabilities(exp
     assert meta["labels"] == ["0", "1"] and meta["rows"] == 40
 
 
-def test_a_headerless_csv_by_position_an_id_column_and_a_resumed_shard(exported, s3_server, tmp_path):
-    """LM-BFF's own MR test file (headerless `label,sentence` CSV) read by position; a
-    `save_to_disk` folder with an id column on s3:// predicted into s3://; a deleted shard is
-    the only one a re-run computes, and it comes back identical."""
+def test_a_headerless_csv_by_position_an_id_column_and_a_resumed_shard(exported, s3_server, tmp_path, monkeypatch):
+    """LM-BFF's own MR test file (headerless `label,sentence` CSV) read by position; an
+    `hf://` dataset served from an s3:// asset mirror (a `save_to_disk` folder) with an id
+    column, predicted into s3://; a deleted shard is the only one a re-run computes, and it
+    comes back identical."""
     import uuid
 
     import boto3
@@ -110,9 +111,10 @@ def test_a_headerless_csv_by_position_an_id_column_and_a_resumed_shard(exported,
     saved = tmp_path / "saved"
     sentences = [r[1] for r in rows[:30]]
     datasets.Dataset.from_dict({"sentence": sentences, "uid": [f"u{i}" for i in range(30)]}).save_to_disk(str(saved))
-    storage.copy_dir(str(saved), f"s3://{bucket}/saved")
+    storage.copy_dir(str(saved), f"s3://{bucket}/mirror/datasets/user/reviews/train")
+    monkeypatch.setenv("RAYAPP_ASSETS", f"s3://{bucket}/mirror")
     out = f"s3://{bucket}/out"
-    args = ("predict", exported["prompt"], "--input", f"s3://{bucket}/saved", "--out", out,
+    args = ("predict", exported["prompt"], "--input", "hf://user/reviews?split=train", "--out", out,
             "--text-column", "sentence", "--id-column", "uid", "rows_per_shard=8")
     code, _, err = _cli(*args)
     assert code == 0, err
