@@ -193,8 +193,14 @@ def cmd_export(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    import os
+
     from rayapp.ship.predict import PredictConfig, run
 
+    if args.model is not None and "=" in args.model and not os.path.exists(args.model):
+        # `predict --config FILE key=value`: the model comes from the config; the first override lands here
+        args.overrides.insert(0, args.model)
+        args.model = None
     cfg = _stage_config(PredictConfig, args, ("model", "input", "out", "text_column", "text_b_column", "id_column",
                                               "tokens_per_batch", "num_actors", "use_gpu"))
     print(json.dumps(run(cfg), indent=1))
@@ -332,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     help = "label a table or corpus with an exported model: Ray Data batch inference, parquet out, resumable"
     p = sub.add_parser("predict", help=help, description=help)
-    p.add_argument("model", help="a folder `rayapp export` wrote (local or s3://)")
+    p.add_argument("model", nargs="?", help="a folder `rayapp export` wrote (local or s3://); or model= in --config")
     p.add_argument("--input", help="file or folder of .tsv/.csv/.jsonl/.parquet, save_to_disk folder, hf://, s3://")
     p.add_argument("--out", help="the predictions folder (local or s3://)")
     p.add_argument("--text-column", help="column of the first sentence (default text; a position without header)")

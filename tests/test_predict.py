@@ -150,6 +150,10 @@ def test_bad_input_is_one_line_before_ray_starts(exported, tmp_path):
         assert "Traceback" not in err
     code, _, err = _cli("predict", str(tmp_path), "--input", str(table), "--out", str(tmp_path / "o6"))
     assert code == 2 and "rayapp export" in err and "Traceback" not in err
+    # the model from a config file (as `python -m jobs.predict --config ...` passes it), overrides after it
+    (tmp_path / "predict.yaml").write_text(f"model: {exported['prompt']}\ninput: {table}\nout: {tmp_path / 'o7'}\n")
+    code, _, err = _cli("predict", "--config", str(tmp_path / "predict.yaml"), "text_column=nope")
+    assert code == 2 and "has no column 'nope' (text_column)" in err, err
 
 
 def test_a_two_sentence_regression_task_writes_scores(tiny_bert, ray_cluster, tmp_path):
