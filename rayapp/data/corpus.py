@@ -469,8 +469,10 @@ def _pack(pieces: list[tuple[Any, int]], limit: int) -> list[list[Any]]:
     return groups + [current] if current else groups
 
 
-def _relative(path: str, root: str) -> str:
-    """A file's name relative to the corpus root: stable ids for local and s3:// copies."""
+def relative_name(path: str, root: str) -> str:
+    """A file's name relative to the input root (its base name when not under it): stable ids
+    for local and s3:// copies; `rayapp predict` names rows by it too."""
+    root = root.rstrip("/")
     return path[len(root):].lstrip("/") if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
 
 
@@ -561,7 +563,7 @@ def _parquet_sources(fs, paths: list[str], uris: list[str], root: str, text_colu
                   for g in range(meta.num_row_groups) if meta.row_group(g).num_rows]
         first = 0
         for run in _pack([(g, size) for g, size, _ in groups], chunk_bytes):
-            pieces.append((RowGroups(path, _relative(path, root), tuple(run), first),
+            pieces.append((RowGroups(path, relative_name(path, root), tuple(run), first),
                            sum(groups[g][1] for g in run)))
             first += sum(groups[g][2] for g in run)
     return [ParquetSource(fs, tuple(parts), text_column, id_column) for parts in _pack(pieces, chunk_bytes)]
@@ -616,7 +618,7 @@ def plan_sources(uri: str, *, fmt: str = "auto", text_column: str = "text", id_c
         _check_columns(list(record), text_column, id_column, first)
     pieces = []
     for info, file in zip(infos, files):
-        name = _relative(info.path, root)
+        name = relative_name(info.path, root)
         cuts = [0, info.size] if per_file else [*range(0, info.size, chunk_bytes), info.size]
         pieces += [(FileRange(info.path, name, s, e, file), e - s) for s, e in zip(cuts, cuts[1:])]
     return [TextSource(fs, tuple(ranges), fmt, text_column, id_column, per_file, on_bad_lines)

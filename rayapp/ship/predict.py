@@ -53,6 +53,7 @@ import pyarrow as pa
 from rayapp import env, storage
 from rayapp.config import InputPath, OutputPath
 from rayapp.data import shards
+from rayapp.data.corpus import relative_name
 from rayapp.data.formats import iter_lines, suffix_format
 from rayapp.errors import ConfigError, DataError
 
@@ -135,10 +136,6 @@ def _files(uri: str, fmt: str | None) -> tuple[list[tuple[str, str]], str]:
                             "or pass fmt=")
         found.append((f, kind))
     return found, uri
-
-
-def _relative(uri: str, root: str) -> str:
-    return uri[len(root):].lstrip("/") if uri.startswith(root.rstrip("/") + "/") else uri.rsplit("/", 1)[-1]
 
 
 def _records(uri: str, fmt: str) -> Iterator[tuple[int, bytes]]:
@@ -231,7 +228,7 @@ def plan(cfg: PredictConfig, num_inputs: int) -> tuple[list[Piece], int]:
             cuts, rows, names = _text_file(uri, fmt, cfg.header, cfg.rows_per_shard)
         if not rows:
             continue
-        columns, name = _columns(cfg, names, fmt, uri), _relative(uri, root)
+        columns, name = _columns(cfg, names, fmt, uri), relative_name(uri, root)
         pieces += [Piece(shards.shard_name(f, c), uri, name, fmt, start, stop, first,
                          min(cfg.rows_per_shard, rows - first), columns)
                    for c, (start, stop, first) in enumerate(cuts)]
