@@ -7,6 +7,7 @@
     rayapp intermediate pairs|sentiment ...        SMASH intermediate examples (Ray Data)
     rayapp teacher-cache ...                       teacher top-k cache (Ray Data batch inference)
     rayapp distill --config FILE key=value ...     SMASH distillation (Ray Train, DeepSpeed/DDP)
+    rayapp ppt --config FILE key=value ...         PPT soft-prompt pre-training (Vanilla PPT baseline)
     rayapp pretrain --config FILE key=value ...    further MLM pre-training (makes a teacher)
     rayapp init-student --teacher DIR --out DIR    a student cut from every other teacher layer
     rayapp sweep --config FILE key=value ...       methods x tasks x splits x grid on Ray Tune (--resume DIR)
@@ -88,6 +89,7 @@ def cmd_fewshot(args) -> None:
 _SHOWN = {
     "finetune": ("name", "task", "method", "metric", "best_step", "best_dev", "test", "checkpoint"),
     "distill": ("name", "setting", "objective", "step", "first_loss", "last_loss", "restarts", "model"),
+    "ppt": ("name", "objective", "step", "first_loss", "last_loss", "restarts", "model"),
     "pretrain": ("name", "step", "masked_accuracy", "model"),
     "prompt-distill": ("name", "task", "method", "metric", "best_step", "best_dev", "test", "probe_dev_acc",
                        "pseudo_label_agreement", "checkpoint"),
@@ -312,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _recipe(sub, "distill", "SMASH distillation of a student from a teacher cache or online teacher",
             lambda a: cmd_recipe(a, "distill"))
+    _recipe(sub, "ppt", "PPT: pre-train a soft prompt on SMASH's intermediate data with the model frozen "
+            "(then finetune method=prompt-tuning init=RUN/student)", lambda a: cmd_recipe(a, "ppt"))
     _recipe(sub, "prompt-distill", "Prompt-Distiller (and its KD baselines) from a prompt-tuned and a pre-trained "
             "teacher", lambda a: cmd_recipe(a, "prompt-distill"))
 

@@ -130,3 +130,23 @@ def fewshot_runs(ray_cluster, tiny_bert, tiny_roberta, tmp_path_factory) -> dict
     found["multi-token"] = run(FinetuneConfig(**{**base, "model": tiny_roberta, "tasks_file": str(out / "tasks.yaml")},
                                               name="multi-token-run"))
     return found
+
+
+@pytest.fixture(scope="session")
+def docs_corpus(tmp_path_factory) -> str:
+    """A text corpus of 12 documents of 8 sentences (blank lines between documents)."""
+    corpus = tmp_path_factory.mktemp("docs") / "corpus.txt"
+    docs = [[f"Document {d} sentence {s} talks about topic {d * 7 + s} in some detail." for s in range(8)]
+            for d in range(12)]
+    corpus.write_text("\n\n".join(" ".join(doc) for doc in docs) + "\n")
+    return str(corpus)
+
+
+@pytest.fixture(scope="session")
+def pairs(ray_cluster, docs_corpus, tmp_path_factory) -> str:
+    """96 SMASH sentence pairs (labels 0/1/2) from `docs_corpus`."""
+    from rayapp.data.pairs import build_pairs
+
+    out = str(tmp_path_factory.mktemp("pairs") / "pairs")
+    build_pairs(docs_corpus, out, num_examples=96, seed=0, fmt="text")
+    return out

@@ -19,26 +19,10 @@ from rayapp.train.engine import EngineConfig
 from rayapp.errors import ConfigError
 from rayapp.recipes.finetune import FinetuneConfig
 from rayapp.recipes.finetune import run as finetune
-from rayapp.data.pairs import build_pairs
 from rayapp.recipes.pretrain import make_student
 from rayapp.data.teacher_cache import build_cache
 from rayapp.train.records import read_records
 from rayapp.train.worker import LATEST, read_latest
-
-DOCS = [
-    [f"Document {d} sentence {s} talks about topic {d * 7 + s} in some detail." for s in range(8)]
-    for d in range(12)
-]
-
-
-@pytest.fixture(scope="module")
-def pairs(ray_cluster, tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("pairs")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(doc) for doc in DOCS) + "\n")
-    build_pairs(str(corpus), str(root / "pairs"), num_examples=96, seed=0, fmt="text")
-    return str(root / "pairs")
-
 
 @pytest.fixture(scope="module")
 def cache(pairs, tiny_roberta, tmp_path_factory) -> str:
@@ -138,11 +122,9 @@ def test_distill_checkpoints_to_s3(cache, student, s3_server, tmp_path):
     assert rec["model"] == "s3://runs/smash/s3-run/student"
 
 
-def test_distilbert_setting_trains_on_raw_corpus_text(student, tiny_roberta, tmp_path):
+def test_distilbert_setting_trains_on_raw_corpus_text(student, tiny_roberta, docs_corpus, tmp_path):
     """Setting (5) reads a corpus (not the joined pair examples) at length 512 (SMASH §4.4)."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(doc) for doc in DOCS) + "\n")
-    rec = run(_cfg(tmp_path, student=student, teacher=tiny_roberta, data=str(corpus), setting=5, max_steps=2,
+    rec = run(_cfg(tmp_path, student=student, teacher=tiny_roberta, data=docs_corpus, setting=5, max_steps=2,
                    batch_size=4, log_every=1))
     assert rec["objective"] == "distilbert" and rec["step"] == 2
     assert list(read_records(str(tmp_path / "runs")).values())[0]["name"] == rec["name"]

@@ -56,12 +56,14 @@ def portable_model(name_or_path: str) -> str:
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 
 
-def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True, prompt=None) -> None:
+def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True, prompt=None,
+                soft_prompt: int = 0) -> None:
     """Driver-side check, before any Ray worker starts, that `name_or_path` is a model:
     it resolves (local dir, `s3://`, mirror, hub), has a config (and weights, where files
     can be listed), a masked-LM head class when `mlm`, and a tokenizer that loads and fits
     the embedding. With `prompt=(task, max_length)` also that the task's prompt encodes with
-    that tokenizer (single-token label words, the template within max_length): the error a
+    that tokenizer (single-token label words, the template within max_length) and that
+    max_length plus `soft_prompt` tokens fit the model's positions: the error a
     worker would raise, before Ray starts. A rayapp checkpoint counts by its `model/`
     folder. Raises a one-line ConfigError/PromptError naming the model and the fix."""
     import fnmatch
@@ -85,10 +87,10 @@ def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True, 
                 for f in files:
                     if not any(fnmatch.fnmatch(f, p) for p in _WEIGHTS):
                         storage.write_bytes(os.path.join(tmp, f), storage.read_bytes(storage.join(ref, f)))
-                return _check_loads(tmp, name_or_path, mlm, tokenizer, prompt)
+                return _check_loads(tmp, name_or_path, mlm, tokenizer, prompt, soft_prompt)
     elif Path(ref).exists():
         raise ConfigError(f"model {name_or_path!r} is a file; give the model's directory or a hub id")
-    _check_loads(ref, name_or_path, mlm, tokenizer, prompt)
+    _check_loads(ref, name_or_path, mlm, tokenizer, prompt, soft_prompt)
 
 
 def _top_level_files(uri: str, name: str) -> list[str]:
@@ -109,7 +111,7 @@ def _top_level_files(uri: str, name: str) -> list[str]:
 _SPARE_ROWS = 256
 
 
-def _check_loads(src: str, name: str, mlm: bool, tokenizer: bool, prompt=None) -> None:
+def _check_loads(src: str, name: str, mlm: bool, tokenizer: bool, prompt=None, soft_prompt: int = 0) -> None:
     config = load_model_config(src)
     if mlm:
         _mlm_class(config, name)
@@ -132,6 +134,13 @@ def _check_loads(src: str, name: str, mlm: bool, tokenizer: bool, prompt=None) -
 
             task, max_length = prompt
             PromptEncoder(tok, task, max_length)
+            limit = getattr(config, "max_position_embeddings", None)
+            if limit and "roberta" in config.model_type:  # RoBERTa numbers positions from padding_idx + 1
+                limit -= config.pad_token_id + 1
+            if limit and max_length + soft_prompt > limit:
+                extra = f" plus {soft_prompt} soft prompt tokens" if soft_prompt else ""
+                raise ConfigError(f"max_length={max_length}{extra} does not fit model {name!r}, which has {limit} "
+                                  "positions; lower max_length" + (" or prompt_tokens" if soft_prompt else ""))
 
 
 def _mlm_class(config, name: str):
@@ -193,11 +202,17 @@ class LogitsAt(torch.nn.Module):
     projection is the largest tensor of a step (B*T*V floats, 3.3 GB at SMASH's batch 128 x
     128 tokens x 50k vocabulary) and almost all of it would be thrown away. The engines wrap
     this module, so DDP and DeepSpeed see one ordinary forward.
+
+    `soft_prompt` ([n, H], prompt tuning / PPT, Gu et al. 2021): n trained input vectors
+    inserted after the first token (<s>/[CLS], which the model saw first in pre-training; PPT's
+    T5 has no such token and puts them first). Callers keep the ids of the plain prompt:
+    `positions` are shifted here, and `outputs` cover the longer sequence.
     """
 
-    def __init__(self, mlm: torch.nn.Module):
+    def __init__(self, mlm: torch.nn.Module, soft_prompt: torch.Tensor | None = None):
         super().__init__()
         self.mlm = mlm
+        self.soft_prompt = None if soft_prompt is None else torch.nn.Parameter(soft_prompt.detach().clone())
 
     def forward(self, input_ids, attention_mask, positions: torch.Tensor, **kwargs):
         """positions: LongTensor [B] (one position per row), [B, M] (M per row: the masks of
@@ -205,7 +220,11 @@ class LogitsAt(torch.nn.Module):
         or [N, V], the encoder's outputs: hidden_states/attentions when asked for)."""
         head = mlm_head(self.mlm)
         model = self.mlm.base_model if head is not None else self.mlm
-        out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if self.soft_prompt is None:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        else:
+            embeds, attention_mask, positions = self._prompted(input_ids, attention_mask, positions)
+            out = model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
         states = out.last_hidden_state if head is not None else out.logits
         if positions.dtype == torch.bool:
             picked = states[positions]
@@ -213,6 +232,53 @@ class LogitsAt(torch.nn.Module):
             rows = torch.arange(states.shape[0], device=states.device)
             picked = states[rows[:, None] if positions.dim() == 2 else rows, positions]
         return (head(picked) if head is not None else picked), out
+
+    def _prompted(self, input_ids, attention_mask, positions):
+        """(input embeddings, attention mask, positions) with the soft prompt after token 0."""
+        embeds = self.mlm.get_input_embeddings()(input_ids)
+        rows, n = input_ids.shape[0], self.soft_prompt.shape[0]
+        prompt = self.soft_prompt.to(embeds.dtype).expand(rows, -1, -1)
+        embeds = torch.cat([embeds[:, :1], prompt, embeds[:, 1:]], 1)
+        attention_mask = torch.cat([attention_mask[:, :1], attention_mask.new_ones(rows, n), attention_mask[:, 1:]], 1)
+        if positions.dtype == torch.bool:
+            positions = torch.cat([positions[:, :1], positions.new_zeros(rows, n), positions[:, 1:]], 1)
+        else:
+            positions = positions + n  # a mask is never token 0: the tokenizer's start token is
+        return embeds, attention_mask, positions
+
+
+SOFT_PROMPT_FILE = "soft_prompt.safetensors"  # beside the HF weights of a prompt-tuned model
+
+
+def initial_soft_prompt(mlm: torch.nn.Module, tokenizer, tokens: int) -> torch.Tensor:
+    """PPT's fresh soft prompt: `tokens` copies of the mask token's input embedding (PPT's
+    `default_init_token`, configs/prompt/pretrain.json and pt.json)."""
+    return mlm.get_input_embeddings().weight[tokenizer.mask_token_id].detach().float().expand(tokens, -1).clone()
+
+
+def prompt_tuned(mlm: torch.nn.Module, tokenizer, tokens: int, src: str) -> LogitsAt:
+    """Prompt tuning (Lester et al. 2021, PPT's downstream stage): the MLM frozen, only a soft
+    prompt trained: the one saved in the local model dir `src` (a pre-trained PPT prompt, its
+    own length), else a fresh one of `tokens`."""
+    prompt = load_soft_prompt(src)
+    if prompt is None:
+        prompt = initial_soft_prompt(mlm, tokenizer, tokens)
+    return LogitsAt(mlm.requires_grad_(False), prompt)
+
+
+def save_soft_prompt(prompt: torch.Tensor, model_dir: str | Path, dtype: str = "float32") -> None:
+    from safetensors.torch import save_file
+
+    save_file({"soft_prompt": prompt.detach().to(getattr(torch, dtype)).cpu().contiguous()},
+              os.path.join(model_dir, SOFT_PROMPT_FILE))
+
+
+def load_soft_prompt(model_dir: str) -> torch.Tensor | None:
+    """The soft prompt saved beside a model (a local dir, see `local_model_dir`), else None."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(model_dir, SOFT_PROMPT_FILE)
+    return load_file(path)["soft_prompt"].float() if os.path.exists(path) else None
 
 
 def load_classifier(name_or_path: str, num_labels: int):

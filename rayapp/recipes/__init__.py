@@ -13,6 +13,7 @@ from rayapp.errors import ConfigError
 RECIPES: dict[str, tuple[str, str]] = {  # name -> (module, config class)
     "finetune": ("rayapp.recipes.finetune", "FinetuneConfig"),
     "distill": ("rayapp.recipes.distill", "DistillConfig"),
+    "ppt": ("rayapp.recipes.ppt", "PPTConfig"),
     "pretrain": ("rayapp.recipes.pretrain", "PretrainConfig"),
     "prompt-distill": ("rayapp.recipes.prompt_distill", "PromptDistillConfig"),
     "setfit": ("rayapp.recipes.setfit", "SetFitConfig"),  # needs the setfit extra

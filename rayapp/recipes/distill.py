@@ -146,8 +146,9 @@ def setup(cfg: DistillConfig, inputs: dict, device) -> Setup:
                  tokenizer=tokenizer, desc=f"distill {cfg.objective}")
 
 
-def run(cfg: DistillConfig, callbacks=()) -> dict:
-    """Distil; returns the run's record (`<output_dir>/records/<name>.json`)."""
+def run(cfg: DistillConfig, callbacks=(), *, recipe: str = "distill", setup=setup) -> dict:
+    """Distil; returns the run's record (`<output_dir>/records/<name>.json`). A recipe over the
+    same data and checks (PPT's prompt pre-training) passes its name and its `setup`."""
     from rayapp.data.mlm_text import build_text_chunks
     from rayapp.data.shards import shard_uris
 
@@ -174,8 +175,8 @@ def run(cfg: DistillConfig, callbacks=()) -> dict:
     max_length = cfg.max_length or (DISTILBERT_MAX_LENGTH if cfg.objective == "distilbert" else MAX_LENGTH[task_name])
     inputs = {"task": task_name, "max_length": max_length, "blocks": blocks, "student": portable_model(cfg.student),
               "teacher": portable_model(cfg.teacher) if cfg.objective in NEEDS_TEACHER else None}
-    return run_recipe("distill", cfg, setup, inputs, {"setting": cfg.setting, "objective": cfg.objective},
-                      prefix=f"distill-{cfg.objective}", callbacks=callbacks,
+    return run_recipe(recipe, cfg, setup, inputs, {"setting": cfg.setting, "objective": cfg.objective},
+                      prefix=f"{recipe}-{cfg.objective}", callbacks=callbacks,
                       derive=lambda record: export_model(cfg.output_dir, record, "student"))
 
 

@@ -6,6 +6,10 @@ Methods (`method=`):
   SMASH §3.1 KL objective between interpolated label-word probabilities and the gold score.
   With `teacher=` it is SMASH's "distill" baseline: plus `kd_weight` x eq. 1 between the
   teacher's and the student's vocabulary logits at the mask (same tokenizer needed).
+- `prompt-tuning`: the same objective with the model frozen and only `prompt_tokens` soft
+  prompt vectors trained (Lester et al. 2021; PPT, Gu et al. 2021: 100 tokens, lr 0.05, no
+  decay). With `init=` a PPT run's `student` (`rayapp ppt`) it starts from the pre-trained
+  soft prompt, which then sets the length; else from copies of the mask token's embedding.
 - `classifier`: standard fine-tuning with a fresh classification head (baseline); MSE for
   regression.
 - `zero-shot`: no training; prompt-based evaluation of the model as it is.
@@ -29,7 +33,7 @@ from rayapp.config import InputPath, ModelRef
 from rayapp.data.fewshot import Example, FewShotSplit, load_lmbff
 from rayapp.errors import ConfigError
 from rayapp.modeling.models import (LogitsAt, check_model, load_classifier, load_mlm, load_tokenizer,
-                                    local_model_dir, portable_model)
+                                    load_soft_prompt, local_model_dir, portable_model, prompt_tuned)
 from rayapp.recipes import objectives
 from rayapp.tasks.metrics import compute_metric
 from rayapp.tasks.prompts import PromptEncoder, Task, class_logits, regression_prediction
@@ -46,7 +50,8 @@ class FinetuneConfig(TrainConfig):
     task: str = "SST-2"
     model: ModelRef = "distilroberta-base"  # HF id or local dir of a masked LM
     init: ModelRef | None = None        # start from this checkpoint (rayapp run checkpoint or HF dir)
-    method: Literal["prompt", "classifier", "zero-shot"] = "prompt"
+    method: Literal["prompt", "prompt-tuning", "classifier", "zero-shot"] = "prompt"
+    prompt_tokens: int = 100            # prompt-tuning: soft prompt length (PPT's), unless init has one
     teacher: ModelRef | None = None     # prompt + KD from this teacher's logits (SMASH "distill")
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
@@ -64,8 +69,8 @@ class FinetuneConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require_positive("k", "eval_batch_size", "max_length")
-        if self.teacher and self.method != "prompt":
+        self.require_positive("k", "eval_batch_size", "max_length", "prompt_tokens")
+        if self.teacher and self.method not in ("prompt", "prompt-tuning"):
             raise ConfigError(f"teacher= (KD during prompt FT) needs method=prompt, got method={self.method}")
         if self.kd_temperature <= 0 or self.kd_weight < 0:
             raise ConfigError("kd_temperature must be > 0 and kd_weight >= 0")
@@ -174,7 +179,10 @@ def setup(cfg: FinetuneConfig, inputs: dict, device) -> Setup:
     if cfg.method == "classifier":
         model, encoder = load_classifier(src, 1 if task.is_regression else len(task.labels)), None
     else:
-        model = LogitsAt(load_mlm(src))
+        mlm = load_mlm(src)
+        # any other method takes the model as it is, with its soft prompt if it has one (PPT zero-shot)
+        model = (prompt_tuned(mlm, tokenizer, cfg.prompt_tokens, src) if cfg.method == "prompt-tuning"
+                 else LogitsAt(mlm, load_soft_prompt(src)))
         encoder = PromptEncoder(tokenizer, task, cfg.max_length)
     teacher = None
     if cfg.teacher:
@@ -218,7 +226,8 @@ def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) ->
                           "distributions at one mask, so it needs label words of one token each")
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)  # fail before launching
     check_model(cfg.init or cfg.model, mlm=cfg.method != "classifier",
-                prompt=(task, cfg.max_length) if cfg.method != "classifier" else None)
+                prompt=(task, cfg.max_length) if cfg.method != "classifier" else None,
+                soft_prompt=cfg.prompt_tokens if cfg.method == "prompt-tuning" else 0)
     if cfg.teacher:
         check_model(cfg.teacher)
     split = split or load_lmbff(cfg.data_dir, task, k=cfg.k, seed=cfg.seed)

@@ -8,7 +8,8 @@ sweep writes per trial) or the run's folder (`OUTPUT_DIR/NAME`). DIR (local or `
   `AutoModelForSequenceClassification` (`method=classifier`). `config.json` also holds
   `id2label` / `label2id` and, under `rayapp_prompt`, what turns the masked LM into the
   classifier it was selected as: the task, its template and verbalizer, the label-word ids
-  under this tokenizer, `max_length` and `lmbff_exact`;
+  under this tokenizer, `max_length` and `lmbff_exact`; a prompt-tuning run adds its soft
+  prompt, `soft_prompt.safetensors` (`models.LogitsAt` inserts it after the first token);
 - `model.onnx`: that classifier as one graph, (input_ids, attention_mask, mask_pos) -> class
   probabilities (the softmax of the label words' logits at the mask, PD eq. 1 / LM-BFF; a
   classifier run: (input_ids, attention_mask) -> probabilities). It is checked against the
@@ -89,11 +90,11 @@ class PromptClassifier(torch.nn.Module):
     """The masked LM as the classifier it was selected as: class probabilities from the
     label words' logits at the mask (`class_logits`), one graph for ONNX."""
 
-    def __init__(self, mlm: torch.nn.Module, label_word_ids: list[list[int]]):
+    def __init__(self, mlm: torch.nn.Module, label_word_ids: list[list[int]], soft_prompt: torch.Tensor | None = None):
         super().__init__()
         from rayapp.modeling.models import LogitsAt
 
-        self.at, self.label_word_ids = LogitsAt(mlm), label_word_ids
+        self.at, self.label_word_ids = LogitsAt(mlm, soft_prompt), label_word_ids
 
     def forward(self, input_ids, attention_mask, mask_pos):
         from rayapp.tasks.prompts import class_logits
@@ -135,9 +136,8 @@ def load(folder: str):
     exported folder, loaded with plain `transformers` classes."""
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rayapp.tasks.prompts import PromptEncoder
-
-    from rayapp.tasks.prompts import Task
+    from rayapp.modeling.models import load_soft_prompt
+    from rayapp.tasks.prompts import PromptEncoder, Task
 
     config = AutoConfig.from_pretrained(folder)
     prompt = getattr(config, PROMPT_KEY, None)
@@ -149,7 +149,9 @@ def load(folder: str):
         model = HeadClassifier(AutoModelForSequenceClassification.from_pretrained(folder)).eval()
         return model, tokenizer, task, None, prompt
     encoder = PromptEncoder(tokenizer, task, prompt["max_length"])
-    model = PromptClassifier(AutoModelForMaskedLM.from_pretrained(folder), encoder.label_word_ids).eval()
+    # a prompt-tuned run's soft prompt lies beside the weights (`models.SOFT_PROMPT_FILE`)
+    model = PromptClassifier(AutoModelForMaskedLM.from_pretrained(folder), encoder.label_word_ids,
+                             load_soft_prompt(folder)).eval()
     return model, tokenizer, task, encoder, prompt
 
 

@@ -27,7 +27,10 @@ from typing import Callable, Iterable, Literal
 import torch
 
 from rayapp.errors import ConfigError, DataError
+from rayapp.modeling.models import load_soft_prompt, save_soft_prompt
 from rayapp.train.worker import worker
+
+SOFT_PROMPT_KEY = "<soft_prompt>"  # its entry in `export_state` (not an HF weight name)
 
 
 @dataclass
@@ -174,13 +177,19 @@ class Engine:
         self.device = worker().device
         decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # no empty group: DeepSpeed drops it, and the scheduler then has one group too many
+        groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+                  if g["params"]]
         if cfg.engine == "deepspeed" and self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks an accelerator
         model.to(self.device)
         optimizer = torch.optim.AdamW(groups, lr=lr, fused=self.device.type == "cuda")
         # linear warmup then linear decay to 0, the schedule SMASH and LM-BFF use
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        # DeepSpeed bf16/fp16 casts the whole module and keeps fp32 masters of the trained
+        # parameters only: frozen ones (prompt tuning's model) are exported from this copy
+        self._frozen_fp32 = {id(p): p.detach().float().clone() for p in model.parameters()
+                             if not p.requires_grad and cfg.engine == "deepspeed" and cfg.precision != "fp32"}
         if cfg.engine == "deepspeed":
             import deepspeed
             import torch.distributed as dist
@@ -263,13 +272,21 @@ class Engine:
 
         A DeepSpeed bf16/fp16 module holds its weights rounded to 16 bits (bf16: up to 0.4%
         off the fp32 master weights the optimizer updates), so its export is the master copy
-        gathered from the ZeRO shards. Frozen parameters and buffers come from the module."""
+        gathered from the ZeRO shards; frozen parameters come from their fp32 copy, buffers from
+        the module. A soft prompt (prompt tuning) is the entry `SOFT_PROMPT_KEY`."""
         state = self.hf_model.state_dict()
+        params = dict(self.hf_model.named_parameters(remove_duplicate=False))  # tied weights: both names
+        if self.soft_prompt is not None:  # saved beside the HF weights (`save`)
+            state[SOFT_PROMPT_KEY], params[SOFT_PROMPT_KEY] = self.soft_prompt.detach(), self.soft_prompt
         if self.cfg.engine != "deepspeed" or self.cfg.precision == "fp32":
             return state
-        masters = _fp32_masters(self.optimizer, list(self.hf_model.parameters()))
-        params = dict(self.hf_model.named_parameters(remove_duplicate=False))  # tied weights: both names
+        masters = {**self._frozen_fp32, **_fp32_masters(self.optimizer, list(params.values()))}
         return {k: masters.get(id(params[k]), v) if k in params else v for k, v in state.items()}
+
+    @property
+    def soft_prompt(self) -> torch.nn.Parameter | None:
+        """The trained soft prompt of a prompt-tuned model (`models.LogitsAt`), else None."""
+        return getattr(self.module, "soft_prompt", None)
 
     # --- checkpoints: every rank calls these ---------------------------------------------
     def save(self, ckpt_dir: str | Path, state: dict, tokenizer=None, weights: bool = True) -> None:
@@ -284,7 +301,10 @@ class Engine:
         exported = self.export_state() if weights else None
         if worker().rank == 0:
             if weights:
+                soft_prompt = exported.pop(SOFT_PROMPT_KEY, None)
                 save_hf(self.hf_model, ckpt_dir / "model", self.cfg.export_dtype, tokenizer, exported)
+                if soft_prompt is not None:
+                    save_soft_prompt(soft_prompt, ckpt_dir / "model", self.cfg.export_dtype)
                 if self.cfg.engine != "deepspeed":
                     torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                                ckpt_dir / "optimizer.pt")
@@ -304,6 +324,9 @@ class Engine:
             weights = load_file(ckpt_dir / "model" / "model.safetensors", device=str(self.device))
             params = dict(self.hf_model.named_parameters())
             load_hf_weights(self.hf_model, {k: v.to(params[k].dtype) if k in params else v for k, v in weights.items()})
+            if self.soft_prompt is not None:
+                with torch.no_grad():
+                    self.soft_prompt.copy_(load_soft_prompt(str(ckpt_dir / "model")))
             opt = load_tensors(ckpt_dir / "optimizer.pt", map_location=self.device)
             self.optimizer.load_state_dict(opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])
