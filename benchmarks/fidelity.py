@@ -21,6 +21,10 @@ prompt-FT checkpoint of the same split (eq. 1 at the mask). On SST-2 and MR also
 Prompt-Distiller's rows (its student PT row is the plain student's prompt FT): Prompt-KD and
 Prompt-Distiller, T' = the teacher, T = its best prompt-FT run of the same split, each once
 from the plain student and once from the SMASH student (SMASH inside Prompt-Distiller).
+SMASH's "Vanilla PPT": a 100-token soft prompt pre-trained (`rayapp ppt`, the plain student
+frozen, PPT's lr 0.1) on the half's intermediate data with its labels, for as many steps at the
+same batch as the SMASH student, then prompt tuning from it ("ppt"); and PPT's own baseline,
+prompt tuning from a fresh prompt ("prompt-tuning"); both at PPT's downstream lr 0.05.
 
 Where this differs from the paper, to fit 2 CPU cores: `--finetune-steps` (default 40,
 dev every 10; the paper 1000 / 100) at one fixed point (lr 1e-4, batch 4) instead of the
@@ -65,7 +69,9 @@ ROWS = ["zero-shot", "prompt-ft", "fine-tune", "smash-zero-shot", "smash", "dist
         "teacher-zero-shot", "teacher"]
 
 PD_ROWS = ["prompt-kd", "prompt-distiller", "prompt-kd-smash", "prompt-distiller-smash"]
+PPT_ROWS = ["prompt-tuning", "ppt"]
 DISTILL_BATCH = 16
+PROMPT_TUNING_LR = 0.05  # PPT's downstream lr (thu-coai/PPT scripts/*/few-shot/pt_pretrain.sh)
 
 
 def one_epoch(data: str, steps: int | None, batch_size: int = DISTILL_BATCH) -> int:
@@ -95,11 +101,22 @@ def pd_methods(teacher: str, smash: str) -> dict:
                                        "label": "Prompt-Distiller, SMASH student"}}
 
 
+def ppt_methods(ppt: str | None) -> dict:
+    """SMASH's "Vanilla PPT" row: prompt tuning (the student frozen, 100 soft tokens) from the
+    prompt PPT pre-trained on this half's intermediate data (`ppt`, None: not built), and PPT's
+    own baseline, prompt tuning from a fresh prompt; at PPT's downstream lr, the sweep's steps."""
+    pt = {"method": "prompt-tuning", "lr": PROMPT_TUNING_LR}
+    rows = {"prompt-tuning": {**pt, "label": "student prompt tuning (frozen, 100 soft tokens)"}}
+    if ppt is not None:
+        rows["ppt"] = {**pt, "init": ppt, "label": "Vanilla PPT (prompt pre-trained on the intermediate data)"}
+    return rows
+
+
 def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash: str, teacher: str, steps: int,
-                 seeds: list[int] | None = None, rows: list[str] | None = None):
-    """One of the two sweeps (same methods; `smash` = the SMASH student for these tasks), on
-    the 5 LM-BFF splits unless `seeds`; `rows`: only those methods (and the ones they read
-    `{best:...}` from)."""
+                 seeds: list[int] | None = None, rows: list[str] | None = None, ppt: str | None = None):
+    """One of the two sweeps (same methods; `smash` = the SMASH student for these tasks, `ppt`
+    the PPT-pre-trained prompt), on the 5 LM-BFF splits unless `seeds`; `rows`: only those
+    methods (and the ones they read `{best:...}` from)."""
     from rayapp.sweep.spec import SweepConfig, TableSpec
 
     sentiment = set(tasks) <= set(SENTIMENT_TASKS)  # Prompt-Distiller's rows: SST-2 and MR only
@@ -120,9 +137,10 @@ def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash:
                                   "label": "teacher (MiniLM-L6) zero-shot"},
             "teacher": {"method": "prompt", "model": teacher, "label": "teacher (MiniLM-L6) prompt FT"},
             **(pd_methods(teacher, smash) if sentiment else {}),
+            **ppt_methods(ppt),
         },
         tables=[TableSpec(name="fidelity", title="16-shot test, mean (std) over the 5 LM-BFF splits",
-                          rows=ROWS + (PD_ROWS if sentiment else []))])
+                          rows=ROWS + (PD_ROWS if sentiment else []) + PPT_ROWS[:1 + (ppt is not None)])])
     if rows is None:
         return cfg
     unknown = sorted(set(rows) - set(cfg.methods))
@@ -143,6 +161,8 @@ def main() -> None:
     from rayapp.demo import stage, start_local
     from rayapp.recipes.distill import DistillConfig
     from rayapp.recipes.distill import run as distill
+    from rayapp.recipes.ppt import PPTConfig
+    from rayapp.recipes.ppt import run as run_ppt
     from rayapp.recipes.pretrain import make_student
     from rayapp.sweep import report
     from rayapp.sweep import tune as sweep
@@ -202,13 +222,17 @@ def main() -> None:
         data = str(work / task)
         stage(work, task, lambda: builders[task](data))
         steps[task] = one_epoch(data, steps[task])
+        budget = {"data": data, "task": f"smash-{task}", "batch_size": DISTILL_BATCH, "max_steps": steps[task],
+                  "checkpoint_every": max(1, steps[task] // 4), "log_every": 25, "output_dir": str(work / "runs"),
+                  "engine": EngineConfig(num_workers=1)}
         smash = stage(work, f"distill-{task}", lambda: distill(DistillConfig(
-            student=student, teacher=teacher, data=data, task=f"smash-{task}", teacher_mode="online",
-            batch_size=DISTILL_BATCH, lr=1e-4, max_steps=steps[task], checkpoint_every=max(1, steps[task] // 4),
-            log_every=25, output_dir=str(work / "runs"), name=f"smash-{task}",
-            engine=EngineConfig(num_workers=1))))["model"]
+            student=student, teacher=teacher, teacher_mode="online", lr=1e-4, name=f"smash-{task}",
+            **budget)))["model"]
+        # PPT's prompt, on the same examples for as many steps as the SMASH student (the model frozen)
+        ppt = None if args.rows and "ppt" not in args.rows else stage(work, f"ppt-{task}", lambda: run_ppt(PPTConfig(
+            student=student, prompt_tokens=2 if args.smoke else 100, name=f"ppt-{task}", **budget)))["model"]
         cfg = sweep_config(f"fidelity-{task}", str(work / "sweeps"), tasks, student, smash, teacher,
-                           args.finetune_steps, seeds=ONE_SPLIT if args.smoke else None, rows=args.rows)
+                           args.finetune_steps, seeds=ONE_SPLIT if args.smoke else None, rows=args.rows, ppt=ppt)
         started = time.time()
         try:
             done = sweep.run(cfg, resume=(Path(cfg.storage) / cfg.name / "sweep.json").exists())

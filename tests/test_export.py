@@ -75,7 +75,6 @@ def test_the_exported_folder_predicts_what_the_run_was_tested_on(fewshot_runs, m
             inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "mask_pos": b["mask_pos"]}
         else:
             inputs = dict(tok(texts, truncation=True, max_length=48, padding=True, return_tensors="pt"))
-            inputs.pop("token_type_ids", None)
         with torch.no_grad():
             reference = exported(**inputs).numpy()
         onnx_probs = session.run(["probs"], {k: v.numpy() for k, v in inputs.items()})[0]
@@ -107,3 +106,37 @@ def test_export_refuses_what_it_cannot_export(fewshot_runs, tmp_path):
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert code == 2 and lines and message in lines[0], err
         assert "Traceback" not in err
+
+
+def test_a_sentence_pair_classifier_reads_the_token_types_it_was_trained_with(ray_cluster, tiny_bert, tmp_path):
+    """BERT's tokenizer marks the second sentence with token type 1, and standard fine-tuning
+    fed those types: the exported classifier (PyTorch and ONNX) gives the probabilities of the
+    run's own evaluation path on RTE, not those of an all-0 type sequence."""
+    import onnxruntime
+
+    from rayapp.modeling.models import load_classifier, load_tokenizer
+    from rayapp.recipes.finetune import FinetuneConfig, find_task, make_batch, run
+    from rayapp.ship.export import Classifier
+    from rayapp.train.engine import EngineConfig
+
+    record = run(FinetuneConfig(task="RTE", model=tiny_bert, method="classifier", max_steps=2, eval_every=2,
+                                batch_size=8, lr=2e-3, max_length=64, output_dir=str(tmp_path / "runs"),
+                                engine=EngineConfig(num_workers=1)))
+    code, err = _export(tmp_path, record["record"], "--out", str(tmp_path / "model"))
+    assert code == 0, err
+    task = find_task("RTE", None, False)
+    test = load_lmbff(None, task, k=16, seed=13).test[:32]
+    classifier = Classifier(str(tmp_path / "model"))
+    rows = classifier.encode([e.text_a for e in test], [e.text_b for e in test])
+    got = classifier.probs(rows)
+    model = load_classifier(record["checkpoint"], 2).eval()
+    batch = make_batch(test, task, load_tokenizer(record["checkpoint"]), None, 64)
+    assert bool((batch["token_type_ids"] == 1).any())
+    with torch.no_grad():
+        want = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.softmax(-1)
+        untyped = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, untyped, atol=1e-5)
+    inputs = classifier.batch(rows[:8])
+    session = onnxruntime.InferenceSession(str(tmp_path / "model" / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_probs = session.run(["probs"], {k: v.numpy() for k, v in inputs.items()})[0]
+    assert np.abs(onnx_probs - got[:8].numpy()).max() <= 1e-4

@@ -12,7 +12,8 @@ sweep writes per trial) or the run's folder (`OUTPUT_DIR/NAME`). DIR (local or `
   prompt, `soft_prompt.safetensors` (`models.LogitsAt` inserts it after the first token);
 - `model.onnx`: that classifier as one graph, (input_ids, attention_mask, mask_pos) -> class
   probabilities (the softmax of the label words' logits at the mask, PD eq. 1 / LM-BFF; a
-  classifier run: (input_ids, attention_mask) -> probabilities). It is checked against the
+  classifier run: (input_ids, attention_mask, and token_type_ids where the tokenizer makes them,
+  as BERT's does) -> probabilities). It is checked against the
   PyTorch model on the run's own test examples before anything is written (`ONNX_TOLERANCE`);
 - `README.md`, the model card: the few-shot results from the run's records (this run and,
   for a sweep trial, every split of its method and task), the teacher (when the model is a
@@ -109,8 +110,9 @@ class HeadClassifier(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.softmax(-1)
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **types).logits.softmax(-1)
 
 
 def _not_exported(folder: str) -> DataError:
@@ -170,7 +172,9 @@ class Classifier:
             self.half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     def encode(self, texts_a: list, texts_b: list | None = None) -> list[dict]:
-        """Per row its `input_ids` (and `mask_pos`, prompt models); a missing text is empty."""
+        """Per row its `input_ids` and `mask_pos` (prompt models) or the tokenizer's own encoding
+        (classifiers: BERT's sentence-pair `token_type_ids` too, as fine-tuning fed them); a
+        missing text is empty."""
         def text(value) -> str:
             return "" if value is None else str(value)
 
@@ -178,8 +182,9 @@ class Classifier:
                  for a, b in zip(texts_a, texts_b if texts_b is not None else [None] * len(texts_a))]
         if self.encoder is not None:
             return [self.encoder.encode(a, b) for a, b in pairs]
-        return [{"input_ids": self.tokenizer(a, b, truncation=True, max_length=self.prompt["max_length"])["input_ids"]}
-                for a, b in pairs]
+        keep = ("input_ids", "token_type_ids")
+        return [{k: v for k, v in self.tokenizer(a, b, truncation=True, max_length=self.prompt["max_length"]).items()
+                 if k in keep} for a, b in pairs]
 
     def batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Encoded rows as the model's padded inputs (the ONNX graph's too)."""
@@ -187,7 +192,8 @@ class Classifier:
 
         input_ids, attention_mask = pad_ids([r["input_ids"] for r in rows], self.tokenizer.pad_token_id)
         if self.encoder is None:
-            return {"input_ids": input_ids, "attention_mask": attention_mask}
+            types = {"token_type_ids": pad_ids([r["token_type_ids"] for r in rows], 0)[0]} if "token_type_ids" in rows[0] else {}
+            return {"input_ids": input_ids, "attention_mask": attention_mask, **types}
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "mask_pos": torch.tensor([r["mask_pos"] for r in rows], dtype=torch.long)}
 
@@ -253,7 +259,7 @@ def _write_config(folder: str, record: dict, task, encoder) -> dict:
 def _export_onnx(model: torch.nn.Module, example: dict, path: str) -> None:
     names = list(example)
     dims = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
-            "mask_pos": {0: "batch"}}
+            "token_type_ids": {0: "batch", 1: "tokens"}, "mask_pos": {0: "batch"}}
     torch.onnx.export(model, tuple(example.values()), path, input_names=names, output_names=["probs"],
                       dynamic_axes={**{n: dims[n] for n in names}, "probs": {0: "batch"}}, dynamo=False,
                       opset_version=17)
@@ -318,7 +324,8 @@ def model_card(record: dict, results: list[dict], prompt: dict, onnx_diff: float
     method = (record.get("sweep") or {}).get("method") or cfg["method"]
     words = ", ".join(f"{label} -> {word!r}" for label, word in prompt["task"]["verbalizer"].items())
     onnx = (f"`model.onnx`: the classifier as one graph, (input_ids, attention_mask"
-            f"{', mask_pos' if prompt['label_word_ids'] else ''}) -> class probabilities; on {cfg['task']} "
+            f"{', mask_pos' if prompt['label_word_ids'] else ' (and token_type_ids where the tokenizer makes them)'}"
+            f") -> class probabilities; on {cfg['task']} "
             f"test examples its probabilities differ from PyTorch's by at most {onnx_diff:.1e}.") \
         if onnx_diff is not None else "No ONNX graph was exported (`onnx=false`)."
     init = f"initialised from `{cfg['init']}`, " if cfg.get("init") else ""
