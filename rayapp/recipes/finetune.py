@@ -7,8 +7,9 @@ Methods (`method=`):
   With `teacher=` it is SMASH's "distill" baseline: plus `kd_weight` x eq. 1 between the
   teacher's and the student's vocabulary logits at the mask (same tokenizer needed).
 - `prompt-tuning`: the same objective with the model frozen and only `prompt_tokens` soft
-  prompt vectors trained (Lester et al. 2021; PPT, Gu et al. 2021: 100 tokens, lr 0.05, no
-  decay). With `init=` a PPT run's `student` (`rayapp ppt`) it starts from the pre-trained
+  prompt vectors trained (Lester et al. 2021; PPT, Gu et al. 2021, tunes 100 tokens at a
+  constant lr 0.05; here the schedule is the loop's linear one). With `init=` a PPT run's
+  `student` (`rayapp ppt`) it starts from the pre-trained
   soft prompt, which then sets the length; else from copies of the mask token's embedding.
 - `classifier`: standard fine-tuning with a fresh classification head (baseline); MSE for
   regression.
