@@ -2,6 +2,7 @@
 
     rayapp tasks [--show TASK --tokenizer DIR]     built-in and YAML tasks
     rayapp fewshot show|make ...                   LM-BFF few-shot splits
+    rayapp backtranslate --out DIR ...             few-shot splits augmented by back-translation (distil bt10)
     rayapp finetune --config FILE key=value ...    prompt FT / classifier FT
     rayapp evaluate --config FILE key=value ...    zero-shot prompt evaluation
     rayapp intermediate pairs|sentiment ...        SMASH intermediate examples (Ray Data)
@@ -147,6 +148,15 @@ def cmd_teacher_cache(args) -> None:
                                             "batch_size", "num_actors", "use_gpu"))
     print(json.dumps(run(cfg), indent=1, default=str))
     print(f"teacher cache written to {cfg.out}")
+
+
+def cmd_backtranslate(args) -> None:
+    from rayapp.data.backtranslate import BacktranslateConfig, run
+
+    cfg = _stage_config(BacktranslateConfig, args, ("data_dir", "forward", "backward", "out", "factor",
+                                                    "batch_size", "num_actors", "use_gpu"))
+    print(json.dumps(run(cfg), indent=1))
+    print(f"back-translated splits written to {cfg.out}")
 
 
 SWEEP_EXAMPLE = "rayapp sweep --config jobs/configs/sweep-smash-table2_local.yaml tasks=[RTE] seeds=[13]"
@@ -303,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-examples", type=int, help="keep at most this many (seeded sample); default all")
     p.add_argument("--seed", type=int)
     p.add_argument("--threshold", type=float, help="keep sentences whose top class prob >= this (default 0.5)")
+
+    p = _data_stage(sub, "backtranslate", "few-shot splits whose train sets grow to factor x by back-translation "
+                    "(SMASH's distil bt10 data; resumable)", cmd_backtranslate)
+    p.add_argument("--data-dir", help="LM-BFF k-shot root to augment (local or s3://); default: local assets")
+    p.add_argument("--forward", help="English -> pivot translation model (default Helsinki-NLP/opus-mt-en-de)")
+    p.add_argument("--backward", help="pivot -> English translation model (default Helsinki-NLP/opus-mt-de-en)")
+    p.add_argument("--out", help="the new few-shot root (TASK/K-SEED/{train,dev,test}.jsonl), local or s3://")
+    p.add_argument("--factor", type=int, help="train grows to factor x its size (default 10)")
 
     p = _data_stage(sub, "teacher-cache", "cache the teacher's top-k logits at the mask (resumable)",
                     cmd_teacher_cache)

@@ -15,7 +15,7 @@ CONFIGS = Path(__file__).parent.parent / "jobs" / "configs"
 # job module -> the `rayapp` command it runs
 JOBS = {"intermediate": "intermediate", "teacher_cache": "teacher-cache", "distill": "distill",
         "finetune": "finetune", "evaluate": "evaluate", "sweep": "sweep", "prompt_distill": "prompt-distill",
-        "report": "report", "predict": "predict"}
+        "report": "report", "predict": "predict", "ppt": "ppt", "backtranslate": "backtranslate"}
 
 
 def _config_class(name: str):
@@ -23,9 +23,15 @@ def _config_class(name: str):
     if name.startswith("distill-"):
         from rayapp.recipes.distill import DistillConfig
         return DistillConfig
+    if name.startswith("ppt-"):
+        from rayapp.recipes.ppt import PPTConfig
+        return PPTConfig
     if name.startswith("finetune-"):
         from rayapp.recipes.finetune import FinetuneConfig
         return FinetuneConfig
+    if name.startswith("backtranslate-"):
+        from rayapp.data.backtranslate import BacktranslateConfig
+        return BacktranslateConfig
     if name.startswith("teacher-cache-"):
         from rayapp.data.teacher_cache import CacheConfig
         return CacheConfig

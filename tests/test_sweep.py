@@ -43,7 +43,7 @@ def test_shipped_configs_plan_the_papers_grid():
     paper = load_config(SweepConfig, CONFIGS / "sweep-smash-table2.yaml")
     assert len(paper.tasks) == 12 and paper.seeds == [13, 21, 42, 87, 100]
     assert len(paper.method("prompt-ft").points()) == 6 and paper.method("zero-shot").points() == [{}]
-    assert paper.phases[-1] == ["distill"]  # reads the teacher's best runs: after them
+    assert paper.phases[-1] == ["distill", "distill-bt10"]  # read the teacher's best runs: after them
     rte = paper.recipe_config({"method": "smash", "task": "RTE", "seed": 13, "point": {"lr": 1e-5, "batch_size": 2}},
                               "x", sweep._unfilled)
     sst2 = paper.recipe_config({"method": "smash", "task": "SST-2", "seed": 13, "point": {"lr": 1e-5, "batch_size": 2}},

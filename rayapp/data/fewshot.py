@@ -10,7 +10,10 @@ Two ways to get splits:
   with headers, headerless `label,sentence` CSVs, ...); `LMBFF_FORMATS` holds that knowledge.
 - `make_splits(pool, test, task, k, seeds)` samples them from any labelled table and can write
   them as `OUT/TASK/K-SEED/{train,dev,test}.jsonl` (one `{"text_a","text_b","label"}` object a
-  line); `load_lmbff` reads that layout back, preferring it when both exist.
+  line); `load_lmbff` reads that layout back, preferring it when both exist. A stage that
+  writes a split made from another (`rayapp backtranslate`) puts a `_meta.json` beside the
+  files; its `source` entries (what was done, where the test set came from) go into the
+  loaded split's `source`.
 
 Every table goes through one path: `read_table` turns TSV/CSV/JSONL/JSON/parquet/`hf://` into
 header names + positional rows, `Columns` picks text_a/text_b/label by header name or by
@@ -46,6 +49,7 @@ from pathlib import Path, PurePosixPath
 
 from rayapp import storage
 from rayapp.assets import fewshot_dir
+from rayapp.data.shards import read_meta
 from rayapp.data.formats import TABLE_FORMATS, bad_line_error, check_on_bad_lines, detect_format, load_hf, warn_skipped
 from rayapp.errors import DataError
 from rayapp.tasks.prompts import Task
@@ -148,7 +152,8 @@ def load_lmbff(
     node of a cluster reads); root None: `assets.fewshot_dir("k-shot")`, the mirror's copy
     when `$RAYAPP_ASSETS` has one, else the local LM-BFF assets.
 
-    Reads rayapp's JSONL layout when `train.jsonl` is there, else LM-BFF's per-task files.
+    Reads rayapp's JSONL layout when `train.jsonl` is there (with the provenance of its
+    `_meta.json`, if any: module docstring), else LM-BFF's per-task files.
     A missing LM-BFF test file falls back to `pool_root/TASK/dev.json` (default: the `pool`
     folder beside root), see the module docstring.
     """
@@ -156,9 +161,11 @@ def load_lmbff(
     root = str(root) if root is not None else fewshot_dir("k-shot")
     seed_dir = storage.join(root, task.name, f"{k}-{seed}")
     folder = task.name
+    derived = {}  # a split folder a stage made from another split says so in its _meta.json
     if storage.is_file(storage.join(seed_dir, "train.jsonl")):
         files = {split: storage.join(seed_dir, f"{split}.jsonl") for split in SPLITS}
         columns, header = example_columns(task), True
+        derived = (read_meta(seed_dir) or {}).get("source", {})
     else:
         fmt = lmbff_format(task)
         folder = fmt.folder or task.name
@@ -181,6 +188,7 @@ def load_lmbff(
                                  folder, "dev.json")
         test, note = _fallback_test(files["test"], pool_file, task, train + dev)
         source.update(test=pool_file, test_source=TEST_SOURCES["pool"], test_fallback=True, test_note=note)
+    source.update(derived)
     return FewShotSplit(task.name, k, seed, train, dev, test, source)
 
 
@@ -532,19 +540,19 @@ def make_splits(
         train, dev = sample_fewshot(pool, task, k, seed)
         split = FewShotSplit(task.name, k, seed, train, dev, list(test), dict(source))
         if out_dir is not None:
-            split.source["dir"] = str(_write_split(Path(out_dir), split))
+            split.source["dir"] = write_split(str(out_dir), split)
         splits.append(split)
     return splits
 
 
-def _write_split(out_dir: Path, split: FewShotSplit) -> Path:
-    seed_dir = out_dir / split.task / f"{split.k}-{split.seed}"
-    seed_dir.mkdir(parents=True, exist_ok=True)
+def write_split(root: str, split: FewShotSplit) -> str:
+    """Write `split` as `root/TASK/K-SEED/{train,dev,test}.jsonl` (local or `s3://`, each file
+    whole: `storage.write_text`), the layout `load_lmbff` reads; returns that folder."""
+    seed_dir = storage.join(root, split.task, f"{split.k}-{split.seed}")
     for name in SPLITS:
-        with open(seed_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for ex in getattr(split, name):
-                record = {"text_a": ex.text_a, "text_b": ex.text_b, "label": ex.label}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        records = ({"text_a": ex.text_a, "text_b": ex.text_b, "label": ex.label} for ex in getattr(split, name))
+        storage.write_text(storage.join(seed_dir, f"{name}.jsonl"),
+                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return seed_dir
 
 

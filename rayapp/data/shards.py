@@ -44,7 +44,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pyarrow as pa
@@ -189,26 +189,32 @@ def read_whole(uri: str, entry: dict | None, columns: list[str] | None = None) -
         return pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True).read(columns)
 
 
-def begin(out_uri: str, plan: dict, what: str) -> set[str]:
+def begin(out_uri: str, plan: dict, what: str, done: Callable[[str], set[str]] | None = None,
+          outputs: tuple[str, ...] = (".parquet",)) -> set[str]:
     """Start or resume a resumable stage in `out_uri`; returns the names of the shards that
     already exist. Refuses to add shards to a folder whose shards were built with another
     plan, or to a folder of files that are not such a build. (A plan with no shard written
-    yet is replaced: nothing would mix, and a failed first try can be fixed in place.)"""
+    yet is replaced: nothing would mix, and a failed first try can be fixed in place.)
+
+    A stage whose unit of work is not a parquet shard in `out_uri` (a split folder of
+    `rayapp.data.backtranslate`) passes `done`, which names the units that exist (default
+    `finished`), and `outputs`, the suffixes of the files it writes."""
+    done = done or finished
     storage.require_writable(out_uri, "--out")  # before any work: one line naming the flag, not a failure in a task
     uri = storage.join(out_uri, PLAN)
     plan = json.loads(json.dumps(plan, default=str))  # compared as it reads back
     if storage.exists(uri):
         old = json.loads(storage.read_text(uri))
         changed = sorted(k for k in set(plan) | set(old) if old.get(k) != plan.get(k))
-        if changed and finished(out_uri):
+        if changed and done(out_uri):
             raise DataError(f"{out_uri} holds a {what} built with other settings ({', '.join(changed)} "
                             "differ); resume with the same settings, or write to a new folder")
-    elif storage.exists(out_uri) and any(f.endswith((".parquet", META)) for f in storage.list_files(out_uri)):
-        raise DataError(f"{out_uri} already holds parquet files or {META} but no {PLAN}, so it is not "
-                        f"a resumable {what}; write to an empty or new folder")
+    elif storage.exists(out_uri) and any(f.endswith((*outputs, META)) for f in storage.list_files(out_uri)):
+        raise DataError(f"{out_uri} already holds {' or '.join(s.lstrip('.') for s in outputs)} files or {META} "
+                        f"but no {PLAN}, so it is not a resumable {what}; write to an empty or new folder")
     storage.makedirs(out_uri)
     storage.write_text(uri, json.dumps(plan, indent=2))
-    return finished(out_uri)
+    return done(out_uri)
 
 
 def remove(out_uri: str, names) -> None:
