@@ -60,6 +60,28 @@ def draw_unlabelled(split: FewShotSplit, task: Task, n: int = 10, *, pool: str |
     (None: text_a/text_b/label)."""
     if n < 1:
         raise ConfigError(f"n (|X~| = n |X|) must be >= 1, got {n}; the paper uses 10")
+    unseen, uri, rows = usable_pool(split, task, pool, columns)
+    want = n * len(split.train)
+    if len(unseen) < want:
+        raise DataError(
+            f"task {task.name}: the unlabelled pool {uri} has {len(unseen)} usable examples outside the split's "
+            f"train/dev/test ({rows} rows in all), but X~ needs n*|X| = {n}*{len(split.train)} = {want}; "
+            "lower n or give a bigger pool (unlabelled_pool=...)"
+        )
+    picked = random.Random(split.seed if seed is None else seed).sample(unseen, want)
+    return UnlabelledSet(
+        examples=[Example(ex.text_a, ex.text_b, None) for ex in picked],
+        hidden_labels=[ex.label for ex in picked],
+        source={"pool": uri, "pool_rows": rows, "usable": len(unseen), "n": n, "size": want,
+                "seed": split.seed if seed is None else seed},
+    )
+
+
+def usable_pool(split: FewShotSplit, task: Task, pool: str | Path | None = None,
+                columns: Columns | None = None) -> tuple[list[Example], str, int]:
+    """(the pool's examples outside the split's train, dev and test sets by text, without
+    duplicates or empty texts, in pool order; the pool's URI; its rows). `pool`/`columns` as
+    in `draw_unlabelled`."""
     uri = str(pool) if pool is not None else default_pool(task, split.source.get("root"))
     table = read_table(uri, columns, task)
     seen = {(ex.text_a, ex.text_b) for ex in split.train + split.dev + split.test}
@@ -69,20 +91,7 @@ def draw_unlabelled(split: FewShotSplit, task: Task, n: int = 10, *, pool: str |
         if key not in seen and key not in taken and ex.text_a.strip():
             unseen.append(ex)
             taken.add(key)
-    want = n * len(split.train)
-    if len(unseen) < want:
-        raise DataError(
-            f"task {task.name}: the unlabelled pool {uri} has {len(unseen)} usable examples outside the split's "
-            f"train/dev/test ({len(table)} rows in all), but X~ needs n*|X| = {n}*{len(split.train)} = {want}; "
-            "lower n or give a bigger pool (unlabelled_pool=...)"
-        )
-    picked = random.Random(split.seed if seed is None else seed).sample(unseen, want)
-    return UnlabelledSet(
-        examples=[Example(ex.text_a, ex.text_b, None) for ex in picked],
-        hidden_labels=[ex.label for ex in picked],
-        source={"pool": uri, "pool_rows": len(table), "usable": len(unseen), "n": n, "size": want,
-                "seed": split.seed if seed is None else seed},
-    )
+    return unseen, uri, len(table)
 
 
 def pseudo_label_agreement(pseudo: list[int], hidden_labels: list, task: Task) -> dict:

@@ -15,6 +15,12 @@ Methods (`method=`):
   regression.
 - `zero-shot`: no training; prompt-based evaluation of the model as it is.
 
+iPET (`rayapp/data/ipet.py`): `pattern=P` trains with the task's PET pattern P instead of its
+template (`registry.PET_PATTERNS`); `extra_train=` adds a generation's labelled examples to the
+split's train set; `soft_labels=` trains the final classifier (any method) on the ensemble's
+logits over the unlabelled set instead of the train set, with PET's distillation loss (KL at
+`soft_label_temperature`, as soft CE: the same gradient); selection and test stay the split's.
+
 The shared loop (`rayapp.train.loop`) evaluates on the few-shot dev set every `eval_every`
 steps, keeps the best model among those evaluations (LM-BFF selects among evaluations during
 training; the step-0 evaluation is on the curve only) and evaluates it on test. The run's
@@ -31,14 +37,15 @@ import torch
 
 from rayapp import storage
 from rayapp.config import InputPath, ModelRef
-from rayapp.data.fewshot import Example, FewShotSplit, load_lmbff
+from rayapp.data.fewshot import Example, FewShotSplit, load_lmbff, read_table
+from rayapp.data.ipet import read_soft_labels
 from rayapp.errors import ConfigError
 from rayapp.modeling.models import (LogitsAt, check_model, load_classifier, load_mlm, load_tokenizer,
                                     load_soft_prompt, local_model_dir, portable_model, prompt_tuned)
 from rayapp.recipes import objectives
 from rayapp.tasks.metrics import compute_metric
 from rayapp.tasks.prompts import PromptEncoder, Task, class_logits, regression_prediction
-from rayapp.tasks.registry import get_task, load_tasks
+from rayapp.tasks.registry import get_task, load_tasks, pet_pattern
 from rayapp.train.config import TrainConfig
 from rayapp.train.engine import global_batch_indices, shard, split_batch
 from rayapp.train.loop import Setup
@@ -49,7 +56,7 @@ from rayapp.train.worker import worker
 @dataclass
 class FinetuneConfig(TrainConfig):
     task: str = "SST-2"
-    model: ModelRef = "distilroberta-base"  # HF id or local dir of a masked LM
+    model: ModelRef = "distilroberta-base"  # HF id or local dir of a masked LM (or T5: models.LogitsAt)
     init: ModelRef | None = None        # start from this checkpoint (rayapp run checkpoint or HF dir)
     method: Literal["prompt", "prompt-tuning", "classifier", "zero-shot"] = "prompt"
     prompt_tokens: int = 100            # prompt-tuning: soft prompt length (PPT's), unless init has one
@@ -57,6 +64,10 @@ class FinetuneConfig(TrainConfig):
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
     tasks_file: InputPath | None = None  # YAML with extra (user-defined) tasks
+    pattern: int | None = None          # iPET: the task's PET pattern (registry.PET_PATTERNS) as its prompt
+    extra_train: InputPath | None = None  # iPET: labelled examples (JSONL) added to the split's train set
+    soft_labels: InputPath | None = None  # iPET's final classifier: train on these target logits (JSONL)
+    soft_label_temperature: float = 2.0   # PET's distillation temperature
     data_dir: InputPath | None = None   # LM-BFF k-shot root (TASK/K-SEED/...); default: local assets
     k: int = 16
     seed: int = 13                      # few-shot split seed (13 21 42 87 100)
@@ -73,16 +84,23 @@ class FinetuneConfig(TrainConfig):
         self.require_positive("k", "eval_batch_size", "max_length", "prompt_tokens")
         if self.teacher and self.method not in ("prompt", "prompt-tuning"):
             raise ConfigError(f"teacher= (KD during prompt FT) needs method=prompt, got method={self.method}")
-        if self.kd_temperature <= 0 or self.kd_weight < 0:
-            raise ConfigError("kd_temperature must be > 0 and kd_weight >= 0")
+        if self.kd_temperature <= 0 or self.kd_weight < 0 or self.soft_label_temperature <= 0:
+            raise ConfigError("kd_temperature and soft_label_temperature must be > 0 and kd_weight >= 0")
+        if self.soft_labels and (self.teacher or self.extra_train):
+            raise ConfigError("soft_labels= trains on the ensemble's targets alone: drop teacher= and extra_train=")
         if self.method == "zero-shot":
             self.max_steps = 0
 
     def resolve_task(self) -> Task:
-        return find_task(self.task, self.tasks_file, self.lmbff_exact)
+        task = find_task(self.task, self.tasks_file, self.lmbff_exact)
+        if self.pattern is None:
+            return task
+        return pet_pattern(task, self.pattern, load_tasks(self.tasks_file) if self.tasks_file else None)
 
     @property
     def objective(self) -> str:
+        if self.soft_labels:
+            return "classifier-soft" if self.method == "classifier" else "prompt-soft"
         if self.method == "classifier":
             return "classifier"
         return "prompt+kd" if self.teacher else "prompt"
@@ -117,6 +135,7 @@ def _labels(task: Task, examples: list[Example]) -> torch.Tensor:
 
 def make_batch(examples: list[Example], task: Task, tokenizer, encoder: PromptEncoder | None,
                max_length: int) -> dict:
+    """Inputs of `examples` (prompt or classifier), with `labels` unless they are unlabelled."""
     texts_a = [e.text_a for e in examples]
     texts_b = [e.text_b for e in examples] if task.num_inputs == 2 else None
     if encoder is not None:
@@ -124,7 +143,8 @@ def make_batch(examples: list[Example], task: Task, tokenizer, encoder: PromptEn
     else:  # classifier: the tokenizer's own sentence-pair encoding
         batch = dict(tokenizer(texts_a, texts_b, truncation=True, max_length=max_length, padding=True,
                                return_tensors="pt"))
-    batch["labels"] = _labels(task, examples)
+    if examples[0].label is not None:
+        batch["labels"] = _labels(task, examples)
     return batch
 
 
@@ -190,12 +210,17 @@ def setup(cfg: FinetuneConfig, inputs: dict, device) -> Setup:
         teacher = LogitsAt(load_mlm(local_model_dir(inputs["teacher_ref"]))).to(device).eval().requires_grad_(False)
     rank, world = worker().rank, worker().world_size
 
+    train, soft = inputs["train"], inputs.get("soft_logits")
+
+    def batch_of(ids: list[int]) -> dict:
+        batch = make_batch([train[i] for i in ids], task, tokenizer, encoder, cfg.max_length)
+        return batch if soft is None else {**batch, "soft_logits": soft[ids]}
+
     def batches(first_step: int, micro: int, accum: int):
         step = first_step
         while True:  # the data of step s is a function of s: resume needs no bookkeeping
-            ids = shard(global_batch_indices(len(split.train), cfg.batch_size, step, cfg.train_seed), rank, world)
-            yield [make_batch([split.train[i] for i in ids[j:j + micro]], task, tokenizer, encoder, cfg.max_length)
-                   for j in range(0, len(ids), micro)]
+            ids = shard(global_batch_indices(len(train), cfg.batch_size, step, cfg.train_seed), rank, world)
+            yield [batch_of(ids[j:j + micro]) for j in range(0, len(ids), micro)]
             step += 1
 
     def score(model, examples):
@@ -235,9 +260,15 @@ def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) ->
     if cfg.teacher:
         check_same_vocabulary(cfg.init or cfg.model, cfg.teacher)
     inputs = {"task": task, "split": split, "model_ref": portable_model(cfg.init or cfg.model),
-              "teacher_ref": portable_model(cfg.teacher) if cfg.teacher else None}
+              "teacher_ref": portable_model(cfg.teacher) if cfg.teacher else None, "train": split.train}
     extra = {"task": task.name, "method": cfg.method, "metric": task.metric, "k": cfg.k, "seed": cfg.seed,
              "split": split.source}
+    if cfg.extra_train:  # iPET: T plus a generation's labelled examples
+        inputs["train"] = split.train + read_table(cfg.extra_train, None, task)
+        extra["extra_train"] = {"uri": cfg.extra_train, "examples": len(inputs["train"]) - len(split.train)}
+    if cfg.soft_labels:  # iPET's final classifier: the ensemble's targets instead of T
+        inputs["train"], inputs["soft_logits"] = read_soft_labels(cfg.soft_labels, len(task.labels))
+        extra["soft_labels"] = {"uri": cfg.soft_labels, "examples": len(inputs["train"])}
     return run_recipe("finetune", cfg, setup, inputs, extra, callbacks=callbacks,
                       prefix=f"{cfg.method}-{task.name}-{cfg.k}-{cfg.seed}", keep_checkpoints=1,
                       derive=lambda record: few_shot_summary(record, cfg))

@@ -41,9 +41,17 @@ def _teacher(teacher, batch, positions, **kw):
 
 # --- prompt-based fine-tuning and its baselines (SMASH §4.1) ----------------------------
 
+def _prompt_scores(student, batch, ctx: Context):
+    return class_logits(at_mask(student, batch)[0], ctx.label_word_ids)
+
+
+def _head_scores(student, batch, ctx: Context):
+    return student(**{k: v for k, v in batch.items() if k not in ("labels", "mask_pos", "soft_logits")}).logits
+
+
 def prompt_loss(student, teacher, batch, ctx: Context):
     """CE over the label words' scores (PD eq. 1-2); STS-B: SMASH §3.1 KL to the gold mix."""
-    logits = class_logits(at_mask(student, batch)[0], ctx.label_word_ids)
+    logits = _prompt_scores(student, batch, ctx)
     if ctx.task.is_regression:
         return regression_kl(logits, regression_target(batch["labels"], ctx.task.bounds)), {}
     return F.cross_entropy(logits, batch["labels"]), {}
@@ -63,10 +71,18 @@ def prompt_kd_loss(student, teacher, batch, ctx: Context):
     return task_loss + ctx.cfg.kd_weight * kd, {"task": task_loss.detach(), "kd": kd.detach()}
 
 
+def _soft_labels(scores: Callable):
+    """iPET's final classifier: PET's distillation loss, KL(softmax(t / T) || softmax(s / T)) T^2
+    to the ensemble's class logits `soft_logits` (T = `soft_label_temperature`, PET's 2), as
+    soft CE (`losses.soft_ce`), which differs from the KL by the targets' entropy only."""
+    def loss(student, teacher, batch, ctx: Context):
+        return soft_ce(scores(student, batch, ctx), batch["soft_logits"], temperature=ctx.cfg.soft_label_temperature), {}
+    return loss
+
+
 def classifier_loss(student, teacher, batch, ctx: Context):
     """Standard fine-tuning with a classification head (CE; MSE for regression)."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "mask_pos")}
-    logits = student(**inputs).logits
+    logits = _head_scores(student, batch, ctx)
     if ctx.task.is_regression:
         return F.mse_loss(logits.squeeze(-1), batch["labels"].float()), {}
     return F.cross_entropy(logits, batch["labels"]), {}
@@ -214,6 +230,8 @@ OBJECTIVES: dict[str, Callable] = {
     "prompt": prompt_loss,
     "prompt+kd": prompt_kd_loss,
     "classifier": classifier_loss,
+    "prompt-soft": _soft_labels(_prompt_scores),
+    "classifier-soft": _soft_labels(_head_scores),
     "ce-cache": soft_ce_cache,
     "ce": soft_ce_online,
     "ce+hidden": ce_hidden,

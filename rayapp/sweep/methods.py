@@ -43,7 +43,8 @@ from rayapp.recipes import RECIPES, get_recipe
 
 
 SWEPT = ("task", "seed", "k", "output_dir", "name")  # set by the sweep for every trial
-_PLACEHOLDER = re.compile(r"\{(task|seed|k|experiment|best:[^{}]+|student:[^{}]+)\}")
+_PLACEHOLDER = re.compile(r"\{(task|seed|k|experiment|(?:best|ipet|soft|student):[^{}]+)\}")
+READS_RUNS = ("best", "ipet", "soft")  # placeholders that read another method's runs: a later phase
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,8 @@ class Method:
         return _placeholders(self.overrides) + _placeholders(self.per_task)
 
     def needs(self) -> set[str]:
-        """Methods whose best runs this one reads (`{best:METHOD}`)."""
-        return {p.split(":", 1)[1] for p in self._placeholders() if p.startswith("best:")}
+        """Methods whose runs this one reads (`{best:METHOD}`, iPET's `{ipet:METHOD}`, `{soft:METHOD}`)."""
+        return {p.split(":", 1)[1] for p in self._placeholders() if p.split(":", 1)[0] in READS_RUNS}
 
     def students(self) -> set[str]:
         return {p.split(":", 1)[1] for p in self._placeholders() if p.startswith("student:")}
@@ -163,7 +164,7 @@ def parse_methods(raw: dict, grid: dict[str, list], seeds: list[int]) -> dict[st
     for m in methods.values():
         unknown = sorted(m.needs() - set(methods))
         if unknown:
-            raise ConfigError(f"method {m.name!r} uses {{best:{unknown[0]}}} but there is no method {unknown[0]!r}; "
+            raise ConfigError(f"method {m.name!r} reads the runs of {unknown[0]!r} but there is no such method; "
                               f"methods: {', '.join(methods)}")
     return methods
 

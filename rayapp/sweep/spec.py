@@ -18,6 +18,7 @@ from typing import Annotated
 
 from rayapp import storage
 from rayapp.config import ModelRef, OutputPath, Overrides, RecipeOverrides, build, to_dict
+from rayapp.data.ipet import IPetConfig
 from rayapp.errors import ConfigError, DataError
 from rayapp.config import _merge
 from rayapp.sweep.methods import Method, check_grid, check_seeds, check_swept, parse_methods, phases
@@ -71,6 +72,7 @@ class SweepConfig:
     max_concurrent_trials: int = 0       # 0: as many as the cluster's CPUs/GPUs fit, followed as it scales
     max_failures: int = 0                # Tune retries of a trial whose driver died
     asha: AshaConfig | None = None
+    ipet: IPetConfig = field(default_factory=IPetConfig)  # iPET's labelling between generations (`sweep.ipet`)
     tables: list[TableSpec] = field(default_factory=list)
     # filled by the sweep's check from the data (not by hand): tasks whose test sets are drawn
     # from the pool (`fewshot._fallback_test`). Those differ per split, so a method's `seeds:`

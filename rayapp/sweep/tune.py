@@ -52,6 +52,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from rayapp import env, storage
 from rayapp.config import to_dict
 from rayapp.errors import ConfigError, DataError, find_user_error
+from rayapp.sweep import ipet
 from rayapp.sweep import spec as sweep_spec
 from rayapp.recipes import get_recipe
 from rayapp.sweep.results import STATUSES, parse_run, read_runs, select_split, point_key
@@ -90,6 +91,8 @@ def _filler(cfg: SweepConfig, trial: dict):
             return best_checkpoint(cfg, arg, trial["task"], trial["seed"])
         if kind == "student":
             return storage.join(cfg.experiment, "students", arg)
+        if kind in ipet.KINDS:
+            return ipet.fill(cfg, kind, arg, trial)
         return {"task": trial["task"], "seed": trial["seed"], "k": cfg.k, "experiment": cfg.experiment}[kind]
     return fill
 
@@ -527,6 +530,7 @@ def run(cfg: SweepConfig, resume: bool = False) -> dict:
     print(f"sweep {cfg.experiment}: {len(cfg.trials())} trials, {pace} at a time "
           f"(phases: {cfg.phases}); tensorboard --logdir {cfg.experiment}")
     for phase in range(len(cfg.phases)):
+        ipet.prepare(cfg, phase, lambda: _records(cfg))  # iPET: the labels a phase's trials read
         _phase(cfg, phase)
     runs = [r for r in read_runs([cfg.experiment]) if r.swept] \
         if storage.exists(storage.join(cfg.experiment, RECORDS)) else []

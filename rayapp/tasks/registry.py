@@ -143,3 +143,65 @@ def resolve_intermediate(task: str | Task) -> tuple[Task, int]:
             "or pass a rayapp.tasks.prompts.Task"
         )
     return INTERMEDIATE_TASKS[task], MAX_LENGTH[task]
+
+
+# PET's patterns (Schick & Schütze 2021, "Exploiting Cloze Questions ...", pet/pvp.py), 4 per
+# task, for iPET (SMASH §4.3 / Table 3: "minor modifications on the provided prompts" for the
+# tasks PET did not run). Sentiment tasks take PET's Yelp patterns with the review's subject
+# (PET: "the restaurant") and Yelp's words (polarity bad/good; 5 classes terrible..great);
+# sentence-pair tasks take PET's MNLI patterns (patterns 0-1 say Wrong/Right/Maybe, 2-3
+# No/Yes/Maybe; two-class tasks drop Maybe). Where PET splits a pattern into two segments (a
+# [SEP] between), rayapp's template is one sequence: the segments are joined by a space.
+def _yelp(subject: str) -> list[str]:
+    return ["It was {mask}. {x0}", "{x0|nopunct}. All in all, it was {mask}.", "Just {mask}! {x0}",
+            f"{{x0}} In summary, the {subject} is {{mask}}."]
+
+
+_MNLI_PATTERNS = ['"{x0|nopunct}" ? {mask}, "{x1}"', "{x0|nopunct}? {mask}, {x1}"]
+
+
+def _pair_words(labels: dict[str, str]) -> list[dict[str, str]]:
+    """Verbalizers A (Wrong/Right/Maybe) and B (No/Yes/Maybe) for `labels` -> PET's roles."""
+    a = {"contradiction": "Wrong", "entailment": "Right", "neutral": "Maybe"}
+    b = {"contradiction": "No", "entailment": "Yes", "neutral": "Maybe"}
+    return [{label: words[role] for label, role in labels.items()} for words in (a, b)]
+
+
+_NLI3_ROLES = {"contradiction": "contradiction", "entailment": "entailment", "neutral": "neutral"}
+_NLI2_ROLES = {"not_entailment": "contradiction", "entailment": "entailment"}
+_PARA_ROLES = {"0": "contradiction", "1": "entailment"}
+_POLARITY_PET = {"0": "bad", "1": "good"}
+
+
+def _patterns(name: str, templates: list[str], verbalizers: list[dict[str, str]]) -> list[Task]:
+    """PET's pattern ids in order: every template with the first verbalizer, then with the next."""
+    base = BUILTIN_TASKS[name]
+    return [Task(name, t, v, metric=base.metric) for v in verbalizers for t in templates]
+
+
+PET_PATTERNS: dict[str, list[Task]] = {
+    **{name: _patterns(name, _yelp(subject), [_POLARITY_PET])
+       for name, subject in (("SST-2", "movie"), ("mr", "movie"), ("cr", "product"))},
+    "sst-5": _patterns("sst-5", _yelp("movie"), [BUILTIN_TASKS["sst-5"].verbalizer]),
+    **{name: _patterns(name, _MNLI_PATTERNS, _pair_words(roles))
+       for name, roles in (("MNLI", _NLI3_ROLES), ("MNLI-mm", _NLI3_ROLES), ("SNLI", _NLI3_ROLES),
+                           ("QNLI", _NLI2_ROLES), ("RTE", _NLI2_ROLES), ("MRPC", _PARA_ROLES),
+                           ("QQP", _PARA_ROLES))},
+}
+
+
+def pet_pattern(task: Task, index: int, extra: dict[str, Task] | None = None) -> Task:
+    """PET pattern `index` of `task`: a user's `TASK-pet<index>` task (a tasks file) first, else
+    `PET_PATTERNS`; its name stays the task's (the split, metric and labels are the task's)."""
+    import dataclasses
+
+    own = (extra or {}).get(f"{task.name}-pet{index}")
+    if own is not None:
+        return dataclasses.replace(own, name=task.name)
+    patterns = PET_PATTERNS.get(task.name)
+    if patterns is None:
+        raise ConfigError(f"task {task.name} has no PET patterns; define them in a tasks file as tasks named "
+                          f"{task.name}-pet0, {task.name}-pet1, ... (tasks_file=...)")
+    if not 0 <= index < len(patterns):
+        raise ConfigError(f"pattern={index}: task {task.name} has PET patterns 0..{len(patterns) - 1}")
+    return dataclasses.replace(patterns[index], lmbff_exact=task.lmbff_exact)
