@@ -25,6 +25,11 @@ SMASH's "Vanilla PPT": a 100-token soft prompt pre-trained (`rayapp ppt`, the pl
 frozen, PPT's lr 0.1) on the half's intermediate data with its labels, for as many steps at the
 same batch as the SMASH student, then prompt tuning from it ("ppt"); and PPT's own baseline,
 prompt tuning from a fresh prompt ("prompt-tuning"); both at PPT's downstream lr 0.05.
+SMASH Table 3's iPET rows: the teacher as PET's models, 3 generations of PET's 4 patterns (one
+model each; SMASH: three), each generation's labels over `IPET_UNLABELLED` pool examples per
+label (SMASH: up to 10,000), and the plain student as the final classifier trained on the last
+generation's merged logits: standard FT ("ipet"), prompt FT ("ipet-pt"), and prompt FT from
+the SMASH student ("ipet-smash"); every trial at the sweep's one point and steps.
 
 Where this differs from the paper, to fit 2 CPU cores: `--finetune-steps` (default 40,
 dev every 10; the paper 1000 / 100) at one fixed point (lr 1e-4, batch 4) instead of the
@@ -70,6 +75,9 @@ ROWS = ["zero-shot", "prompt-ft", "fine-tune", "smash-zero-shot", "smash", "dist
 
 PD_ROWS = ["prompt-kd", "prompt-distiller", "prompt-kd-smash", "prompt-distiller-smash"]
 PPT_ROWS = ["prompt-tuning", "ppt"]
+IPET_ROWS = ["ipet", "ipet-pt", "ipet-smash"]
+IPET_GENERATIONS = 3      # SMASH App. A.1: 3 generations of 4 patterns (x 3 models there, 1 here)
+IPET_UNLABELLED = 500     # unlabelled pool examples per label (SMASH: up to 10,000)
 DISTILL_BATCH = 16
 PROMPT_TUNING_LR = 0.05  # PPT's downstream lr (thu-coai/PPT scripts/*/few-shot/pt_pretrain.sh)
 
@@ -112,11 +120,27 @@ def ppt_methods(ppt: str | None) -> dict:
     return rows
 
 
+def ipet_methods(teacher: str, smash: str, generations: int = IPET_GENERATIONS, patterns: int = 4) -> dict:
+    """SMASH Table 3's rows: iPET with the teacher as PET's models (SMASH: RoBERTa-large), 3
+    generations of PET's 4 patterns, and the final classifier (the plain student) trained on
+    the last generation's merged logits over the unlabelled pool by standard FT ("ipet"),
+    prompt FT ("ipet-pt"), or prompt FT from the SMASH student ("ipet-smash")."""
+    pet = {"method": "prompt", "model": teacher, "grid": {"pattern": list(range(patterns))}}
+    gens = {f"pet-g{g + 1}": {**pet, "label": f"PET generation {g + 1} (teacher)",
+                              **({"extra_train": f"{{ipet:pet-g{g}}}"} if g else {})} for g in range(generations)}
+    soft = {"soft_labels": f"{{soft:pet-g{generations}}}"}
+    return {**gens, "ipet": {"method": "classifier", **soft, "label": "iPET (final classifier: student standard FT)"},
+            "ipet-pt": {"method": "prompt", **soft, "label": "iPET + PT (student prompt FT)"},
+            "ipet-smash": {"method": "prompt", "model": smash, **soft, "label": "iPET + PT + SMASH init"}}
+
+
 def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash: str, teacher: str, steps: int,
-                 seeds: list[int] | None = None, rows: list[str] | None = None, ppt: str | None = None):
+                 seeds: list[int] | None = None, rows: list[str] | None = None, ppt: str | None = None,
+                 smoke: bool = False):
     """One of the two sweeps (same methods; `smash` = the SMASH student for these tasks, `ppt`
     the PPT-pre-trained prompt), on the 5 LM-BFF splits unless `seeds`; `rows`: only those
     methods (and the ones they read `{best:...}` from)."""
+    from rayapp.data.ipet import IPetConfig
     from rayapp.sweep.spec import SweepConfig, TableSpec
 
     sentiment = set(tasks) <= set(SENTIMENT_TASKS)  # Prompt-Distiller's rows: SST-2 and MR only
@@ -138,17 +162,21 @@ def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash:
             "teacher": {"method": "prompt", "model": teacher, "label": "teacher (MiniLM-L6) prompt FT"},
             **(pd_methods(teacher, smash) if sentiment else {}),
             **ppt_methods(ppt),
+            **ipet_methods(teacher, smash, *((2, 2) if smoke else ())),
         },
+        ipet=IPetConfig(unlabelled_per_label=IPET_UNLABELLED),
         tables=[TableSpec(name="fidelity", title="16-shot test, mean (std) over the 5 LM-BFF splits",
-                          rows=ROWS + (PD_ROWS if sentiment else []) + PPT_ROWS[:1 + (ppt is not None)])])
+                          rows=ROWS + (PD_ROWS if sentiment else []) + PPT_ROWS[:1 + (ppt is not None)] + IPET_ROWS)])
     if rows is None:
         return cfg
     unknown = sorted(set(rows) - set(cfg.methods))
     if unknown:
         sys.exit(f"--rows {' '.join(unknown)}: not a row of the {name} sweep ({', '.join(cfg.methods)})")
-    keep = set(rows) | {need for r in rows for need in cfg.method(r).needs()}
+    keep = set(rows)
+    while not {need for r in keep for need in cfg.method(r).needs()} <= keep:  # iPET reads a chain of generations
+        keep |= {need for r in keep for need in cfg.method(r).needs()}
     return SweepConfig(name=cfg.name, storage=cfg.storage, tasks=cfg.tasks, grid={}, seeds=cfg.seeds,
-                       base=cfg.base, per_task=cfg.per_task,
+                       base=cfg.base, per_task=cfg.per_task, ipet=cfg.ipet,
                        methods={m: spec for m, spec in cfg.methods.items() if m in keep},
                        tables=[TableSpec(name="fidelity", title=cfg.tables[0].title,
                                          rows=[r for r in cfg.tables[0].rows if r in keep])])
@@ -232,7 +260,8 @@ def main() -> None:
         ppt = None if args.rows and "ppt" not in args.rows else stage(work, f"ppt-{task}", lambda: run_ppt(PPTConfig(
             student=student, prompt_tokens=2 if args.smoke else 100, name=f"ppt-{task}", **budget)))["model"]
         cfg = sweep_config(f"fidelity-{task}", str(work / "sweeps"), tasks, student, smash, teacher,
-                           args.finetune_steps, seeds=ONE_SPLIT if args.smoke else None, rows=args.rows, ppt=ppt)
+                           args.finetune_steps, seeds=ONE_SPLIT if args.smoke else None, rows=args.rows, ppt=ppt,
+                           smoke=args.smoke)
         started = time.time()
         try:
             done = sweep.run(cfg, resume=(Path(cfg.storage) / cfg.name / "sweep.json").exists())
