@@ -17,7 +17,8 @@ ROWS = {"text_a": ["A cat sat on the mat.", "Rain fell all day.", "He won the ra
         "text_b": ["The mat was red.", "The streets were wet.", "Nobody came.", "I left early."],
         "label": [0, 1, 2, 1]}
 CFG = SimpleNamespace(temperature=1.0, aux_weight=0.01, topk_mode="tail", kd_weight=0.5, kd_temperature=2.0,
-                      distilbert_ce="tokens")
+                      distilbert_ce="tokens", soft_label_temperature=2.0)
+TWO_CLASS = {"prompt", "prompt+kd", "classifier", "prompt-soft", "classifier-soft"}  # objectives tested on RTE
 
 
 def _batch(name, tok, task):
@@ -32,10 +33,11 @@ def _batch(name, tok, task):
                 "mask_pos": batch["mask_pos"].numpy(), "topk_values": values.numpy(),
                 "topk_indices": indices.numpy(), "lse": logits.logsumexp(-1).numpy()}
         return cache_batch(rows, tok.pad_token_id)
-    if name == "classifier":
+    if name.startswith("classifier"):
         batch = dict(tok(ROWS["text_a"], ROWS["text_b"], padding=True, return_tensors="pt"))
-        batch["labels"] = torch.tensor([0, 1, 1, 0])
-    elif name in ("prompt", "prompt+kd"):
+    if name.endswith("-soft"):  # iPET's final classifier: the ensemble's logits, no labels
+        batch["soft_logits"] = torch.tensor([[2.0, -1.0], [0.5, 0.5], [-3.0, 1.0], [1.0, 0.0]])
+    elif name in TWO_CLASS:
         batch["labels"] = torch.tensor([0, 1, 1, 0])
     return batch
 
@@ -55,10 +57,10 @@ def test_prompt_distiller_objectives_are_the_ones_tested_with_their_batches():
 @pytest.mark.parametrize("name", sorted(set(OBJECTIVES) - PD_OBJECTIVES))
 def test_every_objective_gives_a_gradient(name, tiny_roberta):
     tok = load_tokenizer(tiny_roberta)
-    task = {"prompt": get_task("RTE"), "prompt+kd": get_task("RTE"), "classifier": get_task("RTE"),
-            "hard-label": INTERMEDIATE_TASKS["smash-pairs"]}.get(name, INTERMEDIATE_TASKS["smash-pairs"])
+    task = get_task("RTE") if name in TWO_CLASS else INTERMEDIATE_TASKS["smash-pairs"]
     eager = {"attn_implementation": "eager"}
-    student = load_classifier(tiny_roberta, 2) if name == "classifier" else LogitsAt(load_mlm(tiny_roberta, **eager))
+    student = (load_classifier(tiny_roberta, 2) if name.startswith("classifier")
+               else LogitsAt(load_mlm(tiny_roberta, **eager)))
     teacher = LogitsAt(load_mlm(tiny_roberta, **eager)).eval()
     enc = PromptEncoder(tok, task, 48)
     loss, parts = bind(name, teacher, Context(CFG, task, enc.label_word_ids))(student, _batch(name, tok, task))

@@ -1,7 +1,15 @@
-"""Models and tokenizers: load any HF masked LM, export trained ones, build tiny test models.
+"""Models and tokenizers: load any HF masked LM (or T5), export trained ones, build tiny test models.
 
 Users name models by HF hub id (`roberta-large`, `distilroberta-base`) or local path; both go
 through `from_pretrained`. (Tiny random test models live in `tests/tiny.py`.)
+
+Prompt methods read a label word's logit where the prompt's mask slot is. A masked LM scores it
+at the mask; a seq2seq LM without a masked-LM head (T5, `is_seq2seq`) scores it the way it was
+pre-trained on span corruption (SMASH §4.7): the slot holds the sentinel `<extra_id_0>` and the
+label word is the decoder's second token (`LogitsAt`). Everything above `LogitsAt` (objectives,
+recipes, the teacher cache, export) is the same for both; what needs a masked LM by nature (MLM
+pre-training, DistilBERT's objective, Prompt-Distiller's layer probes, soft prompts) refuses a
+seq2seq model on the driver (`check_model(needs_mlm=...)`).
 """
 from __future__ import annotations
 
@@ -57,15 +65,17 @@ _WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 
 
 def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True, prompt=None,
-                soft_prompt: int = 0) -> None:
+                soft_prompt: int = 0, needs_mlm: str | None = None) -> None:
     """Driver-side check, before any Ray worker starts, that `name_or_path` is a model:
     it resolves (local dir, `s3://`, mirror, hub), has a config (and weights, where files
-    can be listed), a masked-LM head class when `mlm`, and a tokenizer that loads and fits
-    the embedding. With `prompt=(task, max_length)` also that the task's prompt encodes with
-    that tokenizer (single-token label words, the template within max_length) and that
-    max_length plus `soft_prompt` tokens fit the model's positions: the error a
-    worker would raise, before Ray starts. A rayapp checkpoint counts by its `model/`
-    folder. Raises a one-line ConfigError/PromptError naming the model and the fix."""
+    can be listed), a head prompt methods read when `mlm` (a masked LM, or a seq2seq LM such
+    as T5), and a tokenizer that loads and fits the embedding. With `prompt=(task, max_length)`
+    also that the task's prompt encodes with that tokenizer (single-token label words, the
+    template within max_length) and that max_length plus `soft_prompt` tokens fit the model's
+    positions: the error a worker would raise, before Ray starts. `needs_mlm` is why the
+    caller needs a masked LM (a seq2seq model is then refused; a soft prompt implies it). A
+    rayapp checkpoint counts by its `model/` folder. Raises a one-line ConfigError/PromptError
+    naming the model and the fix."""
     import fnmatch
 
     from rayapp import assets, storage
@@ -87,10 +97,10 @@ def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True, 
                 for f in files:
                     if not any(fnmatch.fnmatch(f, p) for p in _WEIGHTS):
                         storage.write_bytes(os.path.join(tmp, f), storage.read_bytes(storage.join(ref, f)))
-                return _check_loads(tmp, name_or_path, mlm, tokenizer, prompt, soft_prompt)
+                return _check_loads(tmp, name_or_path, mlm, tokenizer, prompt, soft_prompt, needs_mlm)
     elif Path(ref).exists():
         raise ConfigError(f"model {name_or_path!r} is a file; give the model's directory or a hub id")
-    _check_loads(ref, name_or_path, mlm, tokenizer, prompt, soft_prompt)
+    _check_loads(ref, name_or_path, mlm, tokenizer, prompt, soft_prompt, needs_mlm)
 
 
 def _top_level_files(uri: str, name: str) -> list[str]:
@@ -111,10 +121,15 @@ def _top_level_files(uri: str, name: str) -> list[str]:
 _SPARE_ROWS = 256
 
 
-def _check_loads(src: str, name: str, mlm: bool, tokenizer: bool, prompt=None, soft_prompt: int = 0) -> None:
+def _check_loads(src: str, name: str, mlm: bool, tokenizer: bool, prompt=None, soft_prompt: int = 0,
+                 needs_mlm: str | None = None) -> None:
     config = load_model_config(src)
     if mlm:
         _mlm_class(config, name)
+    needs_mlm = needs_mlm or (SOFT_PROMPT_NEEDS_MLM if soft_prompt else None)
+    if needs_mlm and is_seq2seq(config):
+        raise ConfigError(f"model {name!r} is a seq2seq LM ({config.model_type}), but {needs_mlm}: give a masked LM "
+                          "(BERT, RoBERTa, ...)")
     if tokenizer or prompt:
         fix = "save it beside the weights (tokenizer.save_pretrained) or give a model that has one"
         try:
@@ -143,16 +158,30 @@ def _check_loads(src: str, name: str, mlm: bool, tokenizer: bool, prompt=None, s
                                   "positions; lower max_length" + (" or prompt_tokens" if soft_prompt else ""))
 
 
-def _mlm_class(config, name: str):
+def is_seq2seq(config) -> bool:
+    """An encoder-decoder LM without a masked-LM head class (T5): `LogitsAt` reads its label word
+    at the decoder's second token. (BART has a masked-LM class and is read as a masked LM.)"""
     from transformers import AutoModelForMaskedLM
 
-    try:
-        return AutoModelForMaskedLM._model_mapping[type(config)]
-    except KeyError:
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    return encoder_decoder and type(config) not in AutoModelForMaskedLM._model_mapping
+
+
+def _mlm_class(config, name: str):
+    """The Auto class that loads the model with the head prompt methods read: a masked LM, or
+    a seq2seq LM (`is_seq2seq`)."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForMaskedLM
+    if type(config) not in auto._model_mapping:
         raise ConfigError(
-            f"model {name!r} ({config.model_type}) has no masked-LM head class; "
-            "prompt-based methods need an MLM such as BERT, RoBERTa or DistilRoBERTa"
-        ) from None
+            f"model {name!r} ({config.model_type}) has no masked-LM head class; prompt-based methods need an "
+            "MLM such as BERT, RoBERTa or DistilRoBERTa, or a seq2seq LM such as T5"
+        )
+    if auto is AutoModelForSeq2SeqLM and getattr(config, "decoder_start_token_id", None) is None:
+        raise ConfigError(f"model {name!r} ({config.model_type}) has no decoder_start_token_id in its config.json, "
+                          "which LogitsAt feeds its decoder first; set it (T5: 0, its pad id)")
+    return auto
 
 
 def load_tokenizer(name_or_path: str):
@@ -176,18 +205,17 @@ def load_model_config(name_or_path: str):
 
 
 def load_mlm(name_or_path: str, **kwargs):
-    """An `AutoModelForMaskedLM` (kwargs go to `from_pretrained`, e.g. attn_implementation).
-    Encoders saved without an MLM head (e.g. the MiniLM sentence-transformers weights) load
-    with a freshly initialised head."""
-    from transformers import AutoModelForMaskedLM
-
-    _mlm_class(load_model_config(name_or_path), name_or_path)
-    return _from_pretrained(AutoModelForMaskedLM, name_or_path, "masked LM", **kwargs)
+    """An `AutoModelForMaskedLM`, or for T5 an `AutoModelForSeq2SeqLM` (`is_seq2seq`); kwargs go
+    to `from_pretrained`, e.g. attn_implementation. Encoders saved without an MLM head (e.g.
+    the MiniLM sentence-transformers weights) load with a freshly initialised head."""
+    auto = _mlm_class(load_model_config(name_or_path), name_or_path)
+    return _from_pretrained(auto, name_or_path, "masked LM", **kwargs)
 
 
 def mlm_head(model) -> torch.nn.Module | None:
     """The module mapping hidden states [..., H] to vocabulary logits: BERT's `cls`,
-    RoBERTa-family `lm_head`; None for other MLMs (they get the full forward pass)."""
+    RoBERTa-family `lm_head` (T5's `lm_head` too, which reads the decoder); None for other
+    MLMs (they get the full forward pass)."""
     for name in ("cls", "lm_head"):
         head = getattr(model, name, None)
         if isinstance(head, torch.nn.Module):
@@ -203,6 +231,15 @@ class LogitsAt(torch.nn.Module):
     128 tokens x 50k vocabulary) and almost all of it would be thrown away. The engines wrap
     this module, so DDP and DeepSpeed see one ordinary forward.
 
+    A seq2seq LM (T5, `is_seq2seq`) is read as SMASH reads it (§4.7, App. A.3): the encoder
+    takes the prompt, whose mask slot holds `<extra_id_0>`; "the first generated token is always
+    <extra_id_0>", so the decoder is fed `[decoder_start_token_id, <extra_id_0>]` and its second
+    position's logits are the logits at the mask. Where this differs from SMASH: that first
+    token is given (teacher forcing, one forward), not generated, and the sentinel is read from
+    the input at `positions`. One position per row only ([B]): the label word is one token.
+    `outputs` are then the encoder's (hidden_states/attentions over the prompt, which
+    `positions` index), not the decoder's two positions.
+
     `soft_prompt` ([n, H], prompt tuning / PPT, Gu et al. 2021): n trained input vectors
     inserted after the first token (<s>/[CLS], which the model saw first in pre-training; PPT's
     T5 has no such token and puts them first). Callers keep the ids of the plain prompt:
@@ -212,12 +249,17 @@ class LogitsAt(torch.nn.Module):
     def __init__(self, mlm: torch.nn.Module, soft_prompt: torch.Tensor | None = None):
         super().__init__()
         self.mlm = mlm
+        self.seq2seq = is_seq2seq(mlm.config)
+        if self.seq2seq and soft_prompt is not None:
+            raise ConfigError(f"{type(mlm).__name__} is a seq2seq LM, but {SOFT_PROMPT_NEEDS_MLM}")
         self.soft_prompt = None if soft_prompt is None else torch.nn.Parameter(soft_prompt.detach().clone())
 
     def forward(self, input_ids, attention_mask, positions: torch.Tensor, **kwargs):
         """positions: LongTensor [B] (one position per row), [B, M] (M per row: the masks of
         a label word of several pieces) or BoolTensor [B, T]. Returns (logits [B, V], [B, M, V]
         or [N, V], the encoder's outputs: hidden_states/attentions when asked for)."""
+        if self.seq2seq:
+            return self._at_decoder(input_ids, attention_mask, positions, **kwargs)
         head = mlm_head(self.mlm)
         model = self.mlm.base_model if head is not None else self.mlm
         if self.soft_prompt is None:
@@ -232,6 +274,18 @@ class LogitsAt(torch.nn.Module):
             rows = torch.arange(states.shape[0], device=states.device)
             picked = states[rows[:, None] if positions.dim() == 2 else rows, positions]
         return (head(picked) if head is not None else picked), out
+
+    def _at_decoder(self, input_ids, attention_mask, positions, **kwargs):
+        """T5: logits of the decoder's second token after `[start, sentinel at positions]`."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        sentinel = input_ids[torch.arange(input_ids.shape[0], device=input_ids.device), positions]
+        start = torch.full_like(sentinel, self.mlm.config.decoder_start_token_id)
+        out = self.mlm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       decoder_input_ids=torch.stack([start, sentinel], 1), **kwargs)
+        return out.logits[:, 1], BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state,
+                                                 hidden_states=out.encoder_hidden_states,
+                                                 attentions=out.encoder_attentions)
 
     def _prompted(self, input_ids, attention_mask, positions):
         """(input embeddings, attention mask, positions) with the soft prompt after token 0."""
@@ -248,6 +302,7 @@ class LogitsAt(torch.nn.Module):
 
 
 SOFT_PROMPT_FILE = "soft_prompt.safetensors"  # beside the HF weights of a prompt-tuned model
+SOFT_PROMPT_NEEDS_MLM = "prompt tuning (PPT) puts its soft prompt after a masked LM's first token"
 
 
 def initial_soft_prompt(mlm: torch.nn.Module, tokenizer, tokens: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 
 from rayapp import storage
 from rayapp.errors import ConfigError, DataError
-from rayapp.modeling.models import mlm_head
+from rayapp.modeling.models import is_seq2seq, mlm_head
 
 
 class LayerProbes(torch.nn.Module):
@@ -49,7 +49,8 @@ class LayerProbes(torch.nn.Module):
         """Probes for `mlm` (an HF masked LM), initialised from its MLM head restricted to
         `label_word_ids` (one list of vocabulary ids per class, the model's own tokenizer)."""
         head, decoder = mlm_head(mlm), mlm.get_output_embeddings()
-        if head is None or not isinstance(decoder, torch.nn.Linear):
+        # T5's lm_head reads the decoder, not an encoder layer's state at the mask
+        if head is None or not isinstance(decoder, torch.nn.Linear) or is_seq2seq(mlm.config):
             raise ConfigError(
                 f"{name} ({type(mlm).__name__}) has no BERT/RoBERTa-style MLM head (cls / lm_head with a "
                 "vocabulary decoder): Prompt-Distiller's probes and label-word scores need a masked LM"

@@ -1,8 +1,9 @@
 """Recipe: SMASH distillation (SMASH §3.2, §4.4).
 
-The student (any HF masked LM) learns the teacher's distribution at the `<mask>` of the
-intermediate task's prompt. The seven settings of SMASH §4.4 are presets of `objective`
-(and of the teacher/data you point them at):
+The student (any HF masked LM, or T5: SMASH §4.7 distils T5-large into T5-small through
+`<extra_id_0>`, see `modeling.models.LogitsAt`) learns the teacher's distribution at the
+`<mask>` of the intermediate task's prompt. The seven settings of SMASH §4.4 are presets of
+`objective` (and of the teacher/data you point them at):
 
 | setting | objective    | teacher | data                         | loss                         |
 |---------|--------------|---------|------------------------------|------------------------------|
@@ -154,9 +155,11 @@ def run(cfg: DistillConfig, callbacks=(), *, recipe: str = "distill", setup=setu
 
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)
     # user mistakes fail here, as one line, before Ray starts
-    check_model(cfg.student)
+    mlm_only = ("objective=distilbert (setting 5) trains masked-LM terms on raw text"
+                if cfg.objective == "distilbert" else None)
+    check_model(cfg.student, needs_mlm=mlm_only)
     if cfg.objective in NEEDS_TEACHER and not cfg.uses_cache:
-        check_model(cfg.teacher)
+        check_model(cfg.teacher, needs_mlm=mlm_only)
         # eq. 1 pairs logits id by id: as many tokens is not the same vocabulary (cache mode checks its fingerprint)
         check_same_vocabulary(cfg.student, cfg.teacher)
     task_name = cfg.task

@@ -84,7 +84,7 @@ def setup(cfg: PretrainConfig, inputs: dict, device) -> Setup:
 
 def run(cfg: PretrainConfig, callbacks=()) -> dict:
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)
-    check_model(cfg.model)  # before Ray starts
+    check_model(cfg.model, needs_mlm="rayapp pretrain trains BERT's masked-LM objective")  # before Ray
     env.start_ray()
     text = build_text_chunks(cfg.data, cfg.output_dir, cfg.max_length, cfg.eval_examples, cfg.on_bad_lines)
     inputs = {"model": portable_model(cfg.model), "held_out": require_meta(text)["held_out"],
@@ -99,9 +99,13 @@ def make_student(teacher_dir: str, out_dir: str, layers: list[int] | None = None
     encoder layers (default every other one, DistilBERT's recipe)."""
     from transformers import AutoModelForMaskedLM
 
-    from rayapp.modeling.models import load_mlm, load_tokenizer
+    from rayapp.modeling.models import is_seq2seq, load_mlm, load_tokenizer
 
     teacher = load_mlm(teacher_dir)
+    if is_seq2seq(teacher.config):  # its `layer` keys are sub-layers of T5 blocks, on two stacks
+        raise ConfigError(f"cannot cut a student from {teacher_dir}: it is a seq2seq LM ({teacher.config.model_type}) "
+                          "and students are cut from a masked LM's encoder layers; give a smaller model of its "
+                          "family as the student (SMASH Table 4: t5-small)")
     n = teacher.config.num_hidden_layers
     layers = layers if layers is not None else list(range(0, n, 2))
     if not layers or any(not 0 <= i < n for i in layers):

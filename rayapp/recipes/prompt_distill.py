@@ -393,10 +393,16 @@ def run(cfg: PromptDistillConfig, split: FewShotSplit | None = None, callbacks=(
                           "the student's vocabulary distributions at one mask, so its label words must be one "
                           "token each (multi-token words work in rayapp finetune method=prompt)")
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)  # fail before launching
-    check_model(cfg.model)
-    check_model(cfg.teacher)
+    mlm_only = None  # why a seq2seq LM (T5) cannot take part; Prompt-KD reads label-word logits only
+    if cfg.method in FT_METHODS:
+        mlm_only = f"method={cfg.method} matches an encoder's hidden states"
+    elif cfg.contrastive:  # T5's label word is read by its decoder: no encoder layer holds its state
+        mlm_only = ("Prompt-Distiller's layer probes read a masked LM's hidden states at the mask "
+                    "(contrastive=false runs without them)")
+    check_model(cfg.model, needs_mlm=mlm_only)
+    check_model(cfg.teacher, needs_mlm=mlm_only)
     if cfg.tuned_teacher:  # a classifier for the FT baselines
-        check_model(cfg.tuned_teacher, mlm=cfg.method in PROMPT_METHODS)
+        check_model(cfg.tuned_teacher, mlm=cfg.method in PROMPT_METHODS, needs_mlm=mlm_only)
     if cfg.method in PROMPT_METHODS and Path(portable_model(cfg.teacher)).is_dir():
         # a local T' without its MLM head fails here; others are checked where the workers load them
         load_frozen_mlm(portable_model(cfg.teacher), f"teacher {cfg.teacher!r} (T')", "cpu")

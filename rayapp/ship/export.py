@@ -4,8 +4,9 @@
 RUN is a run's record (`OUTPUT_DIR/records/NAME.json`, what `rayapp finetune` prints and a
 sweep writes per trial) or the run's folder (`OUTPUT_DIR/NAME`). DIR (local or `s3://`) gets:
 - the run's selected model (its best-dev checkpoint, LM-BFF's selection): `config.json`,
-  weights and tokenizer, loaded by `AutoModelForMaskedLM` (prompt methods) or
-  `AutoModelForSequenceClassification` (`method=classifier`). `config.json` also holds
+  weights and tokenizer, loaded by `AutoModelForMaskedLM` (prompt methods; T5:
+  `AutoModelForSeq2SeqLM`, `models.load_mlm`) or `AutoModelForSequenceClassification`
+  (`method=classifier`). `config.json` also holds
   `id2label` / `label2id` and, under `rayapp_prompt`, what turns the masked LM into the
   classifier it was selected as: the task, its template and verbalizer, the label-word ids
   under this tokenizer, `max_length` and `lmbff_exact`; a prompt-tuning run adds its soft
@@ -136,9 +137,9 @@ def read_prompt(folder: str) -> dict:
 def load(folder: str):
     """(classifier module, tokenizer, task, PromptEncoder or None, the stored prompt) of an
     exported folder, loaded with plain `transformers` classes."""
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rayapp.modeling.models import load_soft_prompt
+    from rayapp.modeling.models import load_mlm, load_soft_prompt
     from rayapp.tasks.prompts import PromptEncoder, Task
 
     config = AutoConfig.from_pretrained(folder)
@@ -152,8 +153,7 @@ def load(folder: str):
         return model, tokenizer, task, None, prompt
     encoder = PromptEncoder(tokenizer, task, prompt["max_length"])
     # a prompt-tuned run's soft prompt lies beside the weights (`models.SOFT_PROMPT_FILE`)
-    model = PromptClassifier(AutoModelForMaskedLM.from_pretrained(folder), encoder.label_word_ids,
-                             load_soft_prompt(folder)).eval()
+    model = PromptClassifier(load_mlm(folder), encoder.label_word_ids, load_soft_prompt(folder)).eval()
     return model, tokenizer, task, encoder, prompt
 
 
@@ -308,7 +308,7 @@ def distillation_of(model: str) -> dict | None:
     return record if record and record.get("recipe") == "distill" else None
 
 
-def model_card(record: dict, results: list[dict], prompt: dict, onnx_diff: float | None) -> str:
+def model_card(record: dict, results: list[dict], prompt: dict, onnx_diff: float | None, seq2seq: bool) -> str:
     cfg = record["config"]
     distilled = distillation_of(cfg.get("init") or cfg["model"])
     teacher = (f"`{cfg.get('init') or cfg['model']}` is a student distilled by `rayapp distill` "
@@ -329,9 +329,13 @@ def model_card(record: dict, results: list[dict], prompt: dict, onnx_diff: float
             f"test examples its probabilities differ from PyTorch's by at most {onnx_diff:.1e}.") \
         if onnx_diff is not None else "No ONNX graph was exported (`onnx=false`)."
     init = f"initialised from `{cfg['init']}`, " if cfg.get("init") else ""
+    score, auto, tag = (
+        ("logit of the label word as T5's second decoder token, after `<extra_id_0>` in the mask slot",
+         "AutoModelForSeq2SeqLM", "text2text-generation") if seq2seq else
+        ("masked LM's logit of the label word at the mask", "AutoModelForMaskedLM", "fill-mask"))
     return f"""---
 library_name: transformers
-pipeline_tag: {'fill-mask' if prompt['label_word_ids'] else 'text-classification'}
+pipeline_tag: {tag if prompt['label_word_ids'] else 'text-classification'}
 tags: [rayapp, few-shot, prompt-based-fine-tuning, {prompt['task']['name'].lower()}]
 ---
 # {record['name']}
@@ -353,7 +357,7 @@ This folder holds the model of split seed {record['seed']}.
 ## How it classifies
 
 Template `{prompt['task']['template']}`, label words {words}: the class score is the
-masked LM's logit of the label word at the mask. `config.json` stores these under
+{score}. `config.json` stores these under
 `{PROMPT_KEY}`. With rayapp installed:
 
 ```python
@@ -361,7 +365,7 @@ from rayapp.ship.export import classify
 classify("THIS_FOLDER", ["a gripping, funny film."])  # [{{"label": ..., "probs": {{...}}}}]
 ```
 
-The weights load with plain `transformers` (`AutoModelForMaskedLM.from_pretrained`).
+The weights load with plain `transformers` (`{auto}.from_pretrained`).
 {onnx}
 
 ## Teacher
@@ -387,7 +391,7 @@ rayapp export {record.get('record', record['name'])} --out THIS_FOLDER
 def run(cfg: ExportConfig) -> dict:
     """Write the export (module docstring); returns what was written."""
     from rayapp.data.fewshot import load_lmbff
-    from rayapp.modeling.models import local_model_dir
+    from rayapp.modeling.models import is_seq2seq, load_model_config, local_model_dir
     from rayapp.tasks.prompts import PromptEncoder
 
     record, record_uri = read_record(cfg.run)
@@ -424,7 +428,8 @@ def run(cfg: ExportConfig) -> dict:
                                 f"{ONNX_TOLERANCE}) on {len(examples)} test examples; nothing was written. "
                                 "Export with onnx=false and file an issue with the model's architecture")
         with open(os.path.join(folder, "README.md"), "w") as f:
-            f.write(model_card(record, _results(record, record_uri), prompt, diff))
+            f.write(model_card(record, _results(record, record_uri), prompt, diff,
+                               is_seq2seq(load_model_config(folder))))
         storage.copy_dir(folder, cfg.out)
     return {"out": cfg.out, "onnx_max_abs_diff": diff, "files": sorted(os.path.basename(f)
                                                                      for f in storage.list_files(cfg.out))}

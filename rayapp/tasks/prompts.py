@@ -58,6 +58,18 @@ them.
 
 Regression (STS-B, SMASH §3.1): ``y`` in ``[l, u]`` is interpolated between the two label
 words: ``p_gold = [(u-y)/(u-l), (y-l)/(u-l)]`` and ``y_hat = l*p(low) + u*p(high)``.
+
+T5 (SMASH §4.7, App. A.3: "the same verbalizers and similar templates by removing <s> and
+replacing <mask> with <extra_id_0>"). A tokenizer with no mask token but T5's sentinel
+``<extra_id_0>`` gets the sentinel in the ``{mask}`` slot (`mask_slot_token`); its own
+post-processor adds no ``<s>`` and appends ``</s>``, so the built-in NLI template renders as
+SMASH's ``x1? <extra_id_0>, x2</s>``. Label words are looked up as SentencePiece tokenises
+``" " + word`` (``▁Yes``). SentencePiece starts every piece's first word with ``▁``; a literal
+written right after a sentence (the ``?`` of ``{x0|nopunct}?``) loses the lone ``▁`` it would
+get on its own, so the pieces give the ids T5's tokenizer gives the whole prompt string. The
+model side is `modeling.models.LogitsAt` (the label word is the decoder's second token).
+Refused for T5: ``multi_token`` (the decoder reads one token after the sentinel, not one per
+mask) and ``lmbff_exact`` (LM-BFF's rules are defined for its BERT/RoBERTa tokenisation only).
 """
 from __future__ import annotations
 
@@ -72,6 +84,17 @@ from rayapp.errors import DataError, PromptError
 from rayapp.tasks.metrics import METRICS
 
 SLOT_NAMES = ("x0", "x1", "mask")
+SENTINEL = "<extra_id_0>"  # T5's first span-corruption sentinel: the mask slot of a T5 prompt
+WORD_START = "\u2581"  # SentencePiece's word-start mark
+
+
+def mask_slot_token(tokenizer) -> str | None:
+    """What fills the ``{mask}`` slot: the tokenizer's mask token, else T5's sentinel
+    ``<extra_id_0>`` where the vocabulary has it, else None."""
+    if tokenizer.mask_token is not None:
+        return tokenizer.mask_token
+    sentinel_id = tokenizer.convert_tokens_to_ids(SENTINEL)
+    return SENTINEL if sentinel_id is not None and sentinel_id != tokenizer.unk_token_id else None
 
 
 def _drop_final_punct(s: str) -> str:
@@ -258,19 +281,26 @@ class PromptEncoder:
     def __init__(self, tokenizer, task: Task, max_length: int = 128):
         self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
         name = type(tokenizer).__name__
-        self.mask_id = tokenizer.mask_token_id
-        if self.mask_id is None:
+        mask = mask_slot_token(tokenizer)
+        if mask is None:
             raise PromptError(
                 f"tokenizer {name} has no mask token; task {task.name!r} needs a masked-LM "
-                "tokenizer (BERT, RoBERTa, ...)"
+                f"tokenizer (BERT, RoBERTa, ...) or T5's, whose {SENTINEL} fills the mask slot"
             )
+        self.mask_id = tokenizer.convert_tokens_to_ids(mask)
+        if mask == SENTINEL:
+            for flag, why in (("multi_token", "T5's decoder reads one label-word token after the sentinel"),
+                              ("lmbff_exact", "LM-BFF's rules are defined for BERT/RoBERTa tokenizers only")):
+                if getattr(task, flag):
+                    raise PromptError(f"task {task.name!r} sets {flag}, which T5 tokenizers ({name}) do not take "
+                                      f"({why}); drop {flag} or use a masked LM")
         if tokenizer.pad_token_id is None:
             raise PromptError(
                 f"tokenizer {name} has no pad token; set tokenizer.pad_token before encoding batches"
             )
         # The tokenizer's special-token frame around a single sequence ([CLS] .. [SEP], <s> .. </s>),
         # read off a one-token probe so any post-processor works.
-        probe = tokenizer.encode(tokenizer.mask_token, add_special_tokens=True)
+        probe = tokenizer.encode(mask, add_special_tokens=True)
         at = probe.index(self.mask_id)
         self._prefix, self._suffix = probe[:at], probe[at + 1 :]
         # per class, its words: one id each, or (multi_token) a tuple of piece ids each
@@ -286,10 +316,14 @@ class PromptEncoder:
                 f"({task.verbalizer}); give each label its own words"
             )
         # Literal and mask pieces are tokenised once; sentence pieces stay Segments until encode().
+        word_start = tokenizer.convert_tokens_to_ids(WORD_START)
         self._pieces: list[list[int] | Segment] = []
-        for segment in task.segments:
+        for before, segment in zip((None, *task.segments), task.segments):
             if segment.kind == "text":
                 ids = self._ids(segment.text)
+                glued = before is not None and before.kind == "sent" and not segment.text[0].isspace()
+                if glued and ids[:1] == [word_start] and word_start != tokenizer.unk_token_id:
+                    ids = ids[1:]  # SentencePiece's lone "▁" (module docstring)
                 if self.mask_id in ids:
                     raise PromptError(
                         f"task {task.name!r}: template {task.template!r} spells the mask token; "
