@@ -150,3 +150,40 @@ def pairs(ray_cluster, docs_corpus, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("pairs") / "pairs")
     build_pairs(docs_corpus, out, num_examples=96, seed=0, fmt="text")
     return out
+
+
+@pytest.fixture(scope="session")
+def marian(tmp_path_factory) -> dict:
+    """Two tiny random MarianMT models (en->pivot, pivot->en) with real MarianTokenizers."""
+    from tiny import make_tiny_marian
+
+    root = tmp_path_factory.mktemp("marian")
+    return {"forward": str(make_tiny_marian(root / "en-de", seed=0)),
+            "backward": str(make_tiny_marian(root / "de-en", seed=1))}
+
+
+BT_SETTINGS = dict(tasks=["SST-2", "RTE"], seeds=[13], factor=3, max_length=12, num_actors=1)  # SST-2: one sentence, RTE: two
+
+
+@pytest.fixture(scope="session")
+def bt_built(ray_cluster, marian, tmp_path_factory) -> tuple[str, dict]:
+    """(root, stats) of split 13 of SST-2 and RTE back-translated to 3x their train sets
+    (random models never stop early: short translations keep it fast)."""
+    from rayapp.data import backtranslate as bt
+
+    out = str(tmp_path_factory.mktemp("bt") / "fewshot-bt")
+    return out, bt.backtranslate(out, **marian, **BT_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def ppt_run(ray_cluster, pairs, tiny_roberta, tmp_path_factory) -> dict:
+    """PPT pre-training of a 4-token soft prompt on `pairs` with the tiny RoBERTa frozen:
+    DeepSpeed ZeRO-2 in bf16 on 2 CPU workers, 3 steps; its record."""
+    from rayapp.recipes.ppt import PPTConfig, run
+    from rayapp.train.engine import EngineConfig
+
+    return run(PPTConfig(student=tiny_roberta, data=pairs, task="smash-pairs", prompt_tokens=4, batch_size=8,
+                         max_steps=3, checkpoint_every=3, log_every=1,
+                         output_dir=str(tmp_path_factory.mktemp("ppt") / "runs"),
+                         engine=EngineConfig(engine="deepspeed", precision="bf16", zero_stage=2, num_workers=2,
+                                             cpus_per_worker=0.5, use_gpu=False)))

@@ -1,45 +1,28 @@
 """Back-translated few-shot splits (SMASH's distil bt10 data) on tiny random MarianMT models:
-the mechanics (sizes, labels, dedup, unchanged dev/test, provenance, resume, bad input,
-fine-tuning on the result), not translation quality: no MT weights exist here."""
+the mechanics (sizes, labels, dedup, unchanged dev/test, provenance, resume, bad input; the
+"distil bt10" trial on the result: tests/test_smash_rows.py), not translation quality: no MT
+weights exist here."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from rayapp.cli import main
 from rayapp.config import load_config
 from rayapp.data import backtranslate as bt
 from rayapp.data import shards
 from rayapp.data.fewshot import Example, load_lmbff
 from rayapp.errors import ConfigError, DataError
 from rayapp.sweep.spec import SweepConfig
-from tiny import make_tiny_marian
+from conftest import BT_SETTINGS
 
 CONFIGS = Path(__file__).parent.parent / "jobs" / "configs"
-TASKS = ["SST-2", "RTE"]  # one sentence, two sentences
-FACTOR = 3
-# random models never stop early: short translations keep the run fast
-SETTINGS = dict(tasks=TASKS, seeds=[13], factor=FACTOR, max_length=12, num_actors=1)
-
-
-@pytest.fixture(scope="module")
-def marian(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("marian")
-    return {"forward": str(make_tiny_marian(root / "en-de", seed=0)),
-            "backward": str(make_tiny_marian(root / "de-en", seed=1))}
-
-
-@pytest.fixture(scope="module")
-def built(ray_cluster, marian, tmp_path_factory) -> tuple[str, dict]:
-    out = str(tmp_path_factory.mktemp("bt") / "fewshot-bt")
-    return out, bt.backtranslate(out, **marian, **SETTINGS)
+TASKS, FACTOR, SETTINGS = BT_SETTINGS["tasks"], BT_SETTINGS["factor"], BT_SETTINGS
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_train_grows_by_factor_with_labels_kept_and_dev_test_unchanged(built, task):
-    out, stats = built
+def test_train_grows_by_factor_with_labels_kept_and_dev_test_unchanged(bt_built, task):
+    out, stats = bt_built
     original, augmented = load_lmbff(None, task, 16, 13), load_lmbff(out, task, 16, 13)
     meta = shards.read_meta(f"{out}/{task}/16-13")
     n = len(original.train)
@@ -58,8 +41,8 @@ def test_train_grows_by_factor_with_labels_kept_and_dev_test_unchanged(built, ta
     assert stats["written"] == 2 and stats["missing"] == 0
 
 
-def test_rerun_skips_finished_splits_and_refuses_other_settings(built, marian):
-    out, _ = built
+def test_rerun_skips_finished_splits_and_refuses_other_settings(bt_built, marian):
+    out, _ = bt_built
     before = {p: p.read_bytes() for p in Path(out).rglob("*.jsonl")}
     again = bt.backtranslate(out, **marian, **SETTINGS)
     assert (again["written"], again["skipped"], again["splits"]) == (0, 2, 2)
@@ -110,16 +93,6 @@ def test_bad_input_is_a_config_error_before_ray_starts(marian, tiny_bert, tmp_pa
     with pytest.raises(ConfigError, match=message) as e:
         bt.backtranslate(str(tmp_path / "out"), **settings)
     assert "\n" not in str(e.value)
-
-
-def test_finetune_trains_on_the_backtranslated_root(built, tiny_bert, tmp_path, capsys):
-    out, _ = built
-    code = main(["finetune", f"data_dir={out}", "task=SST-2", f"model={tiny_bert}", "max_steps=2", "eval_every=2",
-                 "log_every=1", "batch_size=8", "max_length=48", f"output_dir={tmp_path}", "engine.num_workers=1"])
-    assert code == 0
-    record = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1].split("run record: ")[1]).read_text())
-    assert record["split"]["train"] == f"{out}/SST-2/16-13/train.jsonl"
-    assert record["split"]["backtranslated"]["factor"] == FACTOR and len(record["loss_curve"]) == 2
 
 
 def test_paper_configs_agree():

@@ -80,18 +80,16 @@ def test_a_resumed_prompt_tuning_engine_continues_exactly(tiny_bert, tmp_path):
         assert a == b and torch.equal(first.soft_prompt, second.soft_prompt)
 
 
-def test_ppt_pretrains_a_prompt_on_pairs_then_prompt_tuning_starts_from_it(pairs, tiny_roberta, tmp_path):
+def test_ppt_pretrains_a_prompt_on_pairs_then_prompt_tuning_starts_from_it(ppt_run, tiny_roberta, tmp_path):
     """PPT pre-training on the SMASH pairs (No/Maybe/Yes) with DeepSpeed ZeRO-2 in bf16 on 2
-    workers trains the soft prompt only and exports the frozen model's weights exactly (fp32,
-    not the bf16 module cast up); `finetune method=prompt-tuning init=` starts from that prompt,
-    trains it alone, and its export classifies through it (ONNX checked against PyTorch)."""
+    workers (`ppt_run`) trains the soft prompt only and exports the frozen model's weights
+    exactly (fp32, not the bf16 module cast up); `finetune method=prompt-tuning init=` starts
+    from that prompt, trains it alone, and its export classifies through it (ONNX checked
+    against PyTorch)."""
     from rayapp.ship.export import ExportConfig, classify
     from rayapp.ship.export import run as export
 
-    rec = ppt(PPTConfig(student=tiny_roberta, data=pairs, task="smash-pairs", prompt_tokens=4, batch_size=8,
-                        max_steps=3, checkpoint_every=3, log_every=1, output_dir=str(tmp_path / "runs"),
-                        engine=EngineConfig(engine="deepspeed", precision="bf16", zero_stage=2, num_workers=2,
-                                            cpus_per_worker=0.5, use_gpu=False)))
+    rec = ppt_run
     assert rec["recipe"] == "ppt" and rec["objective"] == "rule" and rec["step"] == 3
     assert rec["name"].startswith("ppt-rule")
     original = AutoModelForMaskedLM.from_pretrained(tiny_roberta).state_dict()
