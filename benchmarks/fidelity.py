@@ -25,8 +25,8 @@ SMASH's "Vanilla PPT": a 100-token soft prompt pre-trained (`rayapp ppt`, the pl
 frozen, PPT's lr 0.1) on the half's intermediate data with its labels, for as many steps at the
 same batch as the SMASH student, then prompt tuning from it ("ppt"); and PPT's own baseline,
 prompt tuning from a fresh prompt ("prompt-tuning"); both at PPT's downstream lr 0.05.
-SMASH Table 3's iPET rows: the teacher as PET's models, 3 generations of PET's 4 patterns (one
-model each; SMASH: three), each generation's labels over `IPET_UNLABELLED` pool examples per
+SMASH Table 3's iPET rows: the teacher as PET's models, 2 generations of PET's 4 patterns, one
+model each (SMASH: 3 generations, 3 models each), each generation's labels over `IPET_UNLABELLED` pool examples per
 label (SMASH: up to 10,000), and the plain student as the final classifier trained on the last
 generation's merged logits: standard FT ("ipet"), prompt FT ("ipet-pt"), and prompt FT from
 the SMASH student ("ipet-smash"); every trial at the sweep's one point and steps.
@@ -76,7 +76,7 @@ ROWS = ["zero-shot", "prompt-ft", "fine-tune", "smash-zero-shot", "smash", "dist
 PD_ROWS = ["prompt-kd", "prompt-distiller", "prompt-kd-smash", "prompt-distiller-smash"]
 PPT_ROWS = ["prompt-tuning", "ppt"]
 IPET_ROWS = ["ipet", "ipet-pt", "ipet-smash"]
-IPET_GENERATIONS = 3      # SMASH App. A.1: 3 generations of 4 patterns (x 3 models there, 1 here)
+IPET_GENERATIONS = 2      # SMASH App. A.1: 3 generations of 4 patterns x 3 models; here 2 x 4 x 1 (2 cores)
 IPET_UNLABELLED = 500     # unlabelled pool examples per label (SMASH: up to 10,000)
 DISTILL_BATCH = 16
 PROMPT_TUNING_LR = 0.05  # PPT's downstream lr (thu-coai/PPT scripts/*/few-shot/pt_pretrain.sh)

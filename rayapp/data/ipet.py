@@ -4,7 +4,7 @@ Shot Text Classification and Natural Language Inference", §3.3; PET's pet/model
 A generation is a set of PET models: prompt-based fine-tuning of one base model with each of
 a task's patterns (`registry.PET_PATTERNS`), several times each (sweep trials, `finetune
 pattern=P`). Between generations this module
-1. labels the unlabelled set with every model of the generation (`label_pool`: a Ray Data
+1. labels the unlabelled set with every model of the generation (`label_pools`: a Ray Data
    batch-inference job, an autoscaling actor pool with one model per call): each model's
    class logits over the set (its own pattern at the mask), and its PET weight, the
    accuracy its *untrained* base model reaches with its pattern on the training set T
@@ -53,6 +53,7 @@ from rayapp.errors import ConfigError, DataError
 from rayapp.tasks.prompts import Task, class_logits
 
 POOL = "pool.jsonl"
+WEIGHT = "rayapp_pet_weight"  # parquet metadata key of a model file: its PET weight
 SOFT_LABELS = "soft_labels.jsonl"
 
 
@@ -98,35 +99,65 @@ def draw_pool(split: FewShotSplit, task: Task, per_label: int, seed: int, pool: 
     return [Example(ex.text_a, ex.text_b, None) for ex in unseen]
 
 
+@dataclass(frozen=True)
+class Labelling:
+    """One generation's labels on one split: the folder, the models, the unlabelled set and T."""
+    out: str
+    models: list[PetModel]
+    pool: list[Example]
+    train: list[Example]
+    max_length: int
+
+    def plan(self) -> dict:
+        import dataclasses
+
+        return json.loads(json.dumps({
+            "stage": "ipet-labels", "max_length": self.max_length,
+            "models": {m.id: [m.checkpoint, m.init, dataclasses.asdict(m.pattern)] for m in self.models},
+            "pool_sha256": hashlib.sha256(json.dumps([[e.text_a, e.text_b] for e in self.pool]).encode()).hexdigest(),
+            "train": [[e.text_a, e.text_b, e.label] for e in self.train]}))
+
+
 class PoolLabeller:
-    """Ray Data actor: scores the unlabelled set (and T, with the untrained base model) with
-    the models of its calls and writes `model-<ID>.parquet` whole."""
+    """Ray Data actor: scores an unlabelled set (and T, with the untrained model) with the model
+    of each row and writes `model-<ID>.parquet` whole. A row names its folder, whose
+    `pool.jsonl` and `_plan.json` give the texts; the untrained models (one per pattern, the
+    same for every split) stay loaded across rows."""
 
-    def __init__(self, out: str, pool: list[Example], train: list[Example], max_length: int, batch_size: int):
-        self.out, self.max_length, self.batch_size = out, max_length, batch_size
-        self.pool = pa.table({"text_a": [e.text_a for e in pool], "text_b": [e.text_b for e in pool]})
-        self.train = pa.table({"text_a": [e.text_a for e in train], "text_b": [e.text_b for e in train]})
-        self.train_labels = [e.label for e in train]
+    def __init__(self, batch_size: int):
+        self.batch_size, self.inputs, self.untrained = batch_size, {}, {}
 
-    def _logits(self, model: str, task: Task, table: pa.Table) -> torch.Tensor:
-        from rayapp.modeling.scorer import TeacherScorer, actor_device
+    def _inputs(self, out: str) -> tuple[pa.Table, pa.Table, list]:
+        if out not in self.inputs:
+            train = json.loads(storage.read_text(storage.join(out, shards.PLAN)))["train"]
+            pool = _pool(out)
+            self.inputs[out] = (pa.table({"text_a": [e.text_a for e in pool], "text_b": [e.text_b for e in pool]}),
+                                pa.table({"text_a": [t[0] for t in train], "text_b": [t[1] for t in train]}),
+                                [t[2] for t in train])
+        return self.inputs[out]
 
-        scorer = TeacherScorer(model, task, self.max_length, actor_device())
+    def _logits(self, scorer, table: pa.Table) -> torch.Tensor:
         words = scorer.encoder.label_word_ids
         return scorer.score(scorer.encode(table), self.batch_size, lambda l: {"s": class_logits(l, words)})["s"]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from rayapp.modeling.scorer import fixed_lists
+        from rayapp.modeling.scorer import TeacherScorer, actor_device, fixed_lists
 
         entries = []
         for row in batch.to_pylist():
             task = Task(**json.loads(row["pattern"]))
-            before = self._logits(row["init"], task, self.train).argmax(-1).tolist()
-            weight = float(np.mean([task.labels[i] == label for i, label in zip(before, self.train_labels)]))
-            logits = self._logits(row["checkpoint"], task, self.pool)
-            table = pa.table({"logits": fixed_lists(logits, pa.float32())})
-            entry = shards.write_table(storage.join(self.out, model_file(row["id"])), table)
-            entries.append(json.dumps({"id": row["id"], "weight": weight, "entry": entry}))
+            pool, train, labels = self._inputs(row["out"])
+            key = (row["init"], row["pattern"], row["max_length"])
+            if key not in self.untrained:
+                self.untrained[key] = TeacherScorer(row["init"], task, row["max_length"], actor_device())
+            before = self._logits(self.untrained[key], train).argmax(-1).tolist()
+            weight = float(np.mean([task.labels[i] == label for i, label in zip(before, labels)]))
+            logits = self._logits(TeacherScorer(row["checkpoint"], task, row["max_length"], actor_device()), pool)
+            # the weight travels in the file: a resumed folder reads it back (`_weight`)
+            table = pa.table({"logits": fixed_lists(logits, pa.float32())}).replace_schema_metadata(
+                {WEIGHT: json.dumps(weight)})
+            entry = shards.write_table(storage.join(row["out"], model_file(row["id"])), table)
+            entries.append(json.dumps({"out": row["out"], "id": row["id"], "weight": weight, "entry": entry}))
         return pa.table({"done": entries})
 
 
@@ -134,42 +165,49 @@ def model_file(model_id: str) -> str:
     return f"model-{model_id}.parquet"
 
 
-def label_pool(out: str, models: list[PetModel], pool: list[Example], train: list[Example], cfg: IPetConfig,
-               max_length: int) -> dict:
-    """Label `pool` with every model of a generation into `out` (module docstring); resumable.
-    Returns the folder's `_meta.json`."""
+def _weight(out: str, model_id: str) -> float | None:
+    """The PET weight a model's file records, None for a file without one."""
+    with shards.open_shard(storage.join(out, model_file(model_id))) as f:
+        value = (f.schema_arrow.metadata or {}).get(WEIGHT.encode())
+    return None if value is None else json.loads(value)
+
+
+def label_pools(jobs: list[Labelling], cfg: IPetConfig) -> None:
+    """Label every job's unlabelled set with its models (module docstring), all of them in one
+    Ray Data job; resumable per folder and model (a finished folder is skipped, a model's file
+    that exists is kept)."""
     import dataclasses
 
     import ray
 
     from rayapp.modeling.scorer import default_batch_size, pool_args
 
-    plan = {"stage": "ipet-labels", "models": {m.id: [m.checkpoint, m.init, dataclasses.asdict(m.pattern)] for m in models},
-            "pool_sha256": hashlib.sha256(json.dumps([[e.text_a, e.text_b] for e in pool]).encode()).hexdigest(),
-            "train": [[e.text_a, e.text_b, e.label] for e in train], "max_length": max_length}
-    meta = shards.read_meta(out)
-    if meta is not None and meta.get("plan") == json.loads(json.dumps(plan)):
-        return meta
-    done = shards.begin(out, plan, "iPET generation's labels")
-    storage.write_text(storage.join(out, POOL), "".join(json.dumps({"text_a": e.text_a, "text_b": e.text_b}) + "\n"
-                                                        for e in pool))
-    todo = [m for m in models if model_file(m.id) not in done]
+    pending, rows = [], []
+    for job in jobs:
+        meta = shards.read_meta(job.out)
+        if meta is not None and meta.get("plan") == job.plan():
+            continue
+        done = shards.begin(job.out, job.plan(), "iPET generation's labels")
+        write_examples(storage.join(job.out, POOL), job.pool)
+        kept = {m.id: w for m in job.models if model_file(m.id) in done and (w := _weight(job.out, m.id)) is not None}
+        pending.append((job, kept))
+        rows += [{"out": job.out, "id": m.id, "checkpoint": m.checkpoint, "init": m.init,
+                  "pattern": json.dumps(dataclasses.asdict(m.pattern)), "max_length": job.max_length}
+                 for m in job.models if m.id not in kept]
     results = {}
-    if todo:
+    if rows:
         env.start_ray()
-        rows = [{"id": m.id, "checkpoint": m.checkpoint, "init": m.init,
-                 "pattern": json.dumps(dataclasses.asdict(m.pattern))} for m in todo]
         found = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            PoolLabeller, fn_constructor_kwargs={
-                "out": out, "pool": pool, "train": train, "max_length": max_length,
-                "batch_size": cfg.batch_size or default_batch_size(cfg.use_gpu)},
+            PoolLabeller, fn_constructor_kwargs={"batch_size": cfg.batch_size or default_batch_size(cfg.use_gpu)},
             **pool_args(cfg.num_actors, cfg.use_gpu)).take_all()
-        results = {r["id"]: r for r in (json.loads(row["done"]) for row in found)}
-    old = {m["id"]: m for m in (meta or {}).get("models", [])}
-    weights = {m.id: results[m.id]["weight"] if m.id in results else old[m.id]["weight"] for m in models}
-    return shards.write_meta(out, {"files": [model_file(m.id) for m in models], "plan": plan, "pool": len(pool),
-                                   "models": [{"id": m.id, "weight": weights[m.id]} for m in models]},
-                             {model_file(i): r["entry"] for i, r in results.items()})
+        results = {(r["out"], r["id"]): r for r in (json.loads(row["done"]) for row in found)}
+    for job, kept in pending:
+        weights = {m.id: results[job.out, m.id]["weight"] if (job.out, m.id) in results else kept[m.id]
+                   for m in job.models}
+        shards.write_meta(job.out, {"files": [model_file(m.id) for m in job.models], "plan": job.plan(),
+                                    "pool": len(job.pool),
+                                    "models": [{"id": m.id, "weight": weights[m.id]} for m in job.models]},
+                          {model_file(i): r["entry"] for (out, i), r in results.items() if out == job.out})
 
 
 def _logits(out: str, meta: dict, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ from rayapp.data.fewshot import load_lmbff
 from rayapp.errors import DataError
 from rayapp.modeling.models import portable_model
 from rayapp.recipes.finetune import find_task
+from rayapp.tasks.prompts import Task
 from rayapp.sweep.methods import _placeholders
 from rayapp.sweep.spec import SweepConfig
 
@@ -63,21 +64,32 @@ def generation_index(cfg: SweepConfig, method: str) -> int:
 
 
 def prepare(cfg: SweepConfig, phase: int, read_records: Callable[[], dict[str, dict]]) -> None:
-    """Write what the phase's `{ipet:}` / `{soft:}` placeholders name (module docstring);
+    """Write what the phase's `{ipet:}` / `{soft:}` placeholders name (module docstring): every
+    generation they read is labelled on every (task, split) in one Ray Data job.
     `read_records()` gives the sweep's run records ({uri: record}), read only when needed."""
-    links = {m: _links(cfg, m) for m in cfg.phases[phase]}
-    if not any(links.values()):
+    wanted = [(kind, generation, method, task, seed) for method in cfg.phases[phase]
+              for kind, generation in _links(cfg, method) for task in cfg.tasks
+              for seed in cfg.method_seeds(method, task)]
+    if not wanted:
         return
     records = read_records()
-    for method, found in links.items():
-        for kind, generation in found:
-            for task in cfg.tasks:
-                for seed in cfg.method_seeds(method, task):
-                    _write(cfg, kind, generation, method, task, seed, records)
+    jobs = {(g, task, seed): _labelling(cfg, g, task, seed, records) for _, g, _, task, seed in wanted}
+    ipet.label_pools([job for job, _ in jobs.values()], cfg.ipet)
+    for kind, generation, method, task, seed in wanted:
+        job, base = jobs[generation, task, seed]
+        if kind == "soft":
+            ipet.write_examples(fill(cfg, kind, generation, {"task": task, "seed": seed}),
+                                ipet.soft_label_set(job.out, cfg.ipet))
+            continue
+        index = generation_index(cfg, generation)
+        for trial in (t for t in cfg.trials() if (t["method"], t["task"], t["seed"]) == (method, task, seed)):
+            examples = ipet.next_train_set(job.out, model_id(trial["point"]), job.train, base, index, cfg.ipet)
+            ipet.write_examples(fill(cfg, kind, generation, trial), examples)
 
 
-def _write(cfg: SweepConfig, kind: str, generation: str, method: str, task: str, seed: int,
-           records: dict[str, dict]) -> None:
+def _labelling(cfg: SweepConfig, generation: str, task: str, seed: int,
+               records: dict[str, dict]) -> tuple[ipet.Labelling, Task]:
+    """What labelling `generation`'s models on (task, split) takes, and the task."""
     trials = {model_id(t["point"]): t for t in cfg.trials() if (t["method"], t["task"], t["seed"]) == (generation, task, seed)}
     runs = {model_id(rec["sweep"]["point"]): rec for rec in records.values()
             if rec.get("status") == "done" and isinstance(rec.get("sweep"), dict)
@@ -85,23 +97,13 @@ def _write(cfg: SweepConfig, kind: str, generation: str, method: str, task: str,
     missing = sorted(set(trials) - set(runs))
     if missing:
         raise DataError(f"iPET generation {generation} on {task} split {seed}: models {missing} did not finish, "
-                        f"so {method} cannot be labelled from it; fix them and `rayapp sweep --resume`")
-    models, max_length = [], None
+                        "so the next phase cannot be labelled from it; fix them and `rayapp sweep --resume`")
+    models = []
     for mid, trial in trials.items():
         rc = cfg.recipe_config(trial, "labels", lambda p: f"<{p}>")
-        max_length = rc.max_length
         models.append(ipet.PetModel(mid, runs[mid]["checkpoint"], portable_model(rc.init or rc.model),
                                     rc.resolve_task()))
     base = find_task(rc.task, rc.tasks_file, rc.lmbff_exact)
     split = load_lmbff(rc.data_dir, base, k=rc.k, seed=seed)
-    folder = labels_dir(cfg, generation, task, seed)
     pool = ipet.draw_pool(split, base, cfg.ipet.unlabelled_per_label, cfg.ipet.seed)
-    ipet.label_pool(folder, models, pool, split.train, cfg.ipet, max_length)
-    if kind == "soft":
-        ipet.write_examples(fill(cfg, kind, generation, {"task": task, "seed": seed}),
-                            ipet.soft_label_set(folder, cfg.ipet))
-        return
-    index = generation_index(cfg, generation)
-    for trial in (t for t in cfg.trials() if (t["method"], t["task"], t["seed"]) == (method, task, seed)):
-        examples = ipet.next_train_set(folder, model_id(trial["point"]), split.train, base, index, cfg.ipet)
-        ipet.write_examples(fill(cfg, kind, generation, trial), examples)
+    return ipet.Labelling(labels_dir(cfg, generation, task, seed), models, pool, split.train, rc.max_length), base
