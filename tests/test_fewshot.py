@@ -19,6 +19,8 @@ from rayapp.data.fewshot import (
     Columns,
     Example,
     _hf_table,
+    draw_lmbff_split,
+    holds_split,
     load_lmbff,
     make_splits,
     read_table,
@@ -149,6 +151,40 @@ def test_make_splits_writes_and_load_lmbff_reads_back(tmp_path):
 def test_make_splits_default_seeds_are_lmbff():
     pool = [Example(f"s{i}", None, str(i % 2)) for i in range(20)]
     assert [s.seed for s in make_splits(pool, pool[:1], "SST-2", k=2)] == list(SEEDS) == [13, 21, 42, 87, 100]
+
+
+def test_lmbff_procedure_gives_lmbffs_published_sst2_splits(tmp_path):
+    """LM-BFF's SST-2 splits come from its original train file (6,920 sentences), which the
+    local assets lack; `shared/data/glue/SST-2/train.tsv` cannot give them (ALPS's 60,614-row
+    re-split of GLUE's 67,349 phrases, in another order: numpy's shuffle of n rows depends on n
+    and the order). tests/data holds that file's row order and labels (from a public copy) and
+    where each published split's line sits in it: a table of that shape, the published
+    sentences at their rows, must give back LM-BFF's train.tsv and dev.tsv line for line."""
+    original = json.loads((REPO_ROOT / "tests" / "data" / "lmbff_sst2_train_order.json").read_text())
+    published = {seed: load_lmbff(None, "SST-2", 16, seed) for seed in SEEDS}
+    text = {row: ex.text_a for seed, where in original["positions"].items() for part in ("train", "dev")
+            for row, ex in zip(where[part], getattr(published[int(seed)], part))}
+    rows = [f"{text.get(i, f'sentence {i} of the original train set')}\t{label}"
+            for i, label in enumerate(original["labels"])]
+    train = write(tmp_path / "train.tsv", "sentence\tlabel\n" + "\n".join(rows) + "\n")
+    for seed in SEEDS:
+        drawn = draw_lmbff_split(None, "SST-2", 16, seed, str(tmp_path / "out"), train=str(train))
+        assert (drawn.train, drawn.dev, drawn.test) == (published[seed].train, published[seed].dev, published[seed].test)
+        assert drawn.source["pool"] == str(train) and drawn.source["pool_kind"] == "original train set"
+
+
+def test_a_missing_k_is_drawn_from_the_pool_once(tmp_path):
+    """K=32 is not in the assets: drawn from the labelled pool beside them (its source says so),
+    test = the 16-shot split's test file; a second call reads the written split back."""
+    out = str(tmp_path / "splits")
+    assert holds_split(None, "SST-2", 16, 13) and not holds_split(None, "SST-2", 32, 13)
+    split = draw_lmbff_split(None, "SST-2", 32, 13, out)
+    assert collections.Counter(ex.label for ex in split.dev) == {"0": 32, "1": 32} and holds_split(out, "SST-2", 32, 13)
+    assert split.source["pool"].endswith("pool/SST-2/train.json") and "not the split LM-BFF" in split.source["pool_kind"]
+    assert split.source["test"].endswith("16-13/test.tsv") and split.test == load_lmbff(None, "SST-2", 16, 13).test
+    assert draw_lmbff_split(None, "SST-2", 32, 13, out, train="/nowhere.tsv").train == split.train
+    with pytest.raises(DataError, match=r"SST-2 split 4000-13 from .*train.json: task SST-2: label '\d' has \d+ usable"):
+        draw_lmbff_split(None, "SST-2", 4000, 13, out)
 
 
 CLEAN = [("a good film", "1"), ('he said "fine", then left', "0")]

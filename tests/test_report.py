@@ -203,3 +203,44 @@ def test_cells_say_how_many_splits_they_are_over(tmp_path):
     # one count for every cell: said once, no n= on the cells
     uniform = report.write([_write(tmp_path / "u", RUNS)], str(tmp_path / "out2"))["markdown"]
     assert "Cells: test metric x100, mean (std) over 2 few-shot splits." in uniform and "n=" not in uniform
+
+
+def test_an_axis_sweep_gets_a_table_per_point_and_a_line_per_method(tmp_path):
+    """Selection by dev inside each K; a table per K; the figure's series are (K, mean, std)
+    of the complete cells, a K with a gap left out of its line; tables and figure follow the
+    config's first table (PD's Figure 2 draws two of its methods)."""
+    from matplotlib.image import imread
+
+    from rayapp.config import build
+    from rayapp.sweep import spec
+
+    cfg = build(spec.SweepConfig, {
+        "name": "k", "storage": str(tmp_path), "tasks": ["RTE"], "seeds": [13, 21], "grid": {"lr": [1, 2]},
+        "methods": {"A": {"label": "method A"}, "B": {}, "T": {}}, "tables": [{"name": "fig", "rows": ["A", "B"]}],
+        "axis": {"key": "k", "title": "K", "values": [16, 32, 64]}})
+    spec.save(cfg)
+    tests = {("A", 16): (0.5, 0.7), ("A", 32): (0.6, 0.8), ("A", 64): (0.9, 0.9), ("B", 16): (0.4, 0.4),
+             ("B", 32): (0.5, 0.7)}  # B at K=64: seed 21 failed
+    runs = []
+    for (m, k), by_seed in tests.items():
+        for seed, test in zip((13, 21), by_seed):
+            # lr=2 is best on dev (0.8 > 0.2) and carries the test; lr=1's test would be 0.0
+            for lr, dev, t in ((1, 0.2, 0.0), (2, 0.8, test)):
+                runs.append({**_record(m, "RTE", seed, lr, dev, t), "name": f"{m}-k{k}-s{seed}-lr{lr}"})
+                runs[-1]["sweep"]["axis"] = f"k{k}"
+    runs += [{**_record("B", "RTE", 13, lr, 0.5, 0.5), "name": f"B-k64-s13-lr{lr}"} for lr in (1, 2)]
+    for r in runs[-2:]:
+        r["sweep"]["axis"] = "k64"
+    _write(tmp_path / "k", runs)
+    out = report.write([str(tmp_path / "k")], str(tmp_path / "out"))
+    assert _cells((tmp_path / "out" / "fig-k32.md").read_text())["method A", "RTE (acc)"] == "**70.0 (10.0)**"
+    assert "B / RTE: 1/2 splits; seed 21: lr=1 missing" in (tmp_path / "out" / "fig-k64.md").read_text()
+    series = report.axis_series(report.gather([str(tmp_path / "k")]))
+    assert series == {"RTE": {"A": [(16.0, 60.0, 10.0), (32.0, pytest.approx(70.0), pytest.approx(10.0)),
+                                    (64.0, 90.0, 0.0)],
+                              "B": [(16.0, 40.0, 0.0), (32.0, 60.0, pytest.approx(10.0))]}}
+    assert imread(tmp_path / "out" / "axis.png").shape[0] > 100
+    assert not (tmp_path / "out" / "dev_curves.png").exists()
+    sel = list(csv.DictReader((tmp_path / "out" / "selected.csv").open()))
+    assert {(r["method"], r["axis"], r["seed"]) for r in sel if r["chosen"] == "yes"} >= {("A", "k64", "21")}
+    assert str(tmp_path / "out" / "fig-k16.csv") in out["files"]

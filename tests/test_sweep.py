@@ -24,6 +24,7 @@ from rayapp.assets import asset
 from rayapp.cli import main
 from rayapp.config import build, load_config
 from rayapp.errors import ConfigError, DataError, PromptError
+from rayapp.sweep import spec
 from rayapp.sweep import tune as sweep
 from rayapp.sweep.spec import SweepConfig
 from rayapp.train.records import read_records, write_record
@@ -106,6 +107,79 @@ def test_bad_sweep_configs_are_one_line_errors(tmp_path, kw, match):
         return
     with pytest.raises(ConfigError, match=match):
         _sweep(tmp_path, **kw)
+
+
+# --- an axis: a key swept outside the grid, a result per value ----------------------------------
+
+def test_an_axis_plans_a_result_per_value_with_its_overrides(tmp_path):
+    """Every axis value is its own set of trials (not a candidate of the grid), with the
+    overrides that go with it; `{best:}` and `{k}` read the trial's own point."""
+    cfg = _sweep(tmp_path, seeds=[13, 21], methods={"teacher": {"method": "prompt", "model": "big"},
+                                                    "kd": {"method": "prompt", "teacher": "{best:teacher}"}},
+                 axis={"key": "k", "values": [16, 32], "overrides": [{"max_steps": 1000}, {"max_steps": 2000}]})
+    trials = cfg.trials()
+    assert len(trials) == 2 * 2 * 2 * 2  # methods x K x splits x grid points
+    assert [(t["axis"], t["seed"], t["method"]) for t in trials[:5:2]] == \
+           [("k16", 13, "teacher"), ("k16", 13, "kd"), ("k16", 21, "teacher")]
+    kd32 = {"method": "kd", "task": "SST-2", "seed": 21, "point": {"lr": 1e-3}, "axis": "k32"}
+    rc = cfg.recipe_config(kd32, "n", lambda p: p)
+    assert (rc.k, rc.max_steps, rc.lr, rc.teacher) == (32, 2000, 1e-3, "best:teacher")
+    assert (cfg.recipe_config({**kd32, "axis": "k16"}, "n", lambda p: p).k, sweep._filler(cfg, kd32)("k")) == (16, 32)
+    assert sweep.run_name(kd32, "t1") == "kd-SST-2-s21-k32-t1"
+    # {best:teacher} at K=32 is the teacher's best run at K=32, not at K=16
+    for axis in ("k16", "k32"):
+        for lr in (1e-4, 1e-3):
+            write_record(cfg.experiment, {"name": f"teacher-{axis}-{lr}", "status": "done", "task": "SST-2", "seed": 21,
+                                          "metric": "acc", "best_dev": lr, "test": 0.5, "checkpoint": f"/{axis}-{lr}",
+                                          "sweep": {"method": "teacher", "task": "SST-2", "seed": 21,
+                                                    "point": {"lr": lr}, "axis": axis}})
+    assert sweep._filler(cfg, kd32)("best:teacher") == "/k32-0.001"
+
+
+def test_shipped_figure_configs_carry_the_papers_schedules_and_prompts():
+    fig4 = load_config(SweepConfig, CONFIGS / "sweep-smash-fig4.yaml")
+    steps = {t["axis"]: fig4.recipe_config(t, "x", sweep._unfilled).max_steps for t in fig4.trials()}
+    assert steps == {"k16": 1000, "k32": 1000, "k64": 2000, "k128": 2000, "k256": 4000}  # SMASH App. A.1
+    fig3 = load_config(SweepConfig, CONFIGS / "sweep-smash-fig3.yaml")
+    auto1 = {(t["task"], t["seed"]): fig3.recipe_config(t, "x", sweep._unfilled).resolve_task().template
+             for t in fig3.trials() if t["axis"] == "auto-T1"}
+    # LM-BFF auto_template/SST-2/16-13.sort.txt line 1: *cls**sent_0*_And_that_is*mask*.*sep+*
+    assert auto1["SST-2", 13] == "{x0} And that is {mask}." and len(set(auto1.values())) > 2
+    words = load_config(SweepConfig, CONFIGS / "sweep-smash-fig3-verbalizers.yaml")
+    l1 = next(t for t in words.trials() if (t["task"], t["seed"], t["axis"]) == ("MNLI", 13, "auto-L1"))
+    # auto_label_mapping/MNLI/16-13.sort.txt line 1
+    assert words.recipe_config(l1, "x", sweep._unfilled).resolve_task().verbalizer == \
+           {"contradiction": "Alternatively", "entailment": "Similarly", "neutral": "Additionally"}
+
+
+@pytest.mark.parametrize("axis, kw, match", [
+    ({"key": "nope", "values": [1]}, {}, r"axis\.key 'nope' is no config key of recipe 'finetune' \(method 'prompt'\)"),
+    ({"key": "k", "values": []}, {}, r"axis\.values must be a non-empty list"),
+    ({"key": "template", "values": {"SST-2": []}}, {}, r"axis\.values must be a non-empty list"),
+    ({"key": "lr", "values": [1e-4]}, {}, r"the grid varies \['lr'\], which the axis sets"),
+    ({"key": "k", "values": [16], "overrides": [{"lr": 1}]}, {}, r"the grid varies \['lr'\], which the axis sets"),
+    ({"key": "template", "values": ["{x0} It was {mask}."]}, {"methods": {"a": {"template": "{x0} {mask}."}}},
+     r"method 'a' sets or varies \['template'\], which the axis sets per value"),
+    ({"key": "seed", "values": [1]}, {}, r"axis\.key 'seed' is set by the sweep for every trial"),
+    ({"key": "k", "values": [16, 32], "overrides": [{"max_steps": 1}]}, {}, r"axis\.overrides has 1 entries for 2 values"),
+    ({"key": "k", "values": [16.5]}, {}, r"axis k: values must be positive integers"),
+    ({"key": "template", "values": [{"by_seed": {13: "{x0} A {mask} one."}}]}, {},
+     r"by_seed has no value for split 21"),
+    ({"key": "template", "values": {"RTE": ["{x0} A {mask} one."]}}, {}, r"axis\.values has no values for task SST-2"),
+])
+def test_bad_axis_configs_are_one_line_errors(tmp_path, axis, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        _sweep(tmp_path, axis=axis, **kw)
+
+
+def test_a_k_the_pool_cannot_give_is_refused_before_ray_starts(tmp_path, capsys):
+    cfg_file = tmp_path / "s.yaml"
+    cfg_file.write_text(yaml.safe_dump({"name": "s", "storage": str(tmp_path / "runs"), "tasks": ["SST-2"], "seeds": [13],
+                                        "grid": {}, "methods": {"prompt": {"method": "prompt"}},
+                                        "axis": {"key": "k", "values": [16, 4000]}}))
+    err = _cli_error(capsys, ["sweep", "--config", str(cfg_file)])
+    assert re.search(r"axis k=4000: SST-2 split 4000-13 from .*pool/SST-2/train.json: task SST-2: label '\d' has \d+ "
+                     r"usable examples .* needs 8000 .*original_data\.SST-2", err), err
 
 
 def _cli_error(capsys, args) -> str:
@@ -456,3 +530,67 @@ def test_a_killed_one_worker_trial_resumes_from_its_checkpoint(ray_cluster, tiny
     assert 0 < killed_after == resumed_at < steps  # from the checkpoint committed when it was killed
     assert [first for first, _ in rec["nodes"]] == [0, resumed_at]
     assert rec["dev_curve"][0][0] == 0 and len(rec["dev_curve"]) == steps // 10 + 1
+
+
+# --- axis sweeps through Tune ------------------------------------------------------------------
+
+def _small_root(tmp_path) -> Path:
+    """LM-BFF's SST-2 16-shot splits 13 and 21 with a 40-example test set, and a 400-row pool
+    beside them: a K=32 split can be drawn and every evaluation is quick."""
+    root = tmp_path / "fewshot"
+    for seed in (13, 21):
+        folder = root / "k-shot" / "SST-2" / f"16-{seed}"
+        folder.mkdir(parents=True)
+        source = asset("fewshot", "k-shot", "SST-2", f"16-{seed}")
+        for name in ("train.tsv", "dev.tsv"):
+            shutil.copy(source / name, folder)
+        (folder / "test.tsv").write_text("".join((source / "test.tsv").read_text().splitlines(keepends=True)[:41]))
+    pool = json.loads(asset("fewshot", "pool", "SST-2", "train.json").read_text())
+    (root / "pool" / "SST-2").mkdir(parents=True)
+    (root / "pool" / "SST-2" / "train.json").write_text(json.dumps({k: pool[k] for k in list(pool)[:400]}))
+    return root / "k-shot"
+
+
+def test_a_k_axis_sweep_runs_and_reports_a_table_per_k_and_the_figure(ray_cluster, tiny_bert, tmp_path):
+    """K in {16, 32}: 16 is LM-BFF's split, 32 is drawn from the pool before the trials (under
+    the experiment, where the trials read it) and runs its own steps; the report has a table
+    per K and report.html the line figure, whose series are the records' mean (std) per K."""
+    from rayapp.sweep import report
+
+    data = _small_root(tmp_path)
+    cfg = _sweep(tmp_path, grid={}, base={"model": tiny_bert, "data_dir": str(data), "eval_every": 1,
+                                         "batch_size": 4, "eval_batch_size": 64},
+                 methods={"prompt": {"method": "prompt", "label": "prompt FT"}},
+                 axis={"key": "k", "title": "K", "values": [16, 32], "overrides": [{"max_steps": 2}, {"max_steps": 3}]})
+    assert sweep.run(cfg)["done"] == 4
+    exp = Path(cfg.experiment)
+    assert sorted(spec.load(str(exp)).made_splits) == ["SST-2/32-13", "SST-2/32-21"]
+    records = [json.loads(f.read_text()) for f in (exp / "records").glob("*.json")]
+    by_k = {k: [r for r in records if r["sweep"]["axis"] == f"k{k}"] for k in (16, 32)}
+    assert all(r["k"] == k and r["config"]["max_steps"] == k // 16 + 1 and r["step"] == k // 16 + 1
+               for k, rs in by_k.items() for r in rs)
+    assert all(r["split"]["pool"] == str(data.parent / "pool" / "SST-2" / "train.json") and
+               r["split"]["train"].startswith(str(exp / "splits")) for r in by_k[32])
+    assert all(r["split"]["test"].endswith("16-13/test.tsv") or r["split"]["test"].endswith("16-21/test.tsv")
+               for r in by_k[32])
+    out = report.write([str(exp)], str(tmp_path / "report"))
+    names = {Path(f).name for f in out["files"]}
+    assert {"table-k16.md", "table-k32.md", "table-k16.csv", "axis.png", "report.html"} <= names
+    series = report.axis_series(report.gather([str(exp)]))
+    expected = [(float(k), float(np.mean([100 * r["test"] for r in rs])), float(np.std([100 * r["test"] for r in rs])))
+                for k, rs in by_k.items()]
+    assert list(series) == ["SST-2"] and list(series["SST-2"]) == ["prompt"]
+    assert np.allclose(series["SST-2"]["prompt"], expected)
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "Test metric vs K" in html and html.count("data:image/png;base64,") == 1 and "(K = 32)" in html
+
+
+def test_a_template_axis_runs_each_template(ray_cluster, tiny_bert, tmp_path):
+    templates = ["{x0} It was {mask}.", "{x0} A {mask} one."]
+    cfg = _sweep(tmp_path, seeds=[13], grid={}, methods={"zero-shot": {"method": "zero-shot"}},
+                 base={"model": tiny_bert, "data_dir": str(_small_root(tmp_path)), "eval_batch_size": 64},
+                 axis={"key": "template", "values": templates})
+    assert sweep.run(cfg)["done"] == 2
+    records = read_records(cfg.experiment).values()
+    assert {(r["sweep"]["axis"], r["config"]["template"]) for r in records} == \
+           {("template1", templates[0]), ("template2", templates[1])}

@@ -4,7 +4,7 @@ A split is K examples per label for train and K per label for dev, both drawn fr
 original train set, with the original dev set as test; five seeds (13 21 42 87 100) give
 five splits, and results are reported as mean (std) over them.
 
-Two ways to get splits:
+Three ways to get splits:
 - `load_lmbff(root, task, k, seed)` reads LM-BFF's published layout
   `ROOT/TASK/K-SEED/{train,dev,test}.{tsv,csv}`. The file formats differ per task (GLUE TSVs
   with headers, headerless `label,sentence` CSVs, ...); `LMBFF_FORMATS` holds that knowledge.
@@ -14,6 +14,14 @@ Two ways to get splits:
   writes a split made from another (`rayapp backtranslate`) puts a `_meta.json` beside the
   files; its `source` entries (what was done, where the test set came from) go into the
   loaded split's `source`.
+- `draw_lmbff_split(root, task, k, seed, out)` draws a split of a K the root lacks (a sweep's
+  K axis, `rayapp.sweep.axis`) from the task's original train set, as LM-BFF's
+  tools/generate_k_shot_data.py does, test = the original dev set, and writes it with its
+  provenance. From LM-BFF's own original train file that gives LM-BFF's published splits row
+  for row (tests/test_fewshot.py, SST-2's five seeds). The local assets do not hold that file:
+  `shared/data/glue/SST-2` is a re-split of GLUE's 67,349 phrases (LM-BFF's SST-2 has 6,920
+  sentences), and `pool/` a part of the original train sets, so splits drawn here are LM-BFF's
+  procedure on other rows, and their `source` says which.
 
 Every table goes through one path: `read_table` turns TSV/CSV/JSONL/JSON/parquet/`hf://` into
 header names + positional rows, `Columns` picks text_a/text_b/label by header name or by
@@ -34,8 +42,9 @@ Decisions worth knowing:
   its test set came from (`TEST_SOURCES`, a label a report prints beside such cells) and
   `source["test_fallback"]` is True for the pool. MNLI-mm has no stand-in and refuses: it is
   MNLI scored on genres MNLI's train set lacks, so a pool test set would silently make it MNLI.
-- Sampling uses `random.Random(seed)` over the pool in file order, so a split depends on the
-  seed and the data only (not on PYTHONHASHSEED or dict order).
+- Sampling is LM-BFF's own (`sample_fewshot`: numpy's seeded shuffle of the pool in file
+  order), so a split depends on the seed and the data only (not on PYTHONHASHSEED or dict
+  order), and LM-BFF's original train file gives LM-BFF's splits.
 """
 from __future__ import annotations
 
@@ -43,14 +52,16 @@ import csv
 import io
 import json
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 from rayapp import storage
 from rayapp.assets import fewshot_dir
-from rayapp.data.shards import read_meta
-from rayapp.data.formats import TABLE_FORMATS, bad_line_error, check_on_bad_lines, detect_format, load_hf, warn_skipped
+from rayapp.data.shards import META, read_meta
+from rayapp.data.formats import (TABLE_FORMATS, bad_line_error, check_on_bad_lines, detect_format, load_hf,
+                                 suffix_format, warn_skipped)
 from rayapp.errors import DataError
 from rayapp.tasks.prompts import Task
 from rayapp.tasks.registry import get_task
@@ -159,20 +170,9 @@ def load_lmbff(
     """
     task = _task(task)
     root = str(root) if root is not None else fewshot_dir("k-shot")
-    seed_dir = storage.join(root, task.name, f"{k}-{seed}")
-    folder = task.name
-    derived = {}  # a split folder a stage made from another split says so in its _meta.json
-    if storage.is_file(storage.join(seed_dir, "train.jsonl")):
-        files = {split: storage.join(seed_dir, f"{split}.jsonl") for split in SPLITS}
-        columns, header = example_columns(task), True
-        derived = (read_meta(seed_dir) or {}).get("source", {})
-    else:
-        fmt = lmbff_format(task)
-        folder = fmt.folder or task.name
-        seed_dir = storage.join(root, folder, f"{k}-{seed}")
-        stems = {"train": "train", "dev": fmt.dev, "test": fmt.test}
-        files = {split: storage.join(seed_dir, f"{stem}.{fmt.ext}") for split, stem in stems.items()}
-        columns, header = fmt.columns, fmt.header
+    seed_dir, files, columns, header, folder = _split_files(root, task, k, seed)
+    # a split folder a stage made from another split (or drew from a pool) says so in its _meta.json
+    derived = (read_meta(seed_dir) or {}).get("source", {}) if files["train"].endswith(".jsonl") else {}
     hint = f"expected LM-BFF's {k}-shot layout ROOT/TASK/{k}-SEED/ or rayapp's from make_splits"
     for split in ("train", "dev"):
         if not storage.is_file(files[split]):
@@ -190,6 +190,32 @@ def load_lmbff(
         source.update(test=pool_file, test_source=TEST_SOURCES["pool"], test_fallback=True, test_note=note)
     source.update(derived)
     return FewShotSplit(task.name, k, seed, train, dev, test, source)
+
+
+def _split_files(root: str, task: Task, k: int, seed: int) -> tuple[str, dict[str, str], Columns, bool, str]:
+    """Split (k, seed) under `root`: its folder, train/dev/test files, their columns, whether
+    they have a header, and the task's folder: rayapp's JSONL layout when its train.jsonl is
+    there, else LM-BFF's per-task files."""
+    seed_dir = storage.join(root, task.name, f"{k}-{seed}")
+    if storage.is_file(storage.join(seed_dir, "train.jsonl")):
+        files = {split: storage.join(seed_dir, f"{split}.jsonl") for split in SPLITS}
+        return seed_dir, files, example_columns(task), True, task.name
+    fmt = lmbff_format(task)
+    folder = fmt.folder or task.name
+    seed_dir = storage.join(root, folder, f"{k}-{seed}")
+    stems = {"train": "train", "dev": fmt.dev, "test": fmt.test}
+    files = {split: storage.join(seed_dir, f"{stem}.{fmt.ext}") for split, stem in stems.items()}
+    return seed_dir, files, fmt.columns, fmt.header, folder
+
+
+def holds_split(root: str | Path | None, task: Task | str, k: int, seed: int) -> bool:
+    """Whether the k-shot `root` (None: the assets') has split (k, seed) of `task`, in either layout."""
+    task = _task(task)
+    try:
+        _, files, *_ = _split_files(str(root) if root is not None else fewshot_dir("k-shot"), task, k, seed)
+    except DataError:  # a user's task (no LM-BFF format) without rayapp's layout there
+        return False
+    return storage.is_file(files["train"])
 
 
 def sibling(root: str, name: str) -> str:
@@ -472,16 +498,24 @@ def _label(value, task: Task, where: str) -> str | float:
 
 
 def sample_fewshot(pool: list[Example], task: Task | str, k: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, dev), K per label each, disjoint, drawn from `pool` (LM-BFF: shuffle, then the
-    first K of each label go to train and the next K to dev). Output is grouped by label."""
+    """(train, dev), K per label each, disjoint, drawn from `pool` as LM-BFF's
+    tools/generate_k_shot_data.py draws them: `np.random.seed(seed)`, the pool's rows shuffled
+    in file order with numpy's legacy shuffle, then per label (in the order labels first occur
+    in the shuffled rows) its first K rows go to train and the next K to dev; both are grouped
+    by label in that order. From LM-BFF's original train file this gives LM-BFF's published
+    splits row for row (tests/test_fewshot.py). One difference: a row with empty text is
+    passed over after the shuffle (module docstring), where LM-BFF would take it."""
     task = _task(task)
     if k < 1:
         raise DataError(f"k must be at least 1, got {k}")
-    shuffled = [ex for ex in pool if _has_text(ex)]
-    random.Random(seed).shuffle(shuffled)
-    groups: dict[str, list[Example]] = {group: [] for group in _groups(task)}
-    for ex in shuffled:
-        groups[_group(ex, task)].append(ex)
+    order = list(range(len(pool)))  # a list, as LM-BFF shuffles its list of lines
+    np.random.RandomState(seed).shuffle(order)
+    groups: dict[str, list[Example]] = {}
+    for ex in (pool[i] for i in order):
+        members = groups.setdefault(_group(ex, task), [])
+        if _has_text(ex):
+            members.append(ex)
+    groups.update({group: [] for group in _groups(task) if group not in groups})  # a label the pool lacks
     for group, members in groups.items():
         if len(members) < 2 * k:
             raise DataError(
@@ -533,8 +567,7 @@ def make_splits(
     task = _task(task)
     if not test:
         raise DataError(f"task {task.name}: the test set is empty; give the labelled original dev split as test")
-    source = {"pool_size": len(pool), "empty_text_skipped": sum(not _has_text(ex) for ex in pool),
-              "test_source": TEST_SOURCES["given"], "test_fallback": False}
+    source = {**_pool_stats(pool), "test_source": TEST_SOURCES["given"], "test_fallback": False}
     splits = []
     for seed in seeds:
         train, dev = sample_fewshot(pool, task, k, seed)
@@ -545,15 +578,74 @@ def make_splits(
     return splits
 
 
+def _pool_stats(pool: list[Example]) -> dict:
+    return {"pool_size": len(pool), "empty_text_skipped": sum(not _has_text(ex) for ex in pool)}
+
+
 def write_split(root: str, split: FewShotSplit) -> str:
     """Write `split` as `root/TASK/K-SEED/{train,dev,test}.jsonl` (local or `s3://`, each file
-    whole: `storage.write_text`), the layout `load_lmbff` reads; returns that folder."""
+    whole: `storage.write_text`), the layout `load_lmbff` reads, and last, when the split has a
+    `source`, its `_meta.json` (which `load_lmbff` adds to the loaded split's); returns that folder."""
     seed_dir = storage.join(root, split.task, f"{split.k}-{split.seed}")
     for name in SPLITS:
         records = ({"text_a": ex.text_a, "text_b": ex.text_b, "label": ex.label} for ex in getattr(split, name))
         storage.write_text(storage.join(seed_dir, f"{name}.jsonl"),
                            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    if split.source:
+        storage.write_text(storage.join(seed_dir, META), json.dumps({"source": split.source}, indent=1))
     return seed_dir
+
+
+def draw_lmbff_split(root: str | Path | None, task: Task | str, k: int, seed: int, out: str, *, base_k: int = 16,
+                     train: str | None = None, test: str | None = None) -> FewShotSplit:
+    """Split (k, seed) of `task` for a K the k-shot `root` (None: the assets') lacks, drawn as
+    LM-BFF draws its splits (`sample_fewshot`) and written to `out/TASK/K-SEED/` with its
+    `_meta.json` last; a finished one there is read back, so a resumed sweep draws nothing twice.
+
+    `train`: the task's original train set, as LM-BFF's data/original holds it (TSV/CSV in its
+    per-task format; JSON/JSONL/parquet with text_a/text_b/label). None: the labelled pool
+    beside `root` (`unlabelled.default_pool`), a part of the original train set: LM-BFF's
+    procedure on fewer rows, so not the split LM-BFF would publish, and the source says so.
+    `test`: the original dev set; None: the test set of `root`'s own `base_k`-shot split of the
+    seed (LM-BFF's test file is the original dev set, the same for every K and seed); a pool
+    stand-in for it (`_fallback_test`) loses the examples the new train/dev hold."""
+    from rayapp.data.unlabelled import default_pool  # it imports this module
+
+    task = _task(task)
+    if storage.exists(storage.join(out, task.name, f"{k}-{seed}", META)):
+        return load_lmbff(out, task, k, seed)
+    root = str(root) if root is not None else fewshot_dir("k-shot")
+    pool_uri = train or default_pool(task, root)
+    pool = read_original(pool_uri, task)
+    try:
+        train_set, dev_set = sample_fewshot(pool, task, k, seed)
+    except DataError as e:
+        raise DataError(f"{task.name} split {k}-{seed} from {pool_uri}: {e}") from None
+    source = {"drawn_by": "LM-BFF's tools/generate_k_shot_data.py procedure", "pool": pool_uri, **_pool_stats(pool),
+              "pool_kind": "original train set" if train else "LM-BFF's labelled pool (part of the original train "
+              "set): not the split LM-BFF would publish",
+              "root": root}  # the k-shot root the split stands in for: Prompt-Distiller's X~ pool is beside it
+    if test is not None:
+        tests = read_original(test, task)
+        source.update(test=test, test_source=TEST_SOURCES["given"], test_fallback=False)
+    else:
+        base = load_lmbff(root, task, base_k, seed)
+        seen = {(ex.text_a, ex.text_b) for ex in train_set + dev_set} if base.source["test_fallback"] else set()
+        tests = [ex for ex in base.test if (ex.text_a, ex.text_b) not in seen]
+        source.update({key: value for key, value in base.source.items()
+                       if key in ("test", "test_source", "test_fallback", "test_note")})
+    write_split(out, FewShotSplit(task.name, k, seed, train_set, dev_set, tests, source))
+    return load_lmbff(out, task, k, seed)
+
+
+def read_original(uri: str, task: Task | str) -> list[Example]:
+    """A task's original labelled data (LM-BFF's data/original, or the pool): TSV/CSV in
+    LM-BFF's per-task format (`LMBFF_FORMATS`), other tables by rayapp's column names."""
+    task = _task(task)
+    if suffix_format(uri) in ("tsv", "csv"):
+        fmt = lmbff_format(task)
+        return read_table(uri, fmt.columns, task, header=fmt.header)
+    return read_table(uri, None, task)
 
 
 # ---------------------------------------------------------------------------------------------

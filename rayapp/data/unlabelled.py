@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rayapp import storage
 from rayapp.assets import fewshot_dir
-from rayapp.data.fewshot import Columns, Example, FewShotSplit, LMBFF_FORMATS, read_table, sibling
+from rayapp.data.fewshot import Columns, Example, FewShotSplit, LMBFF_FORMATS, read_original, read_table, sibling
 from rayapp.errors import ConfigError, DataError
 from rayapp.tasks.prompts import Task
 
@@ -57,7 +57,7 @@ def draw_unlabelled(split: FewShotSplit, task: Task, n: int = 10, *, pool: str |
     drawn with `random.Random(seed)` (default: the split's seed, so each split has its own X~).
     `pool` is any table `read_table` reads (default: `default_pool` beside the split's k-shot
     root, so a split read from s3:// draws from the pool there); `columns` as there
-    (None: text_a/text_b/label)."""
+    (None: `fewshot.read_original`'s, so LM-BFF's original train file works as the pool too)."""
     if n < 1:
         raise ConfigError(f"n (|X~| = n |X|) must be >= 1, got {n}; the paper uses 10")
     unseen, uri, rows = usable_pool(split, task, pool, columns)
@@ -83,7 +83,7 @@ def usable_pool(split: FewShotSplit, task: Task, pool: str | Path | None = None,
     duplicates or empty texts, in pool order; the pool's URI; its rows). `pool`/`columns` as
     in `draw_unlabelled`."""
     uri = str(pool) if pool is not None else default_pool(task, split.source.get("root"))
-    table = read_table(uri, columns, task)
+    table = read_table(uri, columns, task) if columns is not None else read_original(uri, task)
     seen = {(ex.text_a, ex.text_b) for ex in split.train + split.dev + split.test}
     unseen, taken = [], set()
     for ex in table:

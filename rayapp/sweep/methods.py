@@ -18,12 +18,13 @@ overrides for that task only). Everything else overrides the recipe's config, on
 top of the sweep's `base` and `per_task`; each trial's config is checked against the
 recipe's config class before anything runs.
 
-String values may hold placeholders, filled per trial: `{task}`, `{seed}`, `{k}`,
-`{experiment}` (the sweep's directory), `{student:NAME}` (a student cut from a teacher
-before the sweep, see `SweepConfig.students`) and `{best:METHOD}`: the checkpoint of
-METHOD's best-dev run on the same task and split. That last one is how SMASH's "distill"
-gets a task-tuned teacher (the paper distils from RoBERTa-large prompt-tuned on the same
-few-shot split); methods that use it run in a later phase, after METHOD's trials.
+String values may hold placeholders, filled per trial: `{task}`, `{seed}`, `{k}` (the
+trial's: a K axis point's, `sweep.axis`), `{experiment}` (the sweep's directory),
+`{student:NAME}` (a student cut from a teacher before the sweep, see `SweepConfig.students`)
+and `{best:METHOD}`: the checkpoint of METHOD's best-dev run on the same task and split (and
+axis point). That last one is how SMASH's "distill" gets a task-tuned teacher (the paper
+distils from RoBERTa-large prompt-tuned on the same few-shot split); methods that use it run
+in a later phase, after METHOD's trials.
 
 A recipe plugs in with its one entry in `rayapp.recipes.RECIPES` (config class and
 `run(cfg, callbacks=()) -> record`); a sweep can use it when its config has `task`, `seed`

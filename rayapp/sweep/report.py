@@ -21,6 +21,14 @@ Outputs in `--out`: `<table>.md` and `<table>.csv` per table, `selected.csv` (ev
 chosen run), `dev_curves.png` (dev metric vs step per method: mean over splits, shaded std),
 `test_bars.png` (per task, a bar per method with std error bars) and `report.html` (all of
 it, the plots inlined as base64 PNG: opens offline, in any browser).
+
+A sweep with an axis (`sweep.axis`: K, templates, verbalizers) is reported per axis point:
+every table once per point (`<table>-<point>.md/.csv`, the grid selected by dev inside each
+point), `selected.csv` with an `axis` column, and instead of the two plots above the papers'
+line figure `axis.png` (SMASH Figs. 3-4, Prompt-Distiller Fig. 2): per task the mean test
+metric over the axis points, a line per method, the std over splits shaded ("Shaded area
+indicates standard deviation"); K on a log2 axis. Unlike SMASH's Fig. 3, which omits some
+methods' bands "for simplicity", every method gets its band. `axis_series` is what it plots.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ from pathlib import Path
 from rayapp import storage
 from rayapp.errors import DataError
 from rayapp.sweep import spec as sweep_spec
+from rayapp.sweep.axis import AxisSpec
 from rayapp.sweep.results import Cell, Expected, Run, cells, expected_from_runs, point_text, read_runs
 from rayapp.sweep.spec import TableSpec
 
@@ -51,6 +60,7 @@ class Plan:
     labels: dict[str, str] = field(default_factory=dict)
     tables: list[TableSpec] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    axis: AxisSpec | None = None     # the sweeps' axis: cells per point (`cell_sets`)
 
 
 def _merge(into: Expected, other: Expected) -> Expected:
@@ -66,22 +76,36 @@ def gather(dirs: list[str]) -> Plan:
     """Runs of every dir, and the plan of every sweep among them."""
     if not dirs:
         raise DataError("give at least one sweep or run output directory")
-    runs, expected, labels, tables = [], Expected([], [], {}, {}), {}, []
+    runs, expected, labels, tables, axes = [], Expected([], [], {}, {}), {}, [], {}
     for d in dirs:
         mine = read_runs([d])
         if storage.exists(storage.join(d, sweep_spec.SPEC_FILE)):
             # a record the trial has not annotated yet is a run still finishing: not a result
             runs += [r for r in mine if r.swept]
             cfg = sweep_spec.load(d)
+            axes[d] = cfg.axis
             expected = _merge(expected, cfg.expected())
             labels.update({m: cfg.label(m) for m in cfg.method_names if m not in labels})
             tables += [t for t in cfg.table_specs() if t.name not in {x.name for x in tables}]
         else:
             runs += mine
+            axes[d] = None
+    axis = next((a for a in axes.values() if a is not None), None)
+    if axis is not None and any(a != axis for a in axes.values()):
+        raise DataError(f"{', '.join(dirs)}: report a sweep with an axis alone, or with sweeps of the same axis "
+                        "(its cells are per axis point)")
     unplanned = [r for r in runs if (r.method, r.task) not in expected.seeds]
     if unplanned:
         expected = _merge(expected, expected_from_runs(unplanned))
-    return Plan(runs, expected, labels, tables or [TableSpec()], list(dirs))
+    return Plan(runs, expected, labels, tables or [TableSpec()], list(dirs), axis)
+
+
+def cell_sets(plan: Plan) -> list[tuple[str | None, dict[tuple[str, str], Cell]]]:
+    """(axis point, its cells) for every point of the plan's axis, in order; one (None, cells)
+    without an axis. Each point selects among its own runs only."""
+    if plan.axis is None:
+        return [(None, cells(plan.runs, plan.expected))]
+    return [(name, cells([r for r in plan.runs if r.axis == name], plan.expected)) for name in plan.axis.point_names]
 
 
 @dataclass
@@ -92,6 +116,7 @@ class Table:
     columns: list[str]               # tasks
     cells: dict[tuple[str, str], Cell]
     labels: dict[str, str]
+    note: str = ""                   # a line for the caption (an axis point's values)
 
     def best(self, task: str) -> float | None:
         means = [c.mean for m in self.rows if (c := self.cells.get((m, task))) is not None and c.complete]
@@ -109,8 +134,11 @@ class Table:
         counts = self.split_counts()
         if len(counts) <= 1:
             over = f"{counts[0]} few-shot split{'s' * (counts[0] != 1)}" if counts else "the few-shot splits"
-            return f"Cells: test metric x100, mean (std) over {over}."
-        return f"Cells: test metric x100, mean (std) over {counts[-1]} few-shot splits, or as many as the cell says."
+            text = f"Cells: test metric x100, mean (std) over {over}."
+        else:
+            text = (f"Cells: test metric x100, mean (std) over {counts[-1]} few-shot splits, or as many as the cell "
+                    "says.")
+        return f"{text} {self.note}" if self.note else text
 
     def footnote(self) -> str:
         """What `†` means, when a cell of the table has it."""
@@ -130,14 +158,24 @@ class Table:
 
 
 def tables(plan: Plan) -> list[Table]:
-    all_cells = cells(plan.runs, plan.expected)
-    out = []
+    """The plan's tables; with an axis, each once per axis point (`<name>-<point>`)."""
+    sets, out = cell_sets(plan), []
     for spec in plan.tables:
         rows = spec.rows or plan.expected.methods
         cols = spec.columns or plan.expected.tasks
-        out.append(Table(spec.name, spec.title, rows, cols,
-                         {(m, t): all_cells[m, t] for m in rows for t in cols if (m, t) in all_cells},
-                         {m: plan.labels.get(m, m) for m in rows}))
+        for point, all_cells in sets:
+            name, title, note = spec.name, spec.title, ""
+            if point is not None:
+                values = {plan.axis.describe(t, point) for t in cols}
+                numeric = all(plan.axis.x(t) is not None for t in cols)  # K: the value names the point
+                at = f"{plan.axis.label} = {values.pop()}" if numeric and len(values) == 1 else \
+                    f"{plan.axis.label}: {point}"
+                name, title = f"{spec.name}-{point}", f"{spec.title or spec.name} ({at})"
+                if not numeric:  # a prompt variant: say which
+                    note = f"{point}: " + "; ".join(f"{t} {plan.axis.describe(t, point)}" for t in cols)
+            out.append(Table(name, title, rows, cols,
+                             {(m, t): all_cells[m, t] for m in rows for t in cols if (m, t) in all_cells},
+                             {m: plan.labels.get(m, m) for m in rows}, note))
     return out
 
 
@@ -188,17 +226,21 @@ def table_csv(table: Table) -> str:
 
 
 def selected_csv(plan: Plan) -> str:
-    """Every (method, task, split): its chosen run (grid point, dev, test) or why none."""
+    """Every (method, task, split), per axis point with an axis: its chosen run (grid point,
+    dev, test) or why none."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "task", "seed", "chosen", "point", "best_dev", "test", "test_set", "run", "checkpoint",
-                "gaps"])
-    for (m, t), cell in cells(plan.runs, plan.expected).items():
-        for s in cell.splits:
-            r = s.chosen
-            w.writerow([m, t, s.seed, "yes" if r else "no", point_text(r.point) if r else "",
-                        r.best_dev if r else "", r.test if r else "", ("pool" if r.pool_test else "task") if r else "",
-                        r.name if r else "", (r.checkpoint or "") if r else "", "; ".join(s.gaps)])
+    axis = ["axis"] if plan.axis is not None else []
+    w.writerow(["method", "task", *axis, "seed", "chosen", "point", "best_dev", "test", "test_set", "run",
+                "checkpoint", "gaps"])
+    for point, all_cells in cell_sets(plan):
+        for (m, t), cell in all_cells.items():
+            for s in cell.splits:
+                r = s.chosen
+                w.writerow([m, t, *([point] if axis else []), s.seed, "yes" if r else "no",
+                            point_text(r.point) if r else "", r.best_dev if r else "", r.test if r else "",
+                            ("pool" if r.pool_test else "task") if r else "", r.name if r else "",
+                            (r.checkpoint or "") if r else "", "; ".join(s.gaps)])
     return buf.getvalue()
 
 
@@ -285,6 +327,54 @@ def test_bars_png(table: Table) -> bytes:
     return _png(plt, fig)
 
 
+Series = dict[str, dict[str, list[tuple[float, float, float]]]]
+
+
+def axis_series(plan: Plan) -> Series:
+    """What `axis_png` draws: task -> method -> (x, mean, std) of the method's complete cells
+    over the axis points, x the value on a numeric axis (K), else the point's position from
+    1; the first table's rows and columns (PD's Figure 2 draws two of its sweep's methods). A
+    point with a gap is left out of the line (the tables mark it)."""
+    sets, spec = cell_sets(plan), plan.tables[0]
+    out: Series = {}
+    for task in spec.columns or plan.expected.tasks:
+        xs = plan.axis.x(task) or [float(i) for i in range(1, len(sets) + 1)]
+        out[task] = {m: [(x, c.mean, c.std) for x, (_, at) in zip(xs, sets)
+                         if (c := at.get((m, task))) is not None and c.complete]
+                     for m in spec.rows or plan.expected.methods}
+    return out
+
+
+def axis_png(plan: Plan, series: Series) -> bytes:
+    """The papers' line figure of an axis: per task the test metric (x100) over the axis
+    points, a line per method (the sweep's row labels) with the std over splits shaded."""
+    import numpy as np
+
+    plt, fig, axes = _figure(len(series))
+    colors = _colors(plan.expected.methods)
+    names = plan.axis.point_names
+    metrics = {t: c.metric for _, at in cell_sets(plan) for (_, t), c in at.items() if c.metric}
+    for ax, (task, lines) in zip(axes, series.items()):
+        for m, points in lines.items():
+            if points:
+                x, mean, std = (np.array(v) for v in zip(*points))
+                ax.plot(x, mean, marker="o", color=colors[m], label=plan.labels.get(m, m))
+                ax.fill_between(x, mean - std, mean + std, color=colors[m], alpha=0.2)
+        values = plan.axis.x(task)
+        if values is not None and plan.axis.key == "k":  # K doubles from point to point
+            ax.set_xscale("log", base=2)
+            ax.minorticks_off()
+        ticks = values or range(1, len(names) + 1)
+        ax.set_xticks(list(ticks), [f"{v:g}" for v in values] if values else names)
+        ax.set_title(f"{task} ({metrics[task]})" if task in metrics else task)
+        ax.set_xlabel(plan.axis.label)
+        ax.set_ylabel("test x100")
+        ax.grid(alpha=0.3)
+    if axes:
+        axes[0].legend(fontsize=7)
+    return _png(plt, fig)
+
+
 # --- the page -------------------------------------------------------------------------------
 
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:collapse;margin:1em 0}
@@ -335,13 +425,17 @@ def write(dirs: list[str], out: str) -> dict:
             (outdir / f"{t.name}{suffix}").write_text(text)
             files.append(str(outdir / f"{t.name}{suffix}"))
     (outdir / "selected.csv").write_text(selected_csv(plan))
-    # the plots cover every planned method and task (the first table's order)
-    everything = Table("all", "", plan.expected.methods, plan.expected.tasks, cells(plan.runs, plan.expected),
-                       {m: plan.labels.get(m, m) for m in plan.expected.methods})
-    images = {"Dev metric during training (chosen grid point, mean ± std over splits)": dev_curves_png(everything),
-              "Test metric per task (mean ± std over splits)": test_bars_png(everything)}
-    for name, png in zip(("dev_curves.png", "test_bars.png"), images.values()):
+    if plan.axis is not None:
+        images = {"axis.png": (f"Test metric vs {plan.axis.label} (mean over splits, std shaded)",
+                               axis_png(plan, axis_series(plan)))}
+    else:  # the plots cover every planned method and task (the first table's order)
+        everything = Table("all", "", plan.expected.methods, plan.expected.tasks, cells(plan.runs, plan.expected),
+                           {m: plan.labels.get(m, m) for m in plan.expected.methods})
+        images = {"dev_curves.png": ("Dev metric during training (chosen grid point, mean ± std over splits)",
+                                     dev_curves_png(everything)),
+                  "test_bars.png": ("Test metric per task (mean ± std over splits)", test_bars_png(everything))}
+    for name, (_, png) in images.items():
         (outdir / name).write_bytes(png)
-    (outdir / "report.html").write_text(page(plan, tabs, images))
-    files += [str(outdir / f) for f in ("selected.csv", "dev_curves.png", "test_bars.png", "report.html")]
+    (outdir / "report.html").write_text(page(plan, tabs, dict(images.values())))
+    files += [str(outdir / f) for f in ("selected.csv", *images, "report.html")]
     return {"markdown": "\n".join(md), "files": files}

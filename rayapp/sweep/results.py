@@ -8,7 +8,9 @@ Selection (LM-BFF / SMASH App. A.1): for each (method, task, split) the grid poi
 best dev metric is chosen and its test metric is the split's result; a cell of the table is
 mean (std) over the splits. Ties on dev go to the earlier grid point (the sweep's grid
 order), so the choice never depends on which trial finished first. std is numpy's
-population std (ddof=0), as LM-BFF's result gathering computes it.
+population std (ddof=0), as LM-BFF's result gathering computes it. A sweep with an axis
+(`sweep.axis`: K, templates) selects inside each axis point: its runs carry the point
+(`Run.axis`) and the report computes cells per point (`report.cell_sets`).
 
 A cell is only a number when every split of it has every grid point finished: a failed or
 missing run leaves a gap with its reason, never a mean over whatever happened to finish
@@ -55,6 +57,7 @@ class Run:
     error: str | None = None
     swept: bool = False              # written (or annotated) by a sweep trial
     pool_test: bool = False          # its test set was drawn from the pool (`split.test_fallback`)
+    axis: str | None = None          # the sweep's axis point (`sweep.axis`): its runs are cells of their own
 
 
 # --- typed reading ----------------------------------------------------------------------------
@@ -96,12 +99,14 @@ def parse_run(rec: Any, source: str) -> Run:
         task = _field(sweep, "task", (str,), source)
         seed = _field(sweep, "seed", (int,), source)
         point = _field(sweep, "point", (dict,), source)
+        axis = _field(sweep, "axis", (str,), source, required=False)
     else:  # a run started on its own (`rayapp finetune`): its config says
         method = _field(rec, "method", (str,), source, required=False) or _field(rec, "recipe", (str,), source)
         task = _field(rec, "task", (str,), source)
         seed = _field(rec, "seed", (int,), source)
         config = _field(rec, "config", (dict,), source, required=False) or {}
         point = {k: config[k] for k in ("lr", "batch_size") if k in config}
+        axis = None
     done = status == "done"
     split = _field(rec, "split", (dict,), source, required=False) or {}
     return Run(
@@ -116,6 +121,7 @@ def parse_run(rec: Any, source: str) -> Run:
         error=_field(rec, "error", (str,), source, required=False),
         swept=sweep is not None,
         pool_test=split.get("test_fallback") is True,
+        axis=axis,
     )
 
 

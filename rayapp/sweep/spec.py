@@ -4,12 +4,16 @@
 `<experiment>/sweep.json`; `--resume` and `rayapp report` read it back, so they know every
 trial the sweep planned (a run that never wrote a record is a gap, not an absence).
 
+`axis:` sweeps one recipe-config key outside the grid, each value a result of its own (K,
+templates, verbalizers: `rayapp.sweep.axis`); without one the trials are as before it existed.
+
 `tasks=` narrows a config written for more tasks (`rayapp sweep --config ... tasks=[RTE]`):
 `per_task` entries and table columns of known tasks the sweep does not run are ignored; a
 name that is no task at all is an error (a typo would otherwise be ignored silently).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,7 +25,9 @@ from rayapp.config import ModelRef, OutputPath, Overrides, RecipeOverrides, buil
 from rayapp.data.ipet import IPetConfig
 from rayapp.errors import ConfigError, DataError
 from rayapp.config import _merge
-from rayapp.sweep.methods import Method, check_grid, check_seeds, check_swept, parse_methods, phases
+from rayapp.sweep.axis import SPLITS, AxisSpec, OriginalData
+from rayapp.sweep.methods import READS_RUNS, Method, check_grid, check_seeds, check_swept, parse_methods, phases
+from rayapp.recipes import get_recipe
 from rayapp.sweep.results import Expected, point_key
 from rayapp.tasks.registry import BUILTIN_TASKS, load_tasks
 
@@ -62,7 +68,7 @@ class SweepConfig:
     storage: OutputPath = "runs/sweeps"  # local dir or s3:// URI
     tasks: list[str] = field(default_factory=lambda: ["SST-2"])
     seeds: list[int] = field(default_factory=lambda: list(SEEDS))
-    k: int = 16
+    k: int = 16                          # the K of the data root's splits; a K axis draws others (`sweep.axis`)
     # SMASH App. A.1 / LM-BFF: lr {1e-5, 2e-5, 5e-5} x batch {2, 4}; {} = one fixed point
     grid: Annotated[dict[str, list], RecipeOverrides] = field(default_factory=lambda: {"lr": [1e-5, 2e-5, 5e-5], "batch_size": [2, 4]})
     base: Annotated[dict, RecipeOverrides] = field(default_factory=dict)  # recipe overrides shared by every method
@@ -73,11 +79,17 @@ class SweepConfig:
     max_failures: int = 0                # Tune retries of a trial whose driver died
     asha: AshaConfig | None = None
     ipet: IPetConfig = field(default_factory=IPetConfig)  # iPET's labelling between generations (`sweep.ipet`)
+    axis: AxisSpec | None = None         # a key swept outside the grid: a result per value (`sweep.axis`)
+    # task -> OriginalData: what a K axis draws the splits the data root lacks from
+    original_data: Annotated[dict[str, dict], Overrides(OriginalData)] = field(default_factory=dict)
     tables: list[TableSpec] = field(default_factory=list)
     # filled by the sweep's check from the data (not by hand): tasks whose test sets are drawn
     # from the pool (`fewshot._fallback_test`). Those differ per split, so a method's `seeds:`
     # (one split standing for all, as zero-shot's does) does not narrow these tasks.
     pool_test_tasks: list[str] = field(default_factory=list)
+    # filled by the sweep's check too: the TASK/K-SEED splits of a K axis the data root lacks,
+    # drawn under <experiment>/splits (`fewshot.draw_lmbff_split`); every trial of one reads it there
+    made_splits: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -106,12 +118,43 @@ class SweepConfig:
             if missing:
                 raise ConfigError(f"method {m.name!r} uses {{student:{missing[0]}}} but students has no "
                                   f"{missing[0]!r}; students: {', '.join(self._students) or 'none'}")
+        self._original = {}
+        for task, data in self.original_data.items():
+            self._check_task_name(task, f"original_data.{task}")
+            if not isinstance(data, dict):
+                raise ConfigError(f"original_data.{task} must be a mapping (train: TABLE, test: TABLE), got {data!r}")
+            self._original[task] = build(OriginalData, data)
+        if self.axis is not None:
+            self.axis.check(self.tasks, self.seeds, self._check_task_name)
+            self._check_axis()
         for t in self.tables:
             unknown = [r for r in t.rows if r not in self._methods]
             if unknown:
                 raise ConfigError(f"table {t.name!r}: unknown method {unknown[0]!r}; methods: {', '.join(self._methods)}")
             for column in t.columns:
                 self._check_task_name(column, f"table {t.name!r}")
+
+    def _check_axis(self) -> None:
+        """The axis key is a config key of every method's recipe, and nothing else varies or sets
+        it or what goes with it (`sweep.axis`)."""
+        key, owned = self.axis.key, {self.axis.key} | {k for extra in self.axis.overrides for k in extra}
+        if owned & set(self.grid):
+            raise ConfigError(f"the grid varies {sorted(owned & set(self.grid))}, which the axis sets; an axis value "
+                              "is a result of its own, a grid point a candidate: drop it from one of them")
+        for m in self._methods.values():
+            cls = get_recipe(m.recipe)[0]
+            if key not in {f.name for f in dataclasses.fields(cls)}:
+                raise ConfigError(f"axis.key {key!r} is no config key of recipe {m.recipe!r} (method {m.name!r}); "
+                                  f"use one of its keys, e.g. k, or drop the method")
+            sets = set(m.grid) | set(m.overrides) | {k for extra in m.per_task.values() for k in extra}
+            clash = sorted(owned & sets)
+            if clash:
+                raise ConfigError(f"method {m.name!r} sets or varies {clash}, which the axis sets per value; drop them "
+                                  "from the method")
+            # {best:} is read per axis point (`tune.best_checkpoint`); iPET's labels are kept per split only
+            if {p.split(":", 1)[0] for p in m._placeholders()} & (set(READS_RUNS) - {"best"}):
+                raise ConfigError(f"method {m.name!r} reads an iPET generation ({{ipet:}}/{{soft:}}), whose labels are "
+                                  "kept per split, not per axis value: run iPET in a sweep without an axis")
 
     def _check_task_name(self, name: str, where: str) -> None:
         """A `per_task` key or table column names one of the sweep's tasks, or a known task it
@@ -153,13 +196,29 @@ class SweepConfig:
         return self._students
 
     def trials(self, phase: int | None = None) -> list[dict]:
-        """The trials (one Ray Train run each) in order: task, split, method, grid point. Split-
-        major, so a sweep stopped part-way has every method on the splits it reached and its
-        partial table compares methods on the same splits."""
+        """The trials (one Ray Train run each) in order: task, axis point, split, method, grid
+        point. Split-major, so a sweep stopped part-way has every method on the splits it
+        reached and its partial table compares methods on the same splits; an axis point is
+        the trial's `axis` (its name), absent without an axis."""
         names = self.method_names if phase is None else self._phases[phase]
-        return [{"method": m, "task": t, "seed": s, "point": p}
-                for t in self.tasks for s in self.seeds for m in names if s in self.method_seeds(m, t)
+        at = [{}] if self.axis is None else [{"axis": name} for name in self.axis.point_names]
+        return [{"method": m, "task": t, "seed": s, "point": p, **a}
+                for t in self.tasks for a in at for s in self.seeds for m in names if s in self.method_seeds(m, t)
                 for p in self._methods[m].points()]
+
+    def axis_overrides(self, trial: dict) -> dict:
+        """The recipe overrides of the trial's axis point ({} without an axis)."""
+        return {} if "axis" not in trial else self.axis.recipe_overrides(trial["task"], trial["axis"], trial["seed"])
+
+    def trial_k(self, trial: dict) -> int:
+        return self.axis_overrides(trial).get("k", self.k)
+
+    def made_split(self, trial: dict) -> bool:
+        """Whether the trial's split is one a K axis drew (`made_splits`)."""
+        return f"{trial['task']}/{self.trial_k(trial)}-{trial['seed']}" in self.made_splits
+
+    def original(self, task: str) -> OriginalData | None:
+        return self._original.get(task)
 
     def method_seeds(self, name: str, task: str) -> list[int]:
         """The splits `name` runs on `task`: its own `seeds` (in the sweep's order), else the
@@ -168,11 +227,14 @@ class SweepConfig:
         return [s for s in self.seeds if own is None or s in own]
 
     def recipe_config(self, trial: dict, name: str, fill=None):
-        """The recipe config of one trial: base < per_task < method < grid point < task, split,
-        k, output dir and run name; placeholders filled by `fill` (see `methods`)."""
+        """The recipe config of one trial: base < per_task < method < axis point and grid point
+        (disjoint keys) < task, split, k, output dir and run name, and the experiment's splits
+        folder for a split the axis drew; placeholders filled by `fill` (see `methods`)."""
         base = _merge(self.base, self.per_task.get(trial["task"], {}))
-        values = {**trial["point"], "task": trial["task"], "seed": trial["seed"], "k": self.k,
-                  "output_dir": self.experiment, "name": name}
+        values = {**self.axis_overrides(trial), **trial["point"], "task": trial["task"], "seed": trial["seed"],
+                  "k": self.trial_k(trial), "output_dir": self.experiment, "name": name}
+        if self.made_split(trial):
+            values["data_dir"] = storage.join(self.experiment, SPLITS)
         return self.method(trial["method"]).config(base, values, fill)
 
     def expected(self) -> Expected:

@@ -33,7 +33,10 @@ Phases. Methods that read another method's best runs (`{best:teacher}`) run in a
 Tune experiment of the same sweep, once those runs exist.
 
 ASHA (`asha:`) stops grid points early, but only compares trials of the same (method, task,
-split): dev metrics of different tasks or splits say nothing about each other.
+split, axis point): dev metrics of different tasks, splits or K say nothing about each other.
+
+A K axis (`sweep.axis`) draws the splits the data root lacks in `check`, on the driver before
+Ray starts: `<experiment>/splits/TASK/K-SEED/` (`made_splits`), read by the trials on any node.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ from rayapp.sweep import ipet
 from rayapp.sweep import spec as sweep_spec
 from rayapp.recipes import get_recipe
 from rayapp.sweep.results import STATUSES, parse_run, read_runs, select_split, point_key
+from rayapp.sweep.axis import SPLITS
 from rayapp.sweep.spec import SweepConfig
 from rayapp.train.launch import TUNE_TRIAL, is_local, local_resources
 from rayapp.train.records import RECORDS, record_uri
@@ -68,14 +72,15 @@ DRIVER_MEMORY = 256 * 1024 ** 2  # what a trial that waits on its Ray Train run 
 
 def run_name(trial: dict, trial_id: str) -> str:
     """The trial's Ray Train run and record name: readable, and unique by the trial id."""
-    raw = f"{trial['method']}-{trial['task']}-s{trial['seed']}-{trial_id}"
+    at = f"-{trial['axis']}" if "axis" in trial else ""
+    raw = f"{trial['method']}-{trial['task']}-s{trial['seed']}{at}-{trial_id}"
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", raw)
 
 
-def best_checkpoint(cfg: SweepConfig, method: str, task: str, seed: int) -> str:
-    """Checkpoint of `method`'s best-dev run on (task, split): what `{best:METHOD}` means."""
+def best_checkpoint(cfg: SweepConfig, method: str, task: str, seed: int, axis: str | None = None) -> str:
+    """Checkpoint of `method`'s best-dev run on (task, split, axis point): what `{best:METHOD}` means."""
     runs = [parse_run(rec, uri) for uri, rec in _records(cfg).items()]
-    mine = [r for r in runs if r.swept and (r.method, r.task, r.seed) == (method, task, seed)]
+    mine = [r for r in runs if r.swept and (r.method, r.task, r.seed, r.axis) == (method, task, seed, axis)]
     split = select_split(seed, mine, [point_key(p) for p in cfg.method(method).points()])
     if split.chosen is None:
         raise DataError(f"{{best:{method}}} on {task} seed {seed}: no best run yet ({'; '.join(split.gaps)})")
@@ -88,12 +93,13 @@ def _filler(cfg: SweepConfig, trial: dict):
     def fill(placeholder: str) -> str:
         kind, _, arg = placeholder.partition(":")
         if kind == "best":
-            return best_checkpoint(cfg, arg, trial["task"], trial["seed"])
+            return best_checkpoint(cfg, arg, trial["task"], trial["seed"], trial.get("axis"))
         if kind == "student":
             return storage.join(cfg.experiment, "students", arg)
         if kind in ipet.KINDS:
             return ipet.fill(cfg, kind, arg, trial)
-        return {"task": trial["task"], "seed": trial["seed"], "k": cfg.k, "experiment": cfg.experiment}[kind]
+        return {"task": trial["task"], "seed": trial["seed"], "k": cfg.trial_k(trial),
+                "experiment": cfg.experiment}[kind]
     return fill
 
 
@@ -165,9 +171,9 @@ def trial_fn(config: dict) -> None:
     except Exception as exc:
         # the trial records its own error: Tune's error file can be missing when the callback
         # runs (seen with reused actors), which left "no error recorded" in the report
-        _write_gap(cfg.experiment, cfg.k, trial, trial_id, "failed", {}, error=_error_text(exc))
+        _write_gap(cfg.experiment, cfg.trial_k(trial), trial, trial_id, "failed", {}, error=_error_text(exc))
         raise
-    record.update(status="done", sweep=_annotation(cfg.experiment, cfg.k, trial, trial_id))
+    record.update(status="done", sweep=_annotation(cfg.experiment, cfg.trial_k(trial), trial, trial_id))
     storage.write_text(uri, json.dumps(record, indent=1, sort_keys=True, default=str))
 
 
@@ -213,18 +219,19 @@ class GapRecords(tune.Callback):
     """Writes a record for a trial that failed or that ASHA stopped, so the report shows a
     marked gap (failed) or a finished non-candidate (stopped) instead of nothing."""
 
-    def __init__(self, experiment: str, k: int):
-        self.experiment, self.k = experiment, k
+    def __init__(self, cfg: SweepConfig):
+        self.cfg = cfg
 
     def _write(self, trial, status: str) -> None:
         spec = trial.config["trial"]
-        own = _record(record_uri(self.experiment, run_name(spec, trial.trial_id)))
+        own = _record(record_uri(self.cfg.experiment, run_name(spec, trial.trial_id)))
         if _finished(own):
             return  # the trial finished and wrote its own record
         extra = {}
         if status == "failed":  # the trial's own failed record has its error; this adds how far it got
             extra["error"] = own["error"] if own.get("status") == "failed" else _error_line(trial)
-        _write_gap(self.experiment, self.k, spec, trial.trial_id, status, trial.last_result or {}, **extra)
+        _write_gap(self.cfg.experiment, self.cfg.trial_k(spec), spec, trial.trial_id, status, trial.last_result or {},
+                   **extra)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._write(trial, "failed")
@@ -254,7 +261,7 @@ class TrialLines(tune.Callback):
 
 
 class GroupedASHA(FIFOScheduler):
-    """One ASHA per (method, task, split): only the grid points of one split compete."""
+    """One ASHA per (method, task, split, axis point): only the grid points of one split compete."""
 
     def __init__(self, grace_period: int, reduction_factor: float, max_t: int):
         super().__init__()
@@ -270,7 +277,7 @@ class GroupedASHA(FIFOScheduler):
 
     def _of(self, trial) -> AsyncHyperBandScheduler:
         t = trial.config["trial"]
-        key = (t["method"], t["task"], t["seed"])
+        key = (t["method"], t["task"], t["seed"], t.get("axis"))
         if key not in self._groups:
             self._groups[key] = AsyncHyperBandScheduler(time_attr="step", metric=self._metric, mode=self._mode,
                                                         **self._asha)
@@ -289,7 +296,7 @@ class GroupedASHA(FIFOScheduler):
         self._of(trial).on_trial_remove(tune_controller, trial)
 
     def debug_string(self) -> str:
-        return f"GroupedASHA over {len(self._groups)} (method, task, split) groups"
+        return f"GroupedASHA over {len(self._groups)} (method, task, split, axis point) groups"
 
 
 # --- before the trials ------------------------------------------------------------------------
@@ -297,26 +304,28 @@ class GroupedASHA(FIFOScheduler):
 def check(cfg: SweepConfig) -> None:
     """Every method x task x split x grid point builds its recipe config, every task is known,
     every split loads and every named model is one, before a single trial starts. Sets
-    `cfg.pool_test_tasks` from the splits loaded: the tasks whose test sets are pool fallbacks."""
-    from rayapp.data.fewshot import load_lmbff
+    `cfg.pool_test_tasks` from the splits loaded: the tasks whose test sets are pool fallbacks;
+    draws the splits of a K axis the data root lacks and sets `cfg.made_splits` (`_split`)."""
     from rayapp.modeling.models import check_model
     from rayapp.tasks.registry import get_task
 
     def fill(placeholder: str) -> str:  # best runs and students do not exist yet: checked by type only
         return _unfilled(placeholder) if ":" in placeholder else _filler(cfg, trial)(placeholder)
 
-    loaded, models = {}, set()  # loaded: (data_dir, task, seed) -> (the sweep's task name, pool test?)
+    loaded, models = {}, set()  # loaded: (data_dir, task, k, seed) -> (the sweep's task name, pool test?)
+    drawn = {}  # a split the axis drew (TASK/K-SEED) -> the data root it stands in for
     while True:
         for trial in cfg.trials():
             rcfg = cfg.recipe_config(trial, "check", fill)
             task = rcfg.resolve_task() if hasattr(rcfg, "resolve_task") else get_task(trial["task"])
             data_dir = getattr(rcfg, "data_dir", None)
-            if (data_dir, task.name, trial["seed"]) not in loaded:
+            if (data_dir, task.name, rcfg.k, trial["seed"]) not in loaded:
                 try:
-                    split = load_lmbff(data_dir, task, k=cfg.k, seed=trial["seed"])
+                    split = _split(cfg, trial, task, data_dir, drawn)
                 except DataError as e:
                     raise DataError(f"task {trial['task']} split seed {trial['seed']}: {e}") from None
-                loaded[data_dir, task.name, trial["seed"]] = (trial["task"], bool(split.source.get("test_fallback")))
+                loaded[data_dir, task.name, rcfg.k, trial["seed"]] = \
+                    (trial["task"], bool(split.source.get("test_fallback")))
             for key in ("model", "init", "teacher"):
                 ref = getattr(rcfg, key, None)
                 if ref and "<" not in ref:
@@ -327,6 +336,32 @@ def check(cfg: SweepConfig) -> None:
         cfg.pool_test_tasks = pool  # a method's `seeds:` no longer narrows these: check their other splits too
     for ref in sorted(models):
         check_model(ref, mlm=False)
+
+
+def _split(cfg: SweepConfig, trial: dict, task, data_dir: str | None, drawn: dict):
+    """The trial's split from its data root; for a K axis value the root lacks, drawn once
+    from the task's original data under the experiment (`fewshot.draw_lmbff_split`), where
+    every trial of that task, K and split reads it (`SweepConfig.made_splits`)."""
+    from rayapp.data import fewshot
+
+    k, seed = cfg.trial_k(trial), trial["seed"]
+    if k == cfg.k or cfg.made_split(trial) or fewshot.holds_split(data_dir, task, k, seed):
+        return fewshot.load_lmbff(data_dir, task, k=k, seed=seed)
+    made = f"{trial['task']}/{k}-{seed}"
+    if drawn.setdefault(made, data_dir) != data_dir:
+        raise ConfigError(f"methods read {trial['task']} from data roots {drawn[made]} and {data_dir}, which lack "
+                          f"its {k}-shot split {seed}; the axis draws one split per task, K and seed: give them one "
+                          "data_dir")
+    original = cfg.original(trial["task"])
+    try:
+        split = fewshot.draw_lmbff_split(data_dir, task, k, seed, storage.join(cfg.experiment, SPLITS), base_k=cfg.k,
+                                         train=original and original.train, test=original and original.test)
+    except DataError as e:
+        hint = "" if original else f" (or draw from the task's full original train set: original_data.{trial['task']})"
+        raise ConfigError(f"axis {cfg.axis.key}={k}: {e}{hint}") from None
+    if made not in cfg.made_splits:
+        cfg.made_splits.append(made)
+    return split
 
 
 def make_students(cfg: SweepConfig) -> None:
@@ -490,7 +525,7 @@ def _phase(cfg: SweepConfig, phase: int) -> None:
             # Tune's live status tables in a terminal; one line per trial in a log file
             run_config=tune.RunConfig(
                 name=name, storage_path=path, storage_filesystem=fs,
-                callbacks=[GapRecords(cfg.experiment, cfg.k)] + ([] if live else [TrialLines(len(cfg.trials(phase)))]),
+                callbacks=[GapRecords(cfg)] + ([] if live else [TrialLines(len(cfg.trials(phase)))]),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=1 if live else 0),
         )
     hint = NoTuneResumeHint()
