@@ -3,6 +3,7 @@
     rayapp tasks [--show TASK --tokenizer DIR]     built-in and YAML tasks
     rayapp fewshot show|make ...                   LM-BFF few-shot splits
     rayapp backtranslate --out DIR ...             few-shot splits augmented by back-translation (distil bt10)
+    rayapp lmbff-search --config FILE ...          LM-BFF's automatic label words and templates, as tasks YAML
     rayapp finetune --config FILE key=value ...    prompt FT / classifier FT
     rayapp evaluate --config FILE key=value ...    zero-shot prompt evaluation
     rayapp intermediate pairs|sentiment ...        SMASH intermediate examples (Ray Data)
@@ -157,6 +158,14 @@ def cmd_backtranslate(args) -> None:
                                                     "batch_size", "num_actors", "use_gpu"))
     print(json.dumps(run(cfg), indent=1))
     print(f"back-translated splits written to {cfg.out}")
+
+
+def cmd_lmbff_search(args) -> None:
+    from rayapp.tasks.search import SearchConfig, run
+
+    cfg = _stage_config(SearchConfig, args, ("out", "batch_size", "num_actors", "use_gpu"))
+    print(json.dumps(run(cfg), indent=1))
+    print(f"search written to {cfg.out}: tasks files in auto-template/ and auto-label/, rankings in ranking/")
 
 
 SWEEP_EXAMPLE = "rayapp sweep --config jobs/configs/sweep-smash-table2_local.yaml tasks=[RTE] seeds=[13]"
@@ -321,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", help="pivot -> English translation model (default Helsinki-NLP/opus-mt-de-en)")
     p.add_argument("--out", help="the new few-shot root (TASK/K-SEED/{train,dev,test}.jsonl), local or s3://")
     p.add_argument("--factor", type=int, help="train grows to factor x its size (default 10)")
+
+    p = _data_stage(sub, "lmbff-search", "LM-BFF's automatic label words and templates per few-shot split, "
+                    "written as tasks YAML files for finetune tasks_file= (resumable)", cmd_lmbff_search)
+    p.add_argument("--out", help="the search folder (local or s3://)")
 
     p = _data_stage(sub, "teacher-cache", "cache the teacher's top-k logits at the mask (resumable)",
                     cmd_teacher_cache)

@@ -15,7 +15,8 @@ CONFIGS = Path(__file__).parent.parent / "jobs" / "configs"
 # job module -> the `rayapp` command it runs
 JOBS = {"intermediate": "intermediate", "teacher_cache": "teacher-cache", "distill": "distill",
         "finetune": "finetune", "evaluate": "evaluate", "sweep": "sweep", "prompt_distill": "prompt-distill",
-        "report": "report", "predict": "predict", "ppt": "ppt", "backtranslate": "backtranslate"}
+        "report": "report", "predict": "predict", "ppt": "ppt", "backtranslate": "backtranslate",
+        "lmbff_search": "lmbff-search"}
 
 
 def _config_class(name: str):
@@ -32,6 +33,9 @@ def _config_class(name: str):
     if name.startswith("backtranslate-"):
         from rayapp.data.backtranslate import BacktranslateConfig
         return BacktranslateConfig
+    if name.startswith("lmbff-search"):
+        from rayapp.tasks.search import SearchConfig
+        return SearchConfig
     if name.startswith("teacher-cache-"):
         from rayapp.data.teacher_cache import CacheConfig
         return CacheConfig

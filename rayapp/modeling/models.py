@@ -70,6 +70,7 @@ def check_model(name_or_path: str, *, mlm: bool = True, tokenizer: bool = True, 
     it resolves (local dir, `s3://`, mirror, hub), has a config (and weights, where files
     can be listed), a head prompt methods read when `mlm` (a masked LM, or a seq2seq LM such
     as T5), and a tokenizer that loads and fits the embedding. With `prompt=(task, max_length)`
+    (or `(task, max_length, demonstrations)`, `PromptEncoder`'s arguments)
     also that the task's prompt encodes with that tokenizer (single-token label words, the
     template within max_length) and that max_length plus `soft_prompt` tokens fit the model's
     positions: the error a worker would raise, before Ray starts. `needs_mlm` is why the
@@ -147,8 +148,8 @@ def _check_loads(src: str, name: str, mlm: bool, tokenizer: bool, prompt=None, s
         if prompt is not None:
             from rayapp.tasks.prompts import PromptEncoder
 
-            task, max_length = prompt
-            PromptEncoder(tok, task, max_length)
+            task, max_length, *demonstrations = prompt
+            PromptEncoder(tok, task, max_length, *demonstrations)
             limit = getattr(config, "max_position_embeddings", None)
             if limit and "roberta" in config.model_type:  # RoBERTa numbers positions from padding_idx + 1
                 limit -= config.pad_token_id + 1

@@ -21,6 +21,12 @@ split's train set; `soft_labels=` trains the final classifier (any method) on th
 logits over the unlabelled set instead of the train set, with PET's distillation loss (KL at
 `soft_label_temperature`, as soft CE: the same gradient); selection and test stay the split's.
 
+LM-BFF (`demonstrations=true`, `rayapp.data.demonstrations`): every prompt is followed by one
+train example per class, drawn from the `demo_filter_rate` share of that class most similar to
+the input by the SBERT `demo_model`, redrawn every step; dev and test predict from the mean
+class log-probabilities of `demo_samples` drawn sets (`predict`). With `tasks_file=` pointing at
+a `rayapp lmbff-search` output (`rayapp.tasks.search`) it is SMASH's LM-BFF row.
+
 The shared loop (`rayapp.train.loop`) evaluates on the few-shot dev set every `eval_every`
 steps, keeps the best model among those evaluations (LM-BFF selects among evaluations during
 training; the step-0 evaluation is on the curve only) and evaluates it on test. The run's
@@ -37,6 +43,7 @@ import torch
 
 from rayapp import storage
 from rayapp.config import InputPath, ModelRef
+from rayapp.data.demonstrations import LMBFF_SBERT, Demonstrations, check_sbert
 from rayapp.data.fewshot import Example, FewShotSplit, load_lmbff, read_table
 from rayapp.data.ipet import read_soft_labels
 from rayapp.errors import ConfigError
@@ -44,8 +51,8 @@ from rayapp.modeling.models import (LogitsAt, check_model, load_classifier, load
                                     load_soft_prompt, local_model_dir, portable_model, prompt_tuned)
 from rayapp.recipes import objectives
 from rayapp.tasks.metrics import compute_metric
-from rayapp.tasks.prompts import PromptEncoder, Task, class_logits, regression_prediction
-from rayapp.tasks.registry import get_task, load_tasks, pet_pattern
+from rayapp.tasks.prompts import PromptEncoder, Task, class_logits, predicted
+from rayapp.tasks.registry import get_task, load_tasks, pet_pattern, with_prompt
 from rayapp.train.config import TrainConfig
 from rayapp.train.engine import global_batch_indices, shard, split_batch
 from rayapp.train.loop import Setup
@@ -65,6 +72,8 @@ class FinetuneConfig(TrainConfig):
     kd_temperature: float = 1.0
     tasks_file: InputPath | None = None  # YAML with extra (user-defined) tasks
     pattern: int | None = None          # iPET: the task's PET pattern (registry.PET_PATTERNS) as its prompt
+    template: str | None = None         # this template instead of the task's (SMASH Fig. 3: LM-BFF's auto templates)
+    verbalizer: dict[str, str] | None = None  # label -> word instead of the task's (Fig. 3: auto label words)
     extra_train: InputPath | None = None  # iPET: labelled examples (JSONL) added to the split's train set
     soft_labels: InputPath | None = None  # iPET's final classifier: train on these target logits (JSONL)
     soft_label_temperature: float = 2.0   # PET's distillation temperature
@@ -73,7 +82,12 @@ class FinetuneConfig(TrainConfig):
     seed: int = 13                      # few-shot split seed (13 21 42 87 100)
     max_length: int = 128
     lmbff_exact: bool = False           # LM-BFF's own prompt tokenisation rules (tasks.prompts.Task)
-    eval_batch_size: int = 32
+    # LM-BFF's demonstrations (rayapp.data.demonstrations): one train example per class after the input
+    demonstrations: bool = False
+    demo_model: ModelRef = LMBFF_SBERT  # the SBERT whose similarities pick them (local: all-MiniLM-L6-v2)
+    demo_filter_rate: float = 0.5       # drawn from this share of each class's most similar examples
+    demo_samples: int = 16              # demonstration sets averaged at dev/test (LM-BFF: 16; 4 for QQP, MNLI, SNLI)
+    eval_batch_size: int = 32           # sequences per forward pass (with demonstrations: examples x demo_samples)
     # LM-BFF/SMASH defaults: batch 2-4, lr 1e-5..5e-5, 1000 steps, dev every 100
     batch_size: int = 2
     lr: float = 1e-5
@@ -81,18 +95,27 @@ class FinetuneConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require_positive("k", "eval_batch_size", "max_length", "prompt_tokens")
+        self.require_positive("k", "eval_batch_size", "max_length", "prompt_tokens", "demo_samples")
+        if not 0 < self.demo_filter_rate <= 1:
+            raise ConfigError(f"demo_filter_rate={self.demo_filter_rate} must be in (0, 1]: the share of each class's "
+                              "train examples, most similar first, that demonstrations are drawn from (LM-BFF: 0.5)")
+        if self.demonstrations and (self.method == "classifier" or self.extra_train or self.soft_labels):
+            raise ConfigError("demonstrations=true writes labelled train examples into the prompt (LM-BFF): it needs a "
+                              "prompt method trained on the split's train set; drop method=classifier, extra_train= "
+                              "and soft_labels=")
         if self.teacher and self.method not in ("prompt", "prompt-tuning"):
             raise ConfigError(f"teacher= (KD during prompt FT) needs method=prompt, got method={self.method}")
         if self.kd_temperature <= 0 or self.kd_weight < 0 or self.soft_label_temperature <= 0:
             raise ConfigError("kd_temperature and soft_label_temperature must be > 0 and kd_weight >= 0")
+        if self.pattern is not None and (self.template or self.verbalizer):
+            raise ConfigError("pattern= brings its own prompt: drop template=/verbalizer=, or pattern=")
         if self.soft_labels and (self.teacher or self.extra_train):
             raise ConfigError("soft_labels= trains on the ensemble's targets alone: drop teacher= and extra_train=")
         if self.method == "zero-shot":
             self.max_steps = 0
 
     def resolve_task(self) -> Task:
-        task = find_task(self.task, self.tasks_file, self.lmbff_exact)
+        task = with_prompt(find_task(self.task, self.tasks_file, self.lmbff_exact), self.template, self.verbalizer)
         if self.pattern is None:
             return task
         return pet_pattern(task, self.pattern, load_tasks(self.tasks_file) if self.tasks_file else None)
@@ -127,44 +150,51 @@ def model_source(ref: str, is_init: bool) -> str:
 
 # --- batches and evaluation ---------------------------------------------------------------
 
-def _labels(task: Task, examples: list[Example]) -> torch.Tensor:
+def gold_labels(task: Task, examples: list[Example]) -> torch.Tensor:
+    """Class indices of `examples`, or their scores for a regression task."""
     if task.is_regression:
         return torch.tensor([float(e.label) for e in examples])
     return torch.tensor([task.label_index(e.label) for e in examples])
 
 
 def make_batch(examples: list[Example], task: Task, tokenizer, encoder: PromptEncoder | None,
-               max_length: int) -> dict:
-    """Inputs of `examples` (prompt or classifier), with `labels` unless they are unlabelled."""
+               max_length: int, demos: list | None = None) -> dict:
+    """Inputs of `examples` (prompt or classifier), with `labels` unless they are unlabelled;
+    `demos`: each example's demonstrations (`data.demonstrations`)."""
     texts_a = [e.text_a for e in examples]
     texts_b = [e.text_b for e in examples] if task.num_inputs == 2 else None
     if encoder is not None:
-        batch = encoder.encode_batch(texts_a, texts_b)
+        batch = encoder.encode_batch(texts_a, texts_b, demos)
     else:  # classifier: the tokenizer's own sentence-pair encoding
         batch = dict(tokenizer(texts_a, texts_b, truncation=True, max_length=max_length, padding=True,
                                return_tensors="pt"))
     if examples[0].label is not None:
-        batch["labels"] = _labels(task, examples)
+        batch["labels"] = gold_labels(task, examples)
     return batch
 
 
 @torch.no_grad()
-def predict(model, batch, task: Task, encoder: PromptEncoder | None) -> torch.Tensor:
-    """Predicted class index, or score for regression tasks."""
+def predict(model, batch, task: Task, encoder: PromptEncoder | None, samples: int = 1) -> torch.Tensor:
+    """Predicted class index, or score for regression tasks. A prompt batch may hold `samples`
+    consecutive rows per example (its demonstration sets), predicted as LM-BFF's ensemble
+    predicts: a class from the mean of the sets' class log-probabilities (LM-BFF averages the
+    raw label-word logits, which differ from them by one shift per row: the same argmax), a
+    regression score as the mean of the sets' scores."""
     if encoder is not None:
         logits = class_logits(objectives.at_mask(model, batch)[0], encoder.label_word_ids)
-        if task.is_regression:
-            return regression_prediction(logits.softmax(-1), task.bounds)
-        return logits.argmax(-1)
+        sets = logits.log_softmax(-1).unflatten(0, (-1, samples))
+        return predicted(sets, task).mean(1) if task.is_regression else predicted(sets.mean(1), task)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "mask_pos")}
     logits = model(**inputs).logits
     return logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
 
 
-def evaluate(model, examples: list[Example], task: Task, tokenizer, encoder, cfg: FinetuneConfig, device) -> float:
+def evaluate(model, examples: list[Example], task: Task, tokenizer, encoder, cfg: FinetuneConfig, device,
+             demos: Demonstrations | None = None) -> float:
     """Metric over `examples`; each worker predicts a strided share and the shares are
     gathered, so evaluation also scales with the number of workers. Predictions do not depend
-    on the batching: a row's padding is masked out."""
+    on the batching: a row's padding is masked out. With `demos`, each example is predicted
+    from its `demos.samples` demonstration sets (`predict`)."""
     import torch.distributed as dist
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -175,18 +205,22 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer, encoder, cfg
         examples[i].text_b or ""))
     model.eval()
     preds, idx = [], []
-    for i in range(0, len(mine), cfg.eval_batch_size):
-        chunk = mine[i:i + cfg.eval_batch_size]
-        batch = make_batch([examples[j] for j in chunk], task, tokenizer, encoder, cfg.max_length)
+    samples = demos.samples if demos is not None else 1
+    per = max(1, cfg.eval_batch_size // samples)  # examples per forward pass, `samples` rows each
+    for i in range(0, len(mine), per):
+        chunk = mine[i:i + per]
+        shown = None if demos is None else [d for j in chunk for d in demos.for_evaluation(examples[j], j)]
+        batch = make_batch([examples[j] for j in chunk for _ in range(samples)], task, tokenizer, encoder,
+                           cfg.max_length, shown)
         batch = {k: v.to(device) for k, v in batch.items()}
-        preds += predict(model, batch, task, encoder).float().cpu().tolist()
+        preds += predict(model, batch, task, encoder, samples).float().cpu().tolist()
         idx += chunk
     gathered = [(idx, preds)]
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, (idx, preds))
     order, values = zip(*sorted((i, p) for ids, ps in gathered for i, p in zip(ids, ps)))
-    labels = _labels(task, [examples[i] for i in order]).tolist()
+    labels = gold_labels(task, [examples[i] for i in order]).tolist()
     return compute_metric(task.metric, list(values), labels)
 
 
@@ -204,7 +238,9 @@ def setup(cfg: FinetuneConfig, inputs: dict, device) -> Setup:
         # any other method takes the model as it is, with its soft prompt if it has one (PPT zero-shot)
         model = (prompt_tuned(mlm, tokenizer, cfg.prompt_tokens, src) if cfg.method == "prompt-tuning"
                  else LogitsAt(mlm, load_soft_prompt(src)))
-        encoder = PromptEncoder(tokenizer, task, cfg.max_length)
+        encoder = PromptEncoder(tokenizer, task, cfg.max_length, cfg.demonstrations)
+    demos = None if not cfg.demonstrations else Demonstrations.build(
+        task, split, inputs["demo_ref"], cfg.demo_filter_rate, cfg.demo_samples, cfg.train_seed, device)
     teacher = None
     if cfg.teacher:
         teacher = LogitsAt(load_mlm(local_model_dir(inputs["teacher_ref"]))).to(device).eval().requires_grad_(False)
@@ -212,19 +248,20 @@ def setup(cfg: FinetuneConfig, inputs: dict, device) -> Setup:
 
     train, soft = inputs["train"], inputs.get("soft_logits")
 
-    def batch_of(ids: list[int]) -> dict:
-        batch = make_batch([train[i] for i in ids], task, tokenizer, encoder, cfg.max_length)
+    def batch_of(ids: list[int], step: int) -> dict:
+        shown = None if demos is None else [demos.for_training(i, step) for i in ids]
+        batch = make_batch([train[i] for i in ids], task, tokenizer, encoder, cfg.max_length, shown)
         return batch if soft is None else {**batch, "soft_logits": soft[ids]}
 
     def batches(first_step: int, micro: int, accum: int):
         step = first_step
         while True:  # the data of step s is a function of s: resume needs no bookkeeping
             ids = shard(global_batch_indices(len(train), cfg.batch_size, step, cfg.train_seed), rank, world)
-            yield [batch_of(ids[j:j + micro]) for j in range(0, len(ids), micro)]
+            yield [batch_of(ids[j:j + micro], step) for j in range(0, len(ids), micro)]
             step += 1
 
     def score(model, examples):
-        return evaluate(model, examples, task, tokenizer, encoder, cfg, device)
+        return evaluate(model, examples, task, tokenizer, encoder, cfg, device, demos)
 
     ctx = objectives.Context(cfg, task, encoder.label_word_ids if encoder else None)
     return fewshot_setup(model, objectives.bind(cfg.objective, teacher, ctx), batches, score, split, tokenizer,
@@ -252,15 +289,20 @@ def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) ->
                           "distributions at one mask, so it needs label words of one token each")
     split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)  # fail before launching
     check_model(cfg.init or cfg.model, mlm=cfg.method != "classifier",
-                prompt=(task, cfg.max_length) if cfg.method != "classifier" else None,
-                soft_prompt=cfg.prompt_tokens if cfg.method == "prompt-tuning" else 0)
+                prompt=(task, cfg.max_length, cfg.demonstrations) if cfg.method != "classifier" else None,
+                soft_prompt=cfg.prompt_tokens if cfg.method == "prompt-tuning" else 0,
+                needs_mlm="demonstrations=true closes each demonstration with a separator token ([SEP], </s>), "
+                "which T5 has none of" if cfg.demonstrations else None)
     if cfg.teacher:
         check_model(cfg.teacher)
+    if cfg.demonstrations:
+        check_sbert(cfg.demo_model)
     split = split or load_lmbff(cfg.data_dir, task, k=cfg.k, seed=cfg.seed)
     if cfg.teacher:
         check_same_vocabulary(cfg.init or cfg.model, cfg.teacher)
     inputs = {"task": task, "split": split, "model_ref": portable_model(cfg.init or cfg.model),
-              "teacher_ref": portable_model(cfg.teacher) if cfg.teacher else None, "train": split.train}
+              "teacher_ref": portable_model(cfg.teacher) if cfg.teacher else None, "train": split.train,
+              "demo_ref": portable_model(cfg.demo_model) if cfg.demonstrations else None}
     extra = {"task": task.name, "method": cfg.method, "metric": task.metric, "k": cfg.k, "seed": cfg.seed,
              "split": split.source}
     if cfg.extra_train:  # iPET: T plus a generation's labelled examples

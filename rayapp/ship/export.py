@@ -399,6 +399,9 @@ def run(cfg: ExportConfig) -> dict:
         raise ConfigError(f"out={cfg.out} is not empty; export into a new folder")
     task = _task(record)
     run_cfg = record["config"]
+    if run_cfg.get("demonstrations"):
+        raise ConfigError(f"run={cfg.run} was selected with LM-BFF's demonstrations from its train set in every "
+                          "prompt, which an exported classifier does not carry; export a run without them")
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "model")
         storage.copy_dir(local_model_dir(record["checkpoint"]), folder)

@@ -70,12 +70,33 @@ get on its own, so the pieces give the ids T5's tokenizer gives the whole prompt
 model side is `modeling.models.LogitsAt` (the label word is the decoder's second token).
 Refused for T5: ``multi_token`` (the decoder reads one token after the sentinel, not one per
 mask) and ``lmbff_exact`` (LM-BFF's rules are defined for its BERT/RoBERTa tokenisation only).
+
+Demonstrations (LM-BFF §6, ``PromptEncoder(..., demonstrations=True)``)
+----------------------------------------------------------------------
+One training example per class follows the input, each rendered with the same template and
+its class's label word in the mask slot, each segment closed by the separator token, as
+LM-BFF's ``auto_demo`` template does (run.py: ``*cls*<template>*sep+*<template with sent_i and
+label_0>*sep+*...``): ``[CLS] x It was [MASK] . [SEP] d0 It was terrible . [SEP] d1 It was
+great . [SEP]`` (RoBERTa: ``<s> ... </s> ... </s> ... </s>``). A class with several label
+words shows its first; a regression task's demonstrations show the word of their side
+(`Task.class_of`). Which examples are shown is `rayapp.data.demonstrations`' business.
+Truncation (rayapp's rule): the demonstrations' sentences are cut first, longest first, down
+to one token each, then the input's as above; every demonstration keeps its template and
+label word, and the mask always survives. Where this differs from LM-BFF: LM-BFF caps the
+input's first sentence (``first_sent_limit``) and every other sentence (``other_sent_limit``)
+by task-specific token counts and then cuts the tail of the whole sequence (the head with
+``truncate_head``), so a long input can lose the last demonstrations entirely; with
+``lmbff_exact`` the tail cut is LM-BFF's (without the per-sentence caps). LM-BFF also gives
+BERT a segment id per ``*sep+*`` (token-type embeddings grown to 10, the new rows freshly
+initialised); rayapp feeds no token-type ids (RoBERTa, SMASH's student, has none). T5 has
+no separator token and is refused.
 """
 from __future__ import annotations
 
 import functools
 import string
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -266,6 +287,15 @@ class Task:
                 f"unknown label {key!r} for task {self.name!r}; known labels: {self.labels}"
             ) from None
 
+    def class_of(self, label) -> int:
+        """The class whose label word stands for `label`: its class index, or for a regression
+        score its side of the range, low at or below the midpoint of `bounds` (LM-BFF's
+        demonstrations split STS-B at its median_mapping, 2.5: the midpoint of [0, 5])."""
+        if not self.is_regression:
+            return self.label_index(label)
+        low, high = self.bounds
+        return int(float(label) > (low + high) / 2)
+
 
 def _truncate(sentences: list[list[int]], budget: int) -> None:
     """Cut tokens off the end of the longest sentence until all fit in `budget` (in place)."""
@@ -276,10 +306,12 @@ def _truncate(sentences: list[list[int]], budget: int) -> None:
 
 
 class PromptEncoder:
-    """Turns input sentences into token ids of the task's prompt for one tokenizer."""
+    """Turns input sentences into token ids of the task's prompt for one tokenizer; with
+    `demonstrations`, followed by one demonstration per class (module docstring)."""
 
-    def __init__(self, tokenizer, task: Task, max_length: int = 128):
+    def __init__(self, tokenizer, task: Task, max_length: int = 128, demonstrations: bool = False):
         self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
+        self.demonstrations = demonstrations
         name = type(tokenizer).__name__
         mask = mask_slot_token(tokenizer)
         if mask is None:
@@ -335,9 +367,19 @@ class PromptEncoder:
         literal = sum(len(p) for p in self._pieces if isinstance(p, list))
         fixed = len(self._prefix) + literal + len(self._suffix)
         num_sentences = sum(isinstance(p, Segment) for p in self._pieces)
+        shown = ""
+        if demonstrations:
+            if tokenizer.sep_token_id is None:
+                raise PromptError(f"tokenizer {name} has no separator token, which closes each demonstration "
+                                  "(LM-BFF's [SEP] / </s>); use demonstrations with a masked LM (BERT, RoBERTa, ...)")
+            # a demonstration: the template's text, its label word for the mask, a separator
+            classes = range(len(self.label_word_ids))
+            fixed += sum(literal - self.num_masks + len(self._demo_word(c)) + 1 for c in classes)
+            num_sentences *= 1 + len(classes)
+            shown = f" and {len(classes)} demonstrations"
         if fixed + num_sentences > max_length:
             raise PromptError(
-                f"task {task.name!r}: template {task.template!r} takes {fixed} tokens with {name} plus at "
+                f"task {task.name!r}: template {task.template!r}{shown} takes {fixed} tokens with {name} plus at "
                 f"least one per sentence, more than max_length={max_length}; raise max_length"
             )
         self._budget = max_length - fixed
@@ -371,45 +413,81 @@ class PromptEncoder:
         # split_special: a literal "[MASK]"/"<mask>" in user text is text, never a second mask
         return self._ids((" " if segment.space else "") + text, split_special=True)
 
-    def encode(self, text_a: str, text_b: str | None = None) -> dict:
-        """``{"input_ids", "attention_mask", "mask_pos"}`` of one example (lists, no padding)."""
-        texts = [text_a] if text_b is None else [text_a, text_b]
+    def _texts(self, texts: list[str], where: str = "") -> list[str]:
+        """`texts` (of the input, or `where`: a demonstration) checked against the template's
+        inputs; stripped unless `lmbff_exact`."""
         task = self.task
         if len(texts) != task.num_inputs:
             raise DataError(
                 f"task {task.name!r} takes {task.num_inputs} input sentence(s) "
-                f"(template {task.template!r}) but got {len(texts)}"
+                f"(template {task.template!r}) but got {len(texts)}{where}"
             )
         for i, text in enumerate(texts):
             # an empty sentence renders as the template alone: published test sets (LM-BFF's
             # cr) contain such rows and must keep their size
             if not isinstance(text, str):
-                raise DataError(f"input sentence x{i} for task {task.name!r} must be a string, got {text!r}")
-        if not task.lmbff_exact:
-            texts = [t.strip() for t in texts]
-        parts = [self._sentence_ids(p, texts) if isinstance(p, Segment) else p for p in self._pieces]
-        input_ids = self._prefix + [t for part in parts for t in part] + self._suffix
+                raise DataError(f"input sentence x{i}{where} for task {task.name!r} must be a string, got {text!r}")
+        return list(texts) if task.lmbff_exact else [t.strip() for t in texts]
+
+    def _demo_word(self, c: int) -> list[int]:
+        """What fills the mask slot of class `c`'s demonstration: its first label word's ids."""
+        word = self.label_word_ids[c][0]
+        return list(word) if isinstance(word, tuple) else [word]
+
+    def _parts(self, texts: list[str], word: list[int] | None = None) -> list[list[int]]:
+        """The template's pieces as ids, the sentences from `texts`; `word` in the mask slot
+        (a demonstration) when given."""
+        # the mask piece is the one list starting with the mask id (literal text never spells it)
+        return [self._sentence_ids(p, texts) if isinstance(p, Segment)
+                else word if word is not None and p and p[0] == self.mask_id else p for p in self._pieces]
+
+    def encode(self, text_a: str, text_b: str | None = None,
+               demos: Sequence[tuple[Sequence[str], int]] = ()) -> dict:
+        """``{"input_ids", "attention_mask", "mask_pos"}`` of one example (lists, no padding);
+        with `demonstrations`, `demos` holds one (input sentences, class index) per class."""
+        task = self.task
+        texts = self._texts([text_a] if text_b is None else [text_a, text_b])
+        wanted = len(self.label_word_ids) if self.demonstrations else 0
+        if len(demos) != wanted:
+            raise DataError(f"task {task.name!r}: this encoder takes {wanted} demonstrations, got {len(demos)}")
+        parts = self._parts(texts)
+        shown = [self._parts(self._texts(list(d), f" in demonstration {i}"), self._demo_word(c))
+                 for i, (d, c) in enumerate(demos)]
+        sep = [self.tokenizer.sep_token_id]
+
+        def joined() -> list[int]:
+            pieces = [parts, *([sep, *d] for d in shown)]
+            return self._prefix + [t for ps in pieces for p in ps for t in p] + self._suffix
+
+        input_ids = joined()
         if len(input_ids) > self.max_length:
             if task.lmbff_exact and input_ids[: self.max_length].count(self.mask_id) == self.num_masks:
                 input_ids = input_ids[: self.max_length]  # LM-BFF cuts the tail, [SEP] included
             else:  # (where LM-BFF's cut would lose the mask, LM-BFF fails; exact mode cuts here)
-                sentences = [part for part, piece in zip(parts, self._pieces) if isinstance(piece, Segment)]
-                _truncate(sentences, self._budget)
-                input_ids = self._prefix + [t for part in parts for t in part] + self._suffix
+                def sentences(ps: list[list[int]]) -> list[list[int]]:
+                    return [part for part, piece in zip(ps, self._pieces) if isinstance(piece, Segment)]
+
+                # demonstrations give way first, down to a token per sentence; then the input
+                theirs = [s for d in shown for s in sentences(d)]
+                _truncate(theirs, max(len(theirs), sum(map(len, theirs)) - (len(input_ids) - self.max_length)))
+                _truncate(sentences(parts), self._budget - sum(map(len, theirs)))
+                input_ids = joined()
         assert input_ids.count(self.mask_id) == self.num_masks and len(input_ids) <= self.max_length, "mask lost"
         mask_pos = input_ids.index(self.mask_id)
         if self.task.multi_token:  # the masks are consecutive: one position per piece
             mask_pos = list(range(mask_pos, mask_pos + self.num_masks))
         return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "mask_pos": mask_pos}
 
-    def encode_batch(self, texts_a: list[str], texts_b: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def encode_batch(self, texts_a: list[str], texts_b: list[str] | None = None,
+                     demos: list | None = None) -> dict[str, torch.Tensor]:
         """Encode and right-pad to the longest example: input_ids, attention_mask [B, T], mask_pos [B]
-        (a `multi_token` task: [B, M], the M mask positions)."""
+        (a `multi_token` task: [B, M], the M mask positions); `demos`: each example's (`encode`)."""
         if texts_b is not None and len(texts_b) != len(texts_a):
             raise DataError(f"got {len(texts_a)} first sentences but {len(texts_b)} second sentences")
         if not texts_a:
             raise DataError(f"task {self.task.name!r}: cannot encode an empty batch")
-        encoded = [self.encode(a, b) for a, b in zip(texts_a, texts_b or [None] * len(texts_a))]
+        encoded = [self.encode(a, b, d) for a, b, d in
+                   zip(texts_a, texts_b or [None] * len(texts_a), demos or [()] * len(texts_a))]
         input_ids, attention_mask = pad_ids([e["input_ids"] for e in encoded], self.tokenizer.pad_token_id)
         mask_pos = torch.tensor([e["mask_pos"] for e in encoded], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mask_pos": mask_pos}
@@ -457,6 +535,12 @@ def multi_token_scores(mask_logits: torch.Tensor, label_words: list[list[tuple[i
         per_word = [torch.stack([logp[..., i, t] for i, t in enumerate(word)], -1).mean(-1) for word in words]
         classes.append(torch.stack(per_word, -1).mean(-1))
     return torch.stack(classes, -1)
+
+
+def predicted(scores: torch.Tensor, task: Task) -> torch.Tensor:
+    """Class scores ``[..., C]`` -> the predicted class index, or for a regression task the
+    expected score (`regression_prediction`)."""
+    return regression_prediction(scores.softmax(-1), task.bounds) if task.is_regression else scores.argmax(-1)
 
 
 def regression_target(y: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:

@@ -2,10 +2,12 @@
 and users' own tasks from YAML. A task is a template + verbalizer + metric (`prompts.Task`)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import yaml
 
+from rayapp import storage
 from rayapp.errors import ConfigError, DataError, PromptError
 from rayapp.tasks.prompts import Task
 
@@ -96,13 +98,37 @@ def task_from_dict(d: dict) -> Task:
     )
 
 
+def with_prompt(task: Task, template: str | None = None, verbalizer: dict | None = None) -> Task:
+    """`task` with another template and/or verbalizer (SMASH Fig. 3 swaps in LM-BFF's automatic
+    ones); its labels, metric and data stay the task's, so the words must cover its labels."""
+    if verbalizer is not None:
+        words = {str(label).strip(): word for label, word in verbalizer.items()}  # YAML reads `0:` as an int
+        if set(words) != set(task.labels):
+            raise PromptError(f"verbalizer {verbalizer} for task {task.name}: give one word for each of its labels "
+                              f"{task.labels}")
+        verbalizer = {label: words[label] for label in task.labels}  # the task's class order
+    return dataclasses.replace(task, template=template or task.template, verbalizer=verbalizer or task.verbalizer)
+
+
+def task_to_dict(task: Task) -> dict:
+    """The mapping `task_from_dict` reads back: its required keys and the optional ones that
+    differ from their defaults."""
+    d = {"name": task.name, "template": task.template, "verbalizer": dict(task.verbalizer)}
+    defaults = {f.name: f.default for f in dataclasses.fields(Task)}
+    for key in _OPTIONAL_KEYS:
+        value = getattr(task, key)
+        if value != defaults[key]:
+            d[key] = list(value) if key == "bounds" else value
+    return d
+
+
 def load_tasks(path: str | Path) -> dict[str, Task]:
-    """Tasks from a YAML file holding a list of task mappings or ``{"tasks": [...]}``."""
-    path = Path(path)
+    """Tasks from a YAML file (local or `s3://`) holding a list of task mappings or ``{"tasks": [...]}``."""
+    path = str(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise DataError(f"cannot read tasks file {path}: {e.strerror}") from None
+        raw = yaml.safe_load(storage.read_text(path))
+    except (OSError, DataError) as e:
+        raise DataError(f"cannot read tasks file {path}: {getattr(e, 'strerror', None) or e}") from None
     except yaml.YAMLError as e:
         raise DataError(f"tasks file {path} is not valid YAML: {e}") from None
     entries = raw.get("tasks") if isinstance(raw, dict) else raw
