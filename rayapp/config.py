@@ -262,3 +262,12 @@ def build(cls: type[T], data: dict) -> T:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def require_counts(cfg, *keys: str) -> None:
+    """One ConfigError naming the first of `keys` (fields of `cfg`, None allowed: "as many as
+    fit") that is below 1: sizes, counts and actor numbers of a stage config."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")

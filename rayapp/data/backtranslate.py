@@ -68,7 +68,7 @@ import torch
 
 from rayapp import env, storage
 from rayapp.assets import fewshot_dir
-from rayapp.config import InputPath, ModelRef, OutputPath
+from rayapp.config import InputPath, ModelRef, OutputPath, require_counts
 from rayapp.data import shards
 from rayapp.data.fewshot import SEEDS, Example, FewShotSplit, load_lmbff, write_split
 from rayapp.errors import ConfigError, RayappError
@@ -107,10 +107,7 @@ class BacktranslateConfig:
         if self.factor < 1:
             raise ConfigError(f"factor={self.factor} must be >= 1: train grows to factor x its size "
                               "(SMASH's bt10 is factor=10; 1 copies the splits)")
-        for key in ("k", "max_rounds", "max_length", "top_k", "cpus_per_actor", "batch_size", "num_actors"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
+        require_counts(self, "k", "max_rounds", "max_length", "top_k", "cpus_per_actor", "batch_size", "num_actors")
         if not self.temperature > 0:
             raise ConfigError(f"temperature={self.temperature} must be > 0")
         if not self.tasks or not self.seeds:

@@ -59,7 +59,7 @@ from rayapp import env, storage
 from rayapp.data import shards
 from rayapp.data.corpus import plan_sources, read_sentences
 from rayapp.data.formats import warn_skipped
-from rayapp.config import InputPath, ModelRef, OutputPath
+from rayapp.config import InputPath, ModelRef, OutputPath, require_counts
 from rayapp.errors import ConfigError, DataError
 from rayapp.modeling.models import check_model, load_tokenizer, local_model_dir, portable_model
 from rayapp.modeling.scorer import TeacherScorer, actor_device, default_batch_size, pool_args
@@ -103,10 +103,7 @@ class SentimentConfig:
             raise ConfigError(f"threshold={self.threshold} must be a probability in [0, 1] (0 keeps every sentence)")
         if self.num_examples is not None and self.num_examples < 1:
             raise ConfigError(f"num_examples must be at least 1 (or None for no cap), got {self.num_examples}")
-        for key in ("rows_per_shard", "cpus_per_actor", "batch_size", "num_actors"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
+        require_counts(self, "rows_per_shard", "cpus_per_actor", "batch_size", "num_actors")
 
 
 def sentence_key(seed: int, doc_id: str, sent: int) -> int:

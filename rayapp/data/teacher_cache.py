@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 
 from rayapp import env, storage
 from rayapp.data import shards
-from rayapp.config import InputPath, ModelRef, OutputPath
+from rayapp.config import InputPath, ModelRef, OutputPath, require_counts
 from rayapp.errors import ConfigError, DataError
 from rayapp.modeling.models import (check_model, load_model_config, load_tokenizer, local_model_dir, portable_model,
                                     vocab_fingerprint)
@@ -81,10 +81,7 @@ class CacheConfig:
     warn_covered: float = 0.5  # warn when the mean top-k mass is below this
 
     def __post_init__(self) -> None:
-        for key in ("rows_per_shard", "cpus_per_actor", "batch_size", "num_actors"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
+        require_counts(self, "rows_per_shard", "cpus_per_actor", "batch_size", "num_actors")
         if not 0.0 <= self.warn_covered <= 1.0:
             raise ConfigError(f"warn_covered={self.warn_covered} must be a probability mass in [0, 1]")
 

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from rayapp import env, storage
-from rayapp.config import InputPath, OutputPath
+from rayapp.config import InputPath, OutputPath, require_counts
 from rayapp.data import shards
 from rayapp.data.corpus import relative_name
 from rayapp.data.formats import iter_lines, suffix_format
@@ -80,10 +80,7 @@ class PredictConfig:
     cpus_per_actor: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("tokens_per_batch", "rows_per_shard", "cpus_per_actor", "num_actors"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
+        require_counts(self, "tokens_per_batch", "rows_per_shard", "cpus_per_actor", "num_actors")
         if self.fmt is not None and self.fmt not in INPUT_FORMATS:
             raise ConfigError(f"fmt={self.fmt!r} is not an input format; use one of {', '.join(INPUT_FORMATS)}")
 

@@ -306,13 +306,14 @@ def check(cfg: SweepConfig) -> None:
     every split loads and every named model is one, before a single trial starts. Sets
     `cfg.pool_test_tasks` from the splits loaded: the tasks whose test sets are pool fallbacks;
     draws the splits of a K axis the data root lacks and sets `cfg.made_splits` (`_split`)."""
+    from rayapp.data.demonstrations import check_sbert
     from rayapp.modeling.models import check_model
     from rayapp.tasks.registry import get_task
 
     def fill(placeholder: str) -> str:  # best runs and students do not exist yet: checked by type only
         return _unfilled(placeholder) if ":" in placeholder else _filler(cfg, trial)(placeholder)
 
-    loaded, models = {}, set()  # loaded: (data_dir, task, k, seed) -> (the sweep's task name, pool test?)
+    loaded, models, demo_models = {}, set(), set()  # loaded: (data_dir, task, k, seed) -> (the sweep's task name, pool test?)
     drawn = {}  # a split the axis drew (TASK/K-SEED) -> the data root it stands in for
     while True:
         for trial in cfg.trials():
@@ -330,12 +331,16 @@ def check(cfg: SweepConfig) -> None:
                 ref = getattr(rcfg, key, None)
                 if ref and "<" not in ref:
                     models.add(ref)
+            if getattr(rcfg, "demonstrations", False):  # LM-BFF's SBERT: a missing one is one line, not failed trials
+                demo_models.add(rcfg.demo_model)
         pool = sorted({name for name, fallback in loaded.values() if fallback}, key=cfg.tasks.index)
         if pool == cfg.pool_test_tasks:
             break
         cfg.pool_test_tasks = pool  # a method's `seeds:` no longer narrows these: check their other splits too
     for ref in sorted(models):
         check_model(ref, mlm=False)
+    for ref in sorted(demo_models):
+        check_sbert(ref)
 
 
 def _split(cfg: SweepConfig, trial: dict, task, data_dir: str | None, drawn: dict):

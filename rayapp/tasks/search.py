@@ -73,7 +73,7 @@ import yaml
 
 from rayapp import env, storage
 from rayapp.assets import fewshot_dir
-from rayapp.config import InputPath, ModelRef, OutputPath
+from rayapp.config import InputPath, ModelRef, OutputPath, require_counts
 from rayapp.data import shards
 from rayapp.data.fewshot import SEEDS, Example, FewShotSplit, load_lmbff
 from rayapp.errors import ConfigError, PromptError
@@ -119,11 +119,7 @@ class SearchConfig:
     cpus_per_actor: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("k", "k_likely", "n_pairs", "max_assignments", "beam", "max_length", "rows_per_pass",
-                    "cpus_per_actor", "batch_size", "num_actors"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
+        require_counts(self, "k", "k_likely", "n_pairs", "max_assignments", "beam", "max_length", "rows_per_pass", "cpus_per_actor", "batch_size", "num_actors")
         if self.decode_length < 3:
             raise ConfigError(f"decode_length={self.decode_length} must be >= 3: the decoder's start token and "
                               "two spans")
