@@ -25,7 +25,7 @@ def test_distill_setting_presets_never_override_explicit_keys():
     (["lrr=1e-5"], r"unknown config key\(s\) \['lrr'\] for FinetuneConfig; valid keys: .*'lr'"),
     (["engine.num_wokers=2"], r"unknown config key\(s\) \['engine.num_wokers'\]"),
     (["max_steps=lots"], "config key 'max_steps' must be of type int, got 'lots'"),
-    (["method=distill"], r"config key 'method' must be one of \['prompt', 'classifier', 'zero-shot'\]"),
+    (["method=distill"], r"config key 'method' must be one of \['prompt', 'prompt-tuning', 'classifier', 'zero-shot'\]"),
     (["engine.engine=horovod"], r"config key 'engine.engine' must be one of \['ddp', 'deepspeed'\]"),
     (["batch_size=0"], "batch_size must be > 0, got 0"),
     (["lr"], "override 'lr' is not of the form key=value"),
