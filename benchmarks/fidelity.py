@@ -29,7 +29,11 @@ SMASH Table 3's iPET rows: the teacher as PET's models, 2 generations of PET's 4
 model each (SMASH: 3 generations, 3 models each), each generation's labels over `IPET_UNLABELLED` pool examples per
 label (SMASH: up to 10,000), and the plain student as the final classifier trained on the last
 generation's merged logits: standard FT ("ipet"), prompt FT ("ipet-pt"), and prompt FT from
-the SMASH student ("ipet-smash"); every trial at the sweep's one point and steps.
+the SMASH student ("ipet-smash"); every trial at the sweep's one point and steps. The LM-BFF
+row: the plain student's prompt FT with LM-BFF's demonstrations (one train example per class
+after each input, drawn from the most similar half by the local SBERT, all-MiniLM-L6-v2; 4
+sets averaged at dev/test, LM-BFF: 16) on the manual templates: no local T5 exists for LM-BFF's
+template search (SMASH's row uses its auto templates).
 
 Where this differs from the paper, to fit 2 CPU cores: `--finetune-steps` (default 40,
 dev every 10; the paper 1000 / 100) at one fixed point (lr 1e-4, batch 4) instead of the
@@ -76,6 +80,7 @@ ROWS = ["zero-shot", "prompt-ft", "fine-tune", "smash-zero-shot", "smash", "dist
 PD_ROWS = ["prompt-kd", "prompt-distiller", "prompt-kd-smash", "prompt-distiller-smash"]
 PPT_ROWS = ["prompt-tuning", "ppt"]
 IPET_ROWS = ["ipet", "ipet-pt", "ipet-smash"]
+LMBFF_ROWS = ["lm-bff"]
 IPET_GENERATIONS = 2      # SMASH App. A.1: 3 generations of 4 patterns x 3 models; here 2 x 4 x 1 (2 cores)
 IPET_UNLABELLED = 500     # unlabelled pool examples per label (SMASH: up to 10,000)
 DISTILL_BATCH = 16
@@ -136,7 +141,7 @@ def ipet_methods(teacher: str, smash: str, generations: int = IPET_GENERATIONS, 
 
 def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash: str, teacher: str, steps: int,
                  seeds: list[int] | None = None, rows: list[str] | None = None, ppt: str | None = None,
-                 smoke: bool = False):
+                 smoke: bool = False, demo_model: str = ""):
     """One of the two sweeps (same methods; `smash` = the SMASH student for these tasks, `ppt`
     the PPT-pre-trained prompt), on the 5 LM-BFF splits unless `seeds`; `rows`: only those
     methods (and the ones they read `{best:...}` from)."""
@@ -163,10 +168,15 @@ def sweep_config(name: str, storage: str, tasks: list[str], student: str, smash:
             **(pd_methods(teacher, smash) if sentiment else {}),
             **ppt_methods(ppt),
             **ipet_methods(teacher, smash, *((2, 2) if smoke else ())),
+            # LM-BFF's demonstrations with the task's manual template (no local T5 for its
+            # template search): the local SBERT picks them, 4 sets at dev/test, twice the length
+            "lm-bff": {"method": "prompt", "demonstrations": True, "demo_samples": 4, "max_length": 256,
+                       "demo_model": demo_model, "label": "LM-BFF (manual templates, SBERT demonstrations)"},
         },
         ipet=IPetConfig(unlabelled_per_label=IPET_UNLABELLED),
         tables=[TableSpec(name="fidelity", title="16-shot test, mean (std) over the 5 LM-BFF splits",
-                          rows=ROWS + (PD_ROWS if sentiment else []) + PPT_ROWS[:1 + (ppt is not None)] + IPET_ROWS)])
+                          rows=ROWS + (PD_ROWS if sentiment else []) + PPT_ROWS[:1 + (ppt is not None)] + IPET_ROWS
+                          + LMBFF_ROWS)])
     if rows is None:
         return cfg
     unknown = sorted(set(rows) - set(cfg.methods))
@@ -261,7 +271,7 @@ def main() -> None:
             student=student, prompt_tokens=2 if args.smoke else 100, name=f"ppt-{task}", **budget)))["model"]
         cfg = sweep_config(f"fidelity-{task}", str(work / "sweeps"), tasks, student, smash, teacher,
                            args.finetune_steps, seeds=ONE_SPLIT if args.smoke else None, rows=args.rows, ppt=ppt,
-                           smoke=args.smoke)
+                           smoke=args.smoke, demo_model=str(asset("models", "all-MiniLM-L6-v2")))
         started = time.time()
         try:
             done = sweep.run(cfg, resume=(Path(cfg.storage) / cfg.name / "sweep.json").exists())
