@@ -178,12 +178,12 @@ def bt_built(ray_cluster, marian, tmp_path_factory) -> tuple[str, dict]:
 @pytest.fixture(scope="session")
 def ppt_run(ray_cluster, pairs, tiny_roberta, tmp_path_factory) -> dict:
     """PPT pre-training of a 4-token soft prompt on `pairs` with the tiny RoBERTa frozen:
-    DeepSpeed ZeRO-2 in bf16 on 2 CPU workers, 3 steps; its record."""
+    DeepSpeed ZeRO-2 in bf16 on 2 CPU workers, 3 steps, the model of step 1 kept; its record."""
     from rayapp.recipes.ppt import PPTConfig, run
     from rayapp.train.engine import EngineConfig
 
     return run(PPTConfig(student=tiny_roberta, data=pairs, task="smash-pairs", prompt_tokens=4, batch_size=8,
-                         max_steps=3, checkpoint_every=3, log_every=1,
+                         max_steps=3, checkpoint_every=3, log_every=1, keep_steps=[1],
                          output_dir=str(tmp_path_factory.mktemp("ppt") / "runs"),
                          engine=EngineConfig(engine="deepspeed", precision="bf16", zero_stage=2, num_workers=2,
                                              cpus_per_worker=0.5, use_gpu=False)))

@@ -3,6 +3,8 @@ pre-training on SMASH's intermediate data with the model frozen (DeepSpeed ZeRO-
 workers), prompt tuning from them, resume, export."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -98,6 +100,12 @@ def test_ppt_pretrains_a_prompt_on_pairs_then_prompt_tuning_starts_from_it(ppt_r
     prompt = load_soft_prompt(rec["model"])
     fresh = initial_soft_prompt(load_mlm(tiny_roberta), load_tokenizer(tiny_roberta), 4)
     assert prompt.shape == fresh.shape and not torch.allclose(prompt, fresh)
+    # `keep_steps`: the 2 ranks' export of step 1 kept beside the rotating checkpoints, with its prompt
+    kept_at_1 = str(Path(rec["model"]).parent / "models" / "step-1")
+    assert all(torch.equal(AutoModelForMaskedLM.from_pretrained(kept_at_1).state_dict()[k], v)
+               for k, v in original.items())
+    at_1 = load_soft_prompt(kept_at_1)
+    assert not torch.allclose(at_1, prompt) and not torch.allclose(at_1, fresh)
     # the pre-trained prompt sets the length (4), whatever prompt_tokens says
     assert torch.equal(prompt_tuned(load_mlm(rec["model"]), load_tokenizer(tiny_roberta), 100,
                                     rec["model"]).soft_prompt.detach(), prompt)

@@ -585,6 +585,16 @@ def test_a_k_axis_sweep_runs_and_reports_a_table_per_k_and_the_figure(ray_cluste
     assert "Test metric vs K" in html and html.count("data:image/png;base64,") == 1 and "(K = 32)" in html
 
 
+def test_a_label_word_the_model_cannot_score_is_refused_before_the_trials(tiny_bert, tmp_path):
+    """The pre-check encodes each method's prompt with its model, as the run itself would: a
+    label word of several tokens is one line naming the method and task, not failed trials."""
+    cfg = _sweep(tmp_path, seeds=[13], grid={}, base={"model": tiny_bert, "data_dir": str(_small_root(tmp_path))},
+                 methods={"prompt": {"method": "prompt"},
+                          "words": {"method": "prompt", "verbalizer": {"0": "terrible", "1": "xqzzyqwv"}}})
+    with pytest.raises(PromptError, match=r"^method words on SST-2: .*xqzzyqwv"):
+        sweep.check(cfg)
+
+
 def test_a_template_axis_runs_each_template(ray_cluster, tiny_bert, tmp_path):
     templates = ["{x0} It was {mask}.", "{x0} A {mask} one."]
     cfg = _sweep(tmp_path, seeds=[13], grid={}, methods={"zero-shot": {"method": "zero-shot"}},

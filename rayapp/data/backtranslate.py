@@ -50,7 +50,7 @@ adds only their splits); another plan is refused. The folder's own `_meta.json` 
 listing every split of the run with its counts.
 
 Models: any HF encoder-decoder by hub id (through the `$RAYAPP_ASSETS` mirror), local dir
-or `s3://`, loaded with `AutoModelForSeq2SeqLM` and `AutoTokenizer` (`load_translator`);
+or `s3://`, loaded with `AutoModelForSeq2SeqLM` and `AutoTokenizer` (`models.load_seq2seq`);
 Marian's tokenizer needs `sentencepiece`.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ from rayapp.config import InputPath, ModelRef, OutputPath, require_counts
 from rayapp.data import shards
 from rayapp.data.fewshot import SEEDS, Example, FewShotSplit, load_lmbff, write_split
 from rayapp.errors import ConfigError, RayappError
-from rayapp.modeling.models import _from_pretrained, check_model, load_model_config, load_tokenizer, portable_model
+from rayapp.modeling.models import check_model, load_model_config, load_seq2seq, load_tokenizer, portable_model
 from rayapp.modeling.scorer import actor_device, default_batch_size, length_batches, pool_args
 from rayapp.tasks.registry import get_task
 
@@ -119,13 +119,6 @@ class BacktranslateConfig:
                 raise ConfigError(f"tasks: {e}") from None
 
 
-def load_translator(name_or_path: str):
-    """An `AutoModelForSeq2SeqLM` (MarianMT, T5, BART, ...), loaded as `load_mlm` loads an MLM."""
-    from transformers import AutoModelForSeq2SeqLM
-
-    return _from_pretrained(AutoModelForSeq2SeqLM, name_or_path, "translation model")
-
-
 def check_translator(name_or_path: str, key: str) -> None:
     """Driver-side: `name_or_path` is a model with a tokenizer (`check_model`) and an
     encoder-decoder, before Ray starts; one-line ConfigError naming the config key otherwise."""
@@ -144,7 +137,7 @@ class Translator:
 
     def __init__(self, model: str, device: torch.device, max_length: int, top_k: int, temperature: float):
         self.tokenizer = load_tokenizer(model)
-        self.model = load_translator(model).to(device).eval()
+        self.model = load_seq2seq(model, "translation model").to(device).eval()
         self.device, self.max_length = device, max_length
         # num_beams=1: plain sampling, whatever the model's generation config says (opus-mt: 4 beams)
         self.decoding = {"do_sample": True, "top_k": top_k, "temperature": temperature, "num_beams": 1,

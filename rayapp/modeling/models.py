@@ -213,6 +213,14 @@ def load_mlm(name_or_path: str, **kwargs):
     return _from_pretrained(auto, name_or_path, "masked LM", **kwargs)
 
 
+def load_seq2seq(name_or_path: str, what: str = "seq2seq LM", **kwargs):
+    """An `AutoModelForSeq2SeqLM` (MarianMT, T5, BART, ...): a translation model of back-
+    translation (`data.backtranslate`); `what` names it in the error a bad path gets."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    return _from_pretrained(AutoModelForSeq2SeqLM, name_or_path, what, **kwargs)
+
+
 def mlm_head(model) -> torch.nn.Module | None:
     """The module mapping hidden states [..., H] to vocabulary logits: BERT's `cls`,
     RoBERTa-family `lm_head` (T5's `lm_head` too, which reads the decoder); None for other

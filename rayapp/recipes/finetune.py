@@ -281,13 +281,10 @@ def fewshot_setup(model, objective, batches, score, split: FewShotSplit, tokeniz
     )
 
 
-def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) -> dict:
-    """Fine-tune (or evaluate) one task/split; returns the run's record."""
-    task = cfg.resolve_task()
-    if task.multi_token and cfg.teacher:
-        raise ConfigError(f"task {task.name} has multi_token: true; KD from teacher= compares vocabulary "
-                          "distributions at one mask, so it needs label words of one token each")
-    split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)  # fail before launching
+def check_models(cfg: FinetuneConfig, task: Task) -> None:
+    """Driver-side, before Ray starts (a run's, or a sweep's for every trial): the model fits
+    the method and the task's prompt (single-token label words, the template within
+    max_length), the teacher shares its vocabulary, the SBERT of demonstrations loads."""
     check_model(cfg.init or cfg.model, mlm=cfg.method != "classifier",
                 prompt=(task, cfg.max_length, cfg.demonstrations) if cfg.method != "classifier" else None,
                 soft_prompt=cfg.prompt_tokens if cfg.method == "prompt-tuning" else 0,
@@ -295,11 +292,20 @@ def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) ->
                 "which T5 has none of" if cfg.demonstrations else None)
     if cfg.teacher:
         check_model(cfg.teacher)
+        check_same_vocabulary(cfg.init or cfg.model, cfg.teacher)
     if cfg.demonstrations:
         check_sbert(cfg.demo_model)
+
+
+def run(cfg: FinetuneConfig, split: FewShotSplit | None = None, callbacks=()) -> dict:
+    """Fine-tune (or evaluate) one task/split; returns the run's record."""
+    task = cfg.resolve_task()
+    if task.multi_token and cfg.teacher:
+        raise ConfigError(f"task {task.name} has multi_token: true; KD from teacher= compares vocabulary "
+                          "distributions at one mask, so it needs label words of one token each")
+    split_batch(cfg.batch_size, cfg.engine.num_workers, cfg.engine.max_device_batch)  # fail before launching
+    check_models(cfg, task)
     split = split or load_lmbff(cfg.data_dir, task, k=cfg.k, seed=cfg.seed)
-    if cfg.teacher:
-        check_same_vocabulary(cfg.init or cfg.model, cfg.teacher)
     inputs = {"task": task, "split": split, "model_ref": portable_model(cfg.init or cfg.model),
               "teacher_ref": portable_model(cfg.teacher) if cfg.teacher else None, "train": split.train,
               "demo_ref": portable_model(cfg.demo_model) if cfg.demonstrations else None}

@@ -21,6 +21,12 @@ its automatic templates and label words per split (`auto_template/TASK/16-SEED.s
 says to use each split's own. `names` name the points (tables, run names, ticks); default
 `<key><value>` for numbers (`k16`), else `<key><i>` from 1 (`template2`).
 
+Without a `key`, a value sets nothing by itself: the methods read it as `{axis}` in their
+overrides (`sweep.methods`). SMASH Figure 2 plots prompt-based FT from each distillation
+setting's student over distillation steps: `init: "{distilled:s1@{axis}}"` with the axis's
+values the steps (`SweepConfig.distilled`). A method with no `{axis}` runs once per point
+with the same config, so its line is flat up to noise (its cost repeated per point).
+
 With `key: k`, the sweep's own `k` is the K of the data root's splits (LM-BFF: 16); a K the
 root lacks is drawn from the task's original data (`OriginalData`, `SweepConfig.original_data`)
 with LM-BFF's procedure (`fewshot.draw_lmbff_split`) before any trial, once, under
@@ -67,14 +73,14 @@ def _number(value: Any) -> bool:
 
 @dataclass
 class AxisSpec:
-    key: str                                  # the recipe-config key each value sets
     values: list | dict[str, list]            # [v, ...] for every task, or {TASK: [v, ...]}
+    key: str | None = None                    # the recipe-config key each value sets; None: `{axis}` only
     overrides: list[dict] = field(default_factory=list)  # [] or one mapping of recipe overrides per value
     names: list[str] = field(default_factory=list)  # one per value (module docstring)
     title: str = ""                           # the figure's x label; default the key
 
     def __post_init__(self) -> None:
-        if self.key in SWEPT and self.key != "k":
+        if self.key is not None and self.key in SWEPT and self.key != "k":
             raise ConfigError(f"axis.key {self.key!r} is set by the sweep for every trial; an axis sweeps a "
                               "recipe-config key (k, template, verbalizer, ...)")
         lists = list(self.values.values()) if isinstance(self.values, dict) else [self.values]
@@ -99,7 +105,8 @@ class AxisSpec:
             per_seed = _by_seed(value)
             if self.key == "k" and not (per_seed is None and isinstance(value, int) and value > 0):
                 raise ConfigError(f"axis k: values must be positive integers (examples per label), got {value!r}")
-        names = self.names or [f"{self.key}{v}" if all(_number(x[i]) for x in lists) else f"{self.key}{i + 1}"
+        prefix = self.key or "axis"
+        names = self.names or [f"{prefix}{v}" if all(_number(x[i]) for x in lists) else f"{prefix}{i + 1}"
                                for i, v in enumerate(lists[0])]
         bad = [name for name in names if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", str(name))]
         if bad or len(set(names)) != len(names):
@@ -113,7 +120,7 @@ class AxisSpec:
 
     @property
     def label(self) -> str:
-        return self.title or self.key
+        return self.title or self.key or "axis"
 
     def check(self, tasks: list[str], seeds: list[int], check_task) -> None:
         """Against the sweep: a task list for each task it runs (`check_task` checks the other
@@ -147,7 +154,7 @@ class AxisSpec:
     def recipe_overrides(self, task: str, name: str, seed: int) -> dict:
         """The point's recipe overrides: its value and what goes with it."""
         extra = self.overrides[self.index(name)] if self.overrides else {}
-        return {**extra, self.key: self.value(task, name, seed)}
+        return {**extra, self.key: self.value(task, name, seed)} if self.key else dict(extra)
 
     def x(self, task: str) -> list[float] | None:
         """The points' positions on a numeric axis (K), or None: categorical (prompt variants)."""

@@ -82,15 +82,20 @@ def prepare(cfg: SweepConfig, phase: int, read_records: Callable[[], dict[str, d
                                 ipet.soft_label_set(job.out, cfg.ipet))
             continue
         index = generation_index(cfg, generation)
-        for trial in (t for t in cfg.trials() if (t["method"], t["task"], t["seed"]) == (method, task, seed)):
+        for trial in _trials(cfg, method, task, seed):
             examples = ipet.next_train_set(job.out, model_id(trial["point"]), job.train, base, index, cfg.ipet)
             ipet.write_examples(fill(cfg, kind, generation, trial), examples)
+
+
+def _trials(cfg: SweepConfig, method: str, task: str, seed: int) -> list[dict]:
+    """The trials of `method` on (task, split): one per model (grid point)."""
+    return [t for t in cfg.trials() if (t["method"], t["task"], t["seed"]) == (method, task, seed)]
 
 
 def _labelling(cfg: SweepConfig, generation: str, task: str, seed: int,
                records: dict[str, dict]) -> tuple[ipet.Labelling, Task]:
     """What labelling `generation`'s models on (task, split) takes, and the task."""
-    trials = {model_id(t["point"]): t for t in cfg.trials() if (t["method"], t["task"], t["seed"]) == (generation, task, seed)}
+    trials = {model_id(t["point"]): t for t in _trials(cfg, generation, task, seed)}
     runs = {model_id(rec["sweep"]["point"]): rec for rec in records.values()
             if rec.get("status") == "done" and isinstance(rec.get("sweep"), dict)
             and (rec["sweep"]["method"], rec["sweep"]["task"], rec["sweep"]["seed"]) == (generation, task, seed)}

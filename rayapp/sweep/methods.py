@@ -13,14 +13,18 @@ table's row label), `grid` (this method's own grid instead of the sweep's), `see
 of the sweep's splits for this method: zero-shot trains nothing and LM-BFF's test file is the
 same for every split, so one split gives all five test numbers; not on a task whose test sets
 are pool fallbacks, which differ per split: there it runs every split, see
-`SweepConfig.pool_test_tasks`), `per_task` (task ->
-overrides for that task only). Everything else overrides the recipe's config, on
+`SweepConfig.pool_test_tasks`), `tasks` (a subset of the sweep's tasks: SMASH Figure 2 runs
+settings 2-4 and 6 on MNLI only, 7 on SST-2 only; its cells elsewhere stay empty),
+`per_task` (task -> overrides for that task only). Everything else overrides the recipe's config, on
 top of the sweep's `base` and `per_task`; each trial's config is checked against the
 recipe's config class before anything runs.
 
 String values may hold placeholders, filled per trial: `{task}`, `{seed}`, `{k}` (the
 trial's: a K axis point's, `sweep.axis`), `{experiment}` (the sweep's directory),
-`{student:NAME}` (a student cut from a teacher before the sweep, see `SweepConfig.students`)
+`{student:NAME}` (a student cut from a teacher before the sweep, see `SweepConfig.students`),
+`{distilled:NAME}` / `{distilled:NAME@STEP}` (the student of a distillation the sweep runs
+first, at its end or as kept at STEP: `SweepConfig.distilled`), `{axis}` (the trial's axis
+value, for an axis without a key: `{distilled:s1@{axis}}` over distillation steps)
 and `{best:METHOD}`: the checkpoint of METHOD's best-dev run on the same task and split (and
 axis point). That last one is how SMASH's "distill" gets a task-tuned teacher (the paper
 distils from RoBERTa-large prompt-tuned on the same few-shot split); methods that use it run
@@ -44,7 +48,8 @@ from rayapp.recipes import RECIPES, get_recipe
 
 
 SWEPT = ("task", "seed", "k", "output_dir", "name")  # set by the sweep for every trial
-_PLACEHOLDER = re.compile(r"\{(task|seed|k|experiment|(?:best|ipet|soft|student):[^{}]+)\}")
+_PLACEHOLDER = re.compile(r"\{(task|seed|k|experiment|axis|(?:best|ipet|soft|student|distilled):[^{}]+)\}")
+_DISTILLED = re.compile(r"\{distilled:([^@{}]+)")  # also around an unfilled {axis}: {distilled:NAME@{axis}}
 READS_RUNS = ("best", "ipet", "soft")  # placeholders that read another method's runs: a later phase
 
 
@@ -57,6 +62,7 @@ class Method:
     grid: dict[str, list]          # key -> values; {} = one fixed point
     label: str
     seeds: list[int] | None = None  # None: the sweep's splits
+    tasks: list[str] | None = None  # None: the sweep's tasks
 
     def points(self) -> list[dict]:
         """The grid's points in order (the last key varies fastest)."""
@@ -73,6 +79,13 @@ class Method:
     def students(self) -> set[str]:
         return {p.split(":", 1)[1] for p in self._placeholders() if p.startswith("student:")}
 
+    def distilled(self) -> set[str]:
+        """The `distilled:` runs this method starts from (`{distilled:NAME}`, `{distilled:NAME@STEP}`)."""
+        return {name for text in _strings([self.overrides, self.per_task]) for name in _DISTILLED.findall(text)}
+
+    def uses_axis(self) -> bool:
+        return "axis" in self._placeholders()
+
     def config(self, base: dict, values: dict, fill: Callable[[str], str] | None = None):
         """The recipe config of one trial: `base` (the sweep's, for this task) < the method's
         overrides < its overrides for the task < `values` (grid point, task, split, names);
@@ -80,7 +93,7 @@ class Method:
         cls, _ = get_recipe(self.recipe)
         data = _merge(_merge(_merge(base, self.overrides), self.per_task.get(values["task"], {})), values)
         if fill is not None:
-            data = _fill(data, fill)
+            data = fill_placeholders(data, fill)
         return build(cls, data)
 
 
@@ -101,13 +114,27 @@ def _placeholders(value: Any) -> list[str]:
     return []
 
 
-def _fill(value: Any, fill: Callable[[str], str]) -> Any:
+def _strings(value: Any) -> list[str]:
     if isinstance(value, str):
-        return _PLACEHOLDER.sub(lambda m: str(fill(m.group(1))), value)
+        return [value]
     if isinstance(value, dict):
-        return {k: _fill(v, fill) for k, v in value.items()}
+        return [s for v in value.values() for s in _strings(v)]
     if isinstance(value, list):
-        return [_fill(v, fill) for v in value]
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def fill_placeholders(value: Any, fill: Callable[[str], str]) -> Any:
+    """`value` (a string, or lists and mappings of them) with its placeholders filled by `fill`."""
+    if isinstance(value, str):
+        # innermost first: {distilled:NAME@{axis}} becomes {distilled:NAME@STEP}, then a path
+        while (filled := _PLACEHOLDER.sub(lambda m: str(fill(m.group(1))), value)) != value:
+            value = filled
+        return value
+    if isinstance(value, dict):
+        return {k: fill_placeholders(v, fill) for k, v in value.items()}
+    if isinstance(value, list):
+        return [fill_placeholders(v, fill) for v in value]
     return value
 
 
@@ -151,6 +178,10 @@ def parse_methods(raw: dict, grid: dict[str, list], seeds: list[int]) -> dict[st
         label = str(spec.pop("label", name))
         own_grid = check_grid(spec.pop("grid"), f"methods.{name}.grid") if "grid" in spec else grid
         own_seeds = check_seeds(spec.pop("seeds"), f"methods.{name}.seeds", seeds) if "seeds" in spec else None
+        own_tasks = spec.pop("tasks", None)
+        if own_tasks is not None and (not isinstance(own_tasks, list) or not own_tasks
+                                      or not all(isinstance(t, str) for t in own_tasks)):
+            raise ConfigError(f"methods.{name}.tasks must be a non-empty list of the sweep's tasks, got {own_tasks!r}")
         per_task = spec.pop("per_task", {}) or {}
         if not isinstance(per_task, dict) or not all(isinstance(v, dict) for v in per_task.values()):
             raise ConfigError(f"methods.{name}.per_task must map task -> overrides, got {per_task!r}")
@@ -161,7 +192,7 @@ def parse_methods(raw: dict, grid: dict[str, list], seeds: list[int]) -> dict[st
         if clash:
             raise ConfigError(f"method {name!r} sets {clash}, which its grid varies; "
                               f"give the method its own grid (methods.{name}.grid)")
-        methods[name] = Method(name, recipe, spec, per_task, own_grid, label, own_seeds)
+        methods[name] = Method(name, recipe, spec, per_task, own_grid, label, own_seeds, own_tasks)
     for m in methods.values():
         unknown = sorted(m.needs() - set(methods))
         if unknown:

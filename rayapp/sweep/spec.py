@@ -7,6 +7,14 @@ trial the sweep planned (a run that never wrote a record is a gap, not an absenc
 `axis:` sweeps one recipe-config key outside the grid, each value a result of its own (K,
 templates, verbalizers: `rayapp.sweep.axis`); without one the trials are as before it existed.
 
+`distilled:` names distillations (`rayapp.recipes.distill` configs) the sweep runs before its
+trials, all at once, as `<experiment>/distilled/NAME`; methods start from their students with
+`{distilled:NAME}` (the end) or `{distilled:NAME@STEP}` (kept at STEP: the sweep adds every
+step its trials read to the run's `keep_steps`); a distillation may start from a student the
+sweep cuts (`student: "{student:NAME}"`). SMASH Figure 2 is such a sweep: the seven
+settings distilled, each prompt-tuned from its student over an axis of steps
+(`jobs/configs/sweep-smash-fig2.yaml`).
+
 `tasks=` narrows a config written for more tasks (`rayapp sweep --config ... tasks=[RTE]`):
 `per_task` entries and table columns of known tasks the sweep does not run are ignored; a
 name that is no task at all is an error (a typo would otherwise be ignored silently).
@@ -26,13 +34,15 @@ from rayapp.data.ipet import IPetConfig
 from rayapp.errors import ConfigError, DataError
 from rayapp.config import _merge
 from rayapp.sweep.axis import SPLITS, AxisSpec, OriginalData
-from rayapp.sweep.methods import READS_RUNS, Method, check_grid, check_seeds, check_swept, parse_methods, phases
+from rayapp.sweep.methods import (READS_RUNS, Method, check_grid, check_seeds, check_swept, fill_placeholders,
+                                  parse_methods, phases)
 from rayapp.recipes import get_recipe
 from rayapp.sweep.results import Expected, point_key
 from rayapp.tasks.registry import BUILTIN_TASKS, load_tasks
 
 SEEDS = [13, 21, 42, 87, 100]  # LM-BFF's five few-shot splits
 SPEC_FILE = "sweep.json"
+DISTILLED = "distilled"  # <experiment>/distilled/NAME: the `distilled:` runs
 
 
 @dataclass
@@ -75,6 +85,7 @@ class SweepConfig:
     per_task: Annotated[dict[str, dict], RecipeOverrides] = field(default_factory=dict)  # task -> overrides (e.g. max_length)
     methods: Annotated[dict[str, dict], RecipeOverrides] = field(default_factory=dict)
     students: Annotated[dict[str, dict], Overrides(StudentSpec)] = field(default_factory=dict)  # name -> StudentSpec fields
+    distilled: Annotated[dict[str, dict], RecipeOverrides] = field(default_factory=dict)  # name -> DistillConfig fields
     max_concurrent_trials: int = 0       # 0: as many as the cluster's CPUs/GPUs fit, followed as it scales
     max_failures: int = 0                # Tune retries of a trial whose driver died
     asha: AshaConfig | None = None
@@ -114,10 +125,19 @@ class SweepConfig:
                 raise ConfigError(f"students.{name} must be a mapping (teacher: DIR, layers: [...]), got {spec!r}")
             self._students[name] = build(StudentSpec, spec)
         for m in self._methods.values():
-            missing = sorted(m.students() - set(self._students))
-            if missing:
-                raise ConfigError(f"method {m.name!r} uses {{student:{missing[0]}}} but students has no "
-                                  f"{missing[0]!r}; students: {', '.join(self._students) or 'none'}")
+            for kind, section, used, have in (("student", "students", m.students(), self._students),
+                                              ("distilled", "distilled", m.distilled(), self.distilled)):
+                missing = sorted(used - set(have))
+                if missing:
+                    raise ConfigError(f"method {m.name!r} uses {{{kind}:{missing[0]}}} but {section} has no "
+                                      f"{missing[0]!r}; {section}: {', '.join(have) or 'none'}")
+            for task in m.tasks or []:
+                self._check_task_name(task, f"methods.{m.name}.tasks")
+            if m.uses_axis() and self.axis is None:
+                raise ConfigError(f"method {m.name!r} reads {{axis}} but the sweep has no axis: add one (axis: "
+                                  "{values: [...]}) or drop the placeholder")
+        for name, extra in self.distilled.items():
+            self._distill_config(name, extra)
         self._original = {}
         for task, data in self.original_data.items():
             self._check_task_name(task, f"original_data.{task}")
@@ -134,16 +154,52 @@ class SweepConfig:
             for column in t.columns:
                 self._check_task_name(column, f"table {t.name!r}")
 
+    def _distill_config(self, name: str, extra: dict, keep_steps: list[int] = ()):
+        """The DistillConfig of `distilled.NAME` (built here, so a bad one fails before anything runs)."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)) or not isinstance(extra, dict):
+            raise ConfigError(f"distilled.{name}: a name of letters, digits and _ . - mapped to distill config "
+                              f"keys (student, teacher, data, setting, max_steps, ...), got {extra!r}")
+        clash = sorted({"name", "output_dir"} & set(extra))
+        if clash:
+            raise ConfigError(f"distilled.{name} sets {clash}: the sweep names its distillations after their keys "
+                              f"and keeps them under <experiment>/{DISTILLED}")
+
+        def student(placeholder: str) -> str:  # a distillation may start from a student cut before it
+            kind, _, arg = placeholder.partition(":")
+            if kind != "student" or arg not in self._students:
+                raise ConfigError(f"distilled.{name}: {{{placeholder}}} is not one of the students "
+                                  f"({', '.join(f'{{student:{s}}}' for s in self._students) or 'none'}), the only "
+                                  "placeholders a distillation takes")
+            return self.student_dir(arg)
+
+        extra = fill_placeholders(extra, student)
+        keep = sorted(set(extra.get("keep_steps", [])) | set(keep_steps))
+        try:
+            return build(get_recipe("distill")[0], {**extra, "keep_steps": keep, "name": name,
+                                                    "output_dir": storage.join(self.experiment, DISTILLED)})
+        except ConfigError as e:
+            raise ConfigError(f"distilled.{name}: {e}") from None
+
+    def distill_configs(self, keep_steps: dict[str, set[int]]) -> dict:
+        """NAME -> the DistillConfig the sweep runs, keeping the steps `keep_steps[NAME]` its trials read."""
+        return {name: self._distill_config(name, extra, sorted(keep_steps.get(name, ())))
+                for name, extra in self.distilled.items()}
+
     def _check_axis(self) -> None:
         """The axis key is a config key of every method's recipe, and nothing else varies or sets
-        it or what goes with it (`sweep.axis`)."""
+        it or what goes with it (`sweep.axis`). An axis without a key is read by `{axis}`."""
+        if self.axis.key is None:
+            if not any(m.uses_axis() for m in self._methods.values()):
+                raise ConfigError("the axis has no key and no method reads {axis}: give axis.key (a recipe-config "
+                                  "key) or use {axis} in a method's overrides")
         key, owned = self.axis.key, {self.axis.key} | {k for extra in self.axis.overrides for k in extra}
+        owned.discard(None)
         if owned & set(self.grid):
             raise ConfigError(f"the grid varies {sorted(owned & set(self.grid))}, which the axis sets; an axis value "
                               "is a result of its own, a grid point a candidate: drop it from one of them")
         for m in self._methods.values():
             cls = get_recipe(m.recipe)[0]
-            if key not in {f.name for f in dataclasses.fields(cls)}:
+            if key is not None and key not in {f.name for f in dataclasses.fields(cls)}:
                 raise ConfigError(f"axis.key {key!r} is no config key of recipe {m.recipe!r} (method {m.name!r}); "
                                   f"use one of its keys, e.g. k, or drop the method")
             sets = set(m.grid) | set(m.overrides) | {k for extra in m.per_task.values() for k in extra}
@@ -195,6 +251,10 @@ class SweepConfig:
     def student_specs(self) -> dict[str, StudentSpec]:
         return self._students
 
+    def student_dir(self, name: str) -> str:
+        """Where student `name` is cut (`students:`, `{student:NAME}`)."""
+        return storage.join(self.experiment, "students", name)
+
     def trials(self, phase: int | None = None) -> list[dict]:
         """The trials (one Ray Train run each) in order: task, axis point, split, method, grid
         point. Split-major, so a sweep stopped part-way has every method on the splits it
@@ -205,6 +265,11 @@ class SweepConfig:
         return [{"method": m, "task": t, "seed": s, "point": p, **a}
                 for t in self.tasks for a in at for s in self.seeds for m in names if s in self.method_seeds(m, t)
                 for p in self._methods[m].points()]
+
+    def runs_on(self, name: str, task: str) -> bool:
+        """Whether method `name` runs `task` (its `tasks:`, else every task)."""
+        own = self.method(name).tasks
+        return own is None or task in own
 
     def axis_overrides(self, trial: dict) -> dict:
         """The recipe overrides of the trial's axis point ({} without an axis)."""
@@ -223,6 +288,8 @@ class SweepConfig:
     def method_seeds(self, name: str, task: str) -> list[int]:
         """The splits `name` runs on `task`: its own `seeds` (in the sweep's order), else the
         sweep's; every split of a task whose test sets are pool fallbacks (`pool_test_tasks`)."""
+        if not self.runs_on(name, task):
+            return []
         own = None if task in self.pool_test_tasks else self.method(name).seeds
         return [s for s in self.seeds if own is None or s in own]
 
@@ -239,10 +306,11 @@ class SweepConfig:
 
     def expected(self) -> Expected:
         """The plan as the report checks runs against it."""
+        cells = [(m, t) for m in self._methods for t in self.tasks if self.runs_on(m, t)]
         return Expected(
             methods=self.method_names, tasks=list(self.tasks),
-            seeds={(m, t): self.method_seeds(m, t) for m in self._methods for t in self.tasks},
-            points={(m, t): [point_key(p) for p in self._methods[m].points()] for m in self._methods for t in self.tasks},
+            seeds={(m, t): self.method_seeds(m, t) for m, t in cells},
+            points={(m, t): [point_key(p) for p in self._methods[m].points()] for m, t in cells},
         )
 
     def label(self, method: str) -> str:

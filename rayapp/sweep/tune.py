@@ -20,6 +20,8 @@ Layout of an experiment `<storage>/<name>` (local or `s3://`):
                         never share a file; failed or early-stopped trials get one from the
                         sweep's driver (status failed/stopped) so the report can mark the gap
     students/<name>/    students cut from a teacher before the trials (`students:`)
+    distilled/<name>/   distillations run before the trials (`distilled:`), their kept models
+                        under models/step-<N>/, their records under distilled/records/
 
 Resources. A trial that runs its loop in its actor reserves that worker's resources for the
 actor. A trial that starts a Ray Train run only waits on it, so it reserves memory but no
@@ -54,14 +56,15 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from rayapp import env, storage
 from rayapp.config import to_dict
-from rayapp.errors import ConfigError, DataError, find_user_error
+from rayapp.errors import ConfigError, DataError, PromptError, find_user_error
 from rayapp.sweep import ipet
 from rayapp.sweep import spec as sweep_spec
 from rayapp.recipes import get_recipe
 from rayapp.sweep.results import STATUSES, parse_run, read_runs, select_split, point_key
 from rayapp.sweep.axis import SPLITS
-from rayapp.sweep.spec import SweepConfig
+from rayapp.sweep.spec import DISTILLED, SweepConfig
 from rayapp.train.launch import TUNE_TRIAL, is_local, local_resources
+from rayapp.train.loop import kept_model
 from rayapp.train.records import RECORDS, record_uri
 
 
@@ -95,12 +98,27 @@ def _filler(cfg: SweepConfig, trial: dict):
         if kind == "best":
             return best_checkpoint(cfg, arg, trial["task"], trial["seed"], trial.get("axis"))
         if kind == "student":
-            return storage.join(cfg.experiment, "students", arg)
+            return cfg.student_dir(arg)
+        if kind == "distilled":
+            name, at, step = arg.partition("@")
+            run = storage.join(cfg.experiment, DISTILLED, name)
+            return kept_model(run, _step(placeholder)) if at else storage.join(run, "student")
+        if kind == "axis":
+            return cfg.axis.value(trial["task"], trial["axis"], trial["seed"])
         if kind in ipet.KINDS:
             return ipet.fill(cfg, kind, arg, trial)
         return {"task": trial["task"], "seed": trial["seed"], "k": cfg.trial_k(trial),
                 "experiment": cfg.experiment}[kind]
     return fill
+
+
+def _step(placeholder: str) -> int:
+    """STEP of `distilled:NAME@STEP`."""
+    step = placeholder.partition("@")[2]
+    if not step.isdigit():
+        raise ConfigError(f"{{{placeholder}}}: STEP must be a whole number of distillation steps "
+                          "(or {axis} over an axis of them)")
+    return int(step)
 
 
 def _unfilled(placeholder: str) -> str:
@@ -308,12 +326,13 @@ def check(cfg: SweepConfig) -> None:
     draws the splits of a K axis the data root lacks and sets `cfg.made_splits` (`_split`)."""
     from rayapp.data.demonstrations import check_sbert
     from rayapp.modeling.models import check_model
+    from rayapp.recipes.finetune import FinetuneConfig, check_models
     from rayapp.tasks.registry import get_task
 
     def fill(placeholder: str) -> str:  # best runs and students do not exist yet: checked by type only
         return _unfilled(placeholder) if ":" in placeholder else _filler(cfg, trial)(placeholder)
 
-    loaded, models, demo_models = {}, set(), set()  # loaded: (data_dir, task, k, seed) -> (the sweep's task name, pool test?)
+    loaded, models, demo_models, prompts = {}, set(), set(), {}  # loaded: (data_dir, task, k, seed) -> (the sweep's task name, pool test?)
     drawn = {}  # a split the axis drew (TASK/K-SEED) -> the data root it stands in for
     while True:
         for trial in cfg.trials():
@@ -327,20 +346,30 @@ def check(cfg: SweepConfig) -> None:
                     raise DataError(f"task {trial['task']} split seed {trial['seed']}: {e}") from None
                 loaded[data_dir, task.name, rcfg.k, trial["seed"]] = \
                     (trial["task"], bool(split.source.get("test_fallback")))
-            for key in ("model", "init", "teacher"):
-                ref = getattr(rcfg, key, None)
-                if ref and "<" not in ref:
-                    models.add(ref)
-            if getattr(rcfg, "demonstrations", False):  # LM-BFF's SBERT: a missing one is one line, not failed trials
-                demo_models.add(rcfg.demo_model)
+            refs = [ref for key in ("model", "init", "teacher") if (ref := getattr(rcfg, key, None))]
+            if isinstance(rcfg, FinetuneConfig) and not any("<" in ref for ref in refs):
+                # the prompt with this model (label words, length), as the run itself checks it
+                prompts.setdefault(repr((rcfg.init or rcfg.model, rcfg.teacher, rcfg.method, rcfg.max_length,
+                                         rcfg.demonstrations, rcfg.demo_model, rcfg.prompt_tokens, task)),
+                                   (trial, rcfg, task))
+            else:
+                models.update(ref for ref in refs if "<" not in ref)
+                if getattr(rcfg, "demonstrations", False):  # LM-BFF's SBERT: one line, not failed trials
+                    demo_models.add(rcfg.demo_model)
         pool = sorted({name for name, fallback in loaded.values() if fallback}, key=cfg.tasks.index)
         if pool == cfg.pool_test_tasks:
             break
         cfg.pool_test_tasks = pool  # a method's `seeds:` no longer narrows these: check their other splits too
+    cfg.distill_configs(distilled_steps(cfg))  # a step outside a distillation's steps fails here
     for ref in sorted(models):
         check_model(ref, mlm=False)
     for ref in sorted(demo_models):
         check_sbert(ref)
+    for trial, rcfg, task in prompts.values():
+        try:
+            check_models(rcfg, task)
+        except (ConfigError, PromptError) as e:
+            raise type(e)(f"method {trial['method']} on {trial['task']}: {e}") from None
 
 
 def _split(cfg: SweepConfig, trial: dict, task, data_dir: str | None, drawn: dict):
@@ -375,13 +404,56 @@ def make_students(cfg: SweepConfig) -> None:
     from rayapp.recipes.pretrain import make_student
 
     for name, s in cfg.student_specs.items():
-        out = storage.join(cfg.experiment, "students", name)
+        out = cfg.student_dir(name)
         if storage.exists(storage.join(out, "config.json")):
             continue
         with tempfile.TemporaryDirectory() as tmp:
             make_student(local_model_dir(s.teacher), tmp, s.layers)
             storage.copy_dir(tmp, out)
         print(f"student {name}: {s.teacher} layers {s.layers or 'every other'} -> {out}")
+
+
+def distilled_steps(cfg: SweepConfig) -> dict[str, set[int]]:
+    """NAME -> the steps of `distilled.NAME` the trials start from (`{distilled:NAME@STEP}`)."""
+    steps: dict[str, set[int]] = {}
+    for trial in cfg.trials():
+        def fill(placeholder: str) -> str:
+            if placeholder.startswith("distilled:") and "@" in placeholder:
+                steps.setdefault(placeholder[len("distilled:"):].partition("@")[0], set()).add(_step(placeholder))
+            return _unfilled(placeholder) if ":" in placeholder else _filler(cfg, trial)(placeholder)
+        cfg.recipe_config(trial, "check", fill)
+    return steps
+
+
+def _distill(c) -> str:
+    from rayapp.recipes.distill import run
+
+    return run(c)["model"]
+
+
+def make_distilled(cfg: SweepConfig) -> None:
+    """Run the `distilled:` distillations before the trials, all at once: each is a Ray task
+    that drives its run as `rayapp distill` would (its workers placed by the run's engine). A
+    finished one is kept across resumes; an interrupted one continues from its checkpoint
+    (the run's name is its key). Every one runs to its end before a failure is raised."""
+    import ray
+
+    configs = {name: c for name, c in cfg.distill_configs(distilled_steps(cfg)).items()
+               if not storage.exists(record_uri(c.output_dir, name))}
+    if not configs:
+        return
+    print(f"distilling {', '.join(f'{n} (keeping steps {c.keep_steps})' for n, c in configs.items())}")
+    drive = ray.remote(num_cpus=0, memory=DRIVER_MEMORY)(_distill)  # it waits on its run, as a trial does
+    refs = {name: drive.remote(c) for name, c in configs.items()}
+    failed = []
+    for name, ref in refs.items():
+        try:
+            print(f"distilled {name} -> {ray.get(ref)}")
+        except Exception as exc:  # noqa: BLE001 - the others finish; one error names every failure
+            failed.append(f"{name}: {_error_text(exc)}")
+    if failed:
+        raise DataError(f"distillations of sweep {cfg.experiment} failed ({'; '.join(failed)}); fix them and "
+                        f"continue with `rayapp sweep --resume {cfg.experiment}`")
 
 
 def _engine(cfg: SweepConfig, trial: dict):
@@ -565,6 +637,7 @@ def run(cfg: SweepConfig, resume: bool = False) -> dict:
     # dirs), so relative paths in the config mean what they mean on the command line
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     env.start_ray()
+    make_distilled(cfg)
     pace = (f"up to {cfg.max_concurrent_trials}" if cfg.max_concurrent_trials else
             f"as many as the cluster holds ({cluster_fits(trial_resources(cfg))} now)")
     print(f"sweep {cfg.experiment}: {len(cfg.trials())} trials, {pace} at a time "

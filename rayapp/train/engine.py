@@ -301,14 +301,26 @@ class Engine:
         exported = self.export_state() if weights else None
         if worker().rank == 0:
             if weights:
-                soft_prompt = exported.pop(SOFT_PROMPT_KEY, None)
-                save_hf(self.hf_model, ckpt_dir / "model", self.cfg.export_dtype, tokenizer, exported)
-                if soft_prompt is not None:
-                    save_soft_prompt(soft_prompt, ckpt_dir / "model", self.cfg.export_dtype)
+                self._write_model(ckpt_dir / "model", exported, tokenizer)
                 if self.cfg.engine != "deepspeed":
                     torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                                ckpt_dir / "optimizer.pt")
             (ckpt_dir / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+    def save_model(self, out_dir: str | Path, tokenizer=None) -> bool:
+        """Write the model alone (`model/` of `save`) to `out_dir`; every rank calls it (the
+        export is a collective), rank 0 writes and gets True."""
+        exported = self.export_state()
+        if worker().rank != 0:
+            return False
+        self._write_model(Path(out_dir), exported, tokenizer)
+        return True
+
+    def _write_model(self, out_dir: Path, exported: dict, tokenizer) -> None:
+        soft_prompt = exported.pop(SOFT_PROMPT_KEY, None)
+        save_hf(self.hf_model, out_dir, self.cfg.export_dtype, tokenizer, exported)
+        if soft_prompt is not None:
+            save_soft_prompt(soft_prompt, out_dir, self.cfg.export_dtype)
 
     def load(self, ckpt_dir: str | Path) -> dict:
         """Restore a checkpoint of `save` and return its trainer state."""

@@ -21,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
+from rayapp import storage
 from rayapp.train.config import TrainConfig
 from rayapp.train.engine import Engine, split_batch
 from rayapp.train.launch import report, restore
@@ -35,6 +37,7 @@ from rayapp.train.worker import worker
 
 log = logging.getLogger(__name__)
 
+KEPT = "models"  # <run>/models/step-<N>: the models of `TrainConfig.keep_steps`
 Batches = Iterator[list[dict]]  # one list of `grad_accum` micro-batches per optimizer step
 
 
@@ -100,6 +103,11 @@ def quiet_train_file_loggers() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def kept_model(run: str, step: int) -> str:
+    """Where run `run` (its URI) keeps its model of step `step` (`TrainConfig.keep_steps`)."""
+    return storage.join(run, KEPT, f"step-{step}")
+
+
 def rank_nodes() -> list[str]:
     """The Ray node id of every rank, in rank order (a collective: every rank calls it)."""
     import ray
@@ -155,7 +163,16 @@ def train_loop(loop_cfg: dict) -> None:
         state["evals"].append([step, metrics])
         return metrics
 
+    def keep_model(step: int) -> None:  # `TrainConfig.keep_steps`
+        with timed("checkpoint"), tempfile.TemporaryDirectory() as tmp:
+            if engine.save_model(tmp, setup.tokenizer):
+                uri = kept_model(loop_cfg["run"], step)
+                storage.remove(uri)  # a partial copy of a killed attempt
+                storage.copy_dir(tmp, uri)
+
     if not state["done"]:
+        if state["step"] == 0 and 0 in cfg.keep_steps:
+            keep_model(0)
         if state["step"] == 0 and setup.evaluate is not None:
             metrics = evaluate(0)
             if steps == 0 and setup.select:  # nothing is trained: the model as it is is the result
@@ -181,6 +198,8 @@ def train_loop(loop_cfg: dict) -> None:
                     state["parts_curve"].append([step, parts])
                 window, tokens, started = [], 0, time.perf_counter()
             bar.update(loss=f"{logs['loss']:.4f}")
+            if step in cfg.keep_steps:  # before the step's checkpoint: a restart from it finds the model kept
+                keep_model(step)
             metrics, checkpoint = {}, False
             if setup.evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
                 metrics = evaluate(step)

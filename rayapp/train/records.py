@@ -15,7 +15,7 @@ from rayapp.errors import DataError
 
 RECORDS = "records"
 # keys that do not change what a run computes: a re-submission that differs only in them resumes
-_NOT_IDENTITY = ("name", "output_dir")
+_NOT_IDENTITY = ("name", "output_dir", "keep_steps")  # keep_steps: which models are copied out, not trained
 
 
 def run_name(prefix: str, cfg) -> str:

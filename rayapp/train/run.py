@@ -30,7 +30,8 @@ def run_recipe(recipe: str, cfg, setup: Callable | None, inputs: dict, extra: di
     # before Ray starts: a folder that cannot take the checkpoints or the record fails now, not after training
     storage.require_writable(cfg.output_dir, "output_dir", (name, RECORDS))
     started = time.time()
-    outcome = launch(loop, {"cfg": cfg, "setup": setup, **inputs}, cfg.engine, storage=cfg.output_dir,
+    loop_cfg = {"cfg": cfg, "setup": setup, "run": storage.join(cfg.output_dir, name), **inputs}
+    outcome = launch(loop, loop_cfg, cfg.engine, storage=cfg.output_dir,
                      name=name, callbacks=callbacks, keep_checkpoints=keep_checkpoints)
     metrics = dict(outcome.metrics)
     trained = metrics.get("step", cfg.max_steps)
