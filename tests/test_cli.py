@@ -92,3 +92,21 @@ def test_a_captured_log_of_single_commands_is_plain_lines(tiny_bert, tmp_path):
                   "Running Dataset", "Progress will be logged"):
         assert noise not in text, (noise, text)
     assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+INFO", text, re.M), text
+
+
+def test_a_captured_log_of_a_training_run_has_its_progress_lines(ray_cluster, tiny_bert, tmp_path):
+    """`rayapp finetune > log` (one worker: a Ray task whose output Ray forwards to the driver,
+    as under `ray job submit`): a progress line per tenth of the run, each once, no bar frames."""
+    import os
+    import re
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-m", "rayapp.cli", "finetune", f"model={tiny_bert}", "task=SST-2",
+                               "seed=13", "max_steps=20", "batch_size=4", "max_length=32", "eval_batch_size=128",
+                               f"output_dir={tmp_path / 'runs'}"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert re.findall(r"step (\d+)/20", text) == [str(s) for s in range(2, 21, 2)], text
+    assert "\r" not in text

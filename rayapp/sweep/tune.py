@@ -428,6 +428,7 @@ def distilled_steps(cfg: SweepConfig) -> dict[str, set[int]]:
 def _distill(c) -> str:
     from rayapp.recipes.distill import run
 
+    env.quiet_console()  # Ray is up in this task, so the run's `start_ray` leaves Ray Data's bars (setting 5) on
     return run(c)["model"]
 
 

@@ -58,8 +58,9 @@ class Progress:
     """Rank 0's progress. `live`: a bar rendered by the driver (`ray.experimental.tqdm_ray`),
     one live bar in a terminal instead of a log line per update. Otherwise (the driver's
     output is a file: `ray job submit` logs, a captured `make demo`, a Tune trial) plain lines,
-    about every tenth of the run, with no cursor escapes, as log records: Ray Train V2 patches a
-    worker's `print` to log *and* echo to its redirected stdout, so a print showed twice."""
+    about every tenth of the run, with no cursor escapes: log records on a Ray Train worker (Ray
+    Train V2 patches a worker's `print` to log *and* echo to its redirected stdout, so a print
+    showed twice), printed where INFO records are dropped (a local worker's root logger)."""
 
     def __init__(self, desc: str, total: int, initial: int = 0, live: bool = True):
         self.desc, self.total, self.step = desc, total, initial
@@ -81,7 +82,11 @@ class Progress:
                 self.bar.set_description(text)
             self.bar.update(1)
         elif self.rank0 and (self.step % self.every == 0 or self.step == self.total):
-            log.info("%s step %d/%d", text, self.step, self.total)
+            line = f"{text} step {self.step}/{self.total}"
+            if log.isEnabledFor(logging.INFO):  # a Ray Train worker: its root logger writes INFO to its console
+                log.info(line)
+            else:  # a local worker (Ray task or Tune actor) drops INFO records: its output is what Ray forwards
+                print(line, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
