@@ -106,6 +106,7 @@ def test_figure2_distils_each_setting_and_prompt_tunes_its_student_over_steps(ra
     series = report.axis_series(report.gather([cfg.experiment]))
     assert {t: {m: [x for x, _, _ in pts] for m, pts in lines.items() if pts} for t, lines in series.items()} == \
            {"SST-2": {"s2": [0.0, 2.0]}, "RTE": {"s2": [0.0, 2.0], "s6": [0.0, 2.0]}}
+    assert report.legend_panels(series) == ["SST-2", "RTE"]  # RTE draws (6), which SST-2's legend lacks
     kept = (root / "records" / "s2.json").stat().st_mtime_ns
     assert sweep.resume(cfg.experiment)["done"] == 6
     assert (root / "records" / "s2.json").stat().st_mtime_ns == kept  # not distilled again

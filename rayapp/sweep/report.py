@@ -300,9 +300,21 @@ def dev_curves_png(table: Table) -> bytes:
         ax.set_xlabel("step")
         ax.set_ylabel("dev x100")
         ax.grid(alpha=0.3)
-    if axes:
-        axes[0].legend(fontsize=7)
+        if task in legends:
+            ax.legend(fontsize=7)
     return _png(plt, fig)
+
+
+def legend_panels(series: Series) -> list[str]:
+    """The tasks whose panel gets a legend: the first, and each that draws a method no earlier
+    legend names (SMASH Fig. 2: MNLI's settings differ from SST-2's, and each panel has its own)."""
+    shown, out = set(), []
+    for task, lines in series.items():
+        drawn = {m for m, points in lines.items() if points}
+        if not out or drawn - shown:
+            out.append(task)
+            shown |= drawn
+    return out
 
 
 def test_bars_png(table: Table) -> bytes:
@@ -354,6 +366,7 @@ def axis_png(plan: Plan, series: Series) -> bytes:
     colors = _colors(plan.expected.methods)
     names = plan.axis.point_names
     metrics = {t: c.metric for _, at in cell_sets(plan) for (_, t), c in at.items() if c.metric}
+    legends = legend_panels(series)
     for ax, (task, lines) in zip(axes, series.items()):
         for m, points in lines.items():
             if points:
@@ -370,9 +383,21 @@ def axis_png(plan: Plan, series: Series) -> bytes:
         ax.set_xlabel(plan.axis.label)
         ax.set_ylabel("test x100")
         ax.grid(alpha=0.3)
-    if axes:
-        axes[0].legend(fontsize=7)
+        if task in legends:
+            ax.legend(fontsize=7)
     return _png(plt, fig)
+
+
+def legend_panels(series: Series) -> list[str]:
+    """The tasks whose panel gets a legend: the first, and each that draws a method no earlier
+    legend names (SMASH Fig. 2: MNLI's settings differ from SST-2's, and each panel has its own)."""
+    shown, out = set(), []
+    for task, lines in series.items():
+        drawn = {m for m, points in lines.items() if points}
+        if not out or drawn - shown:
+            out.append(task)
+            shown |= drawn
+    return out
 
 
 # --- the page -------------------------------------------------------------------------------
