@@ -300,21 +300,9 @@ def dev_curves_png(table: Table) -> bytes:
         ax.set_xlabel("step")
         ax.set_ylabel("dev x100")
         ax.grid(alpha=0.3)
-        if task in legends:
-            ax.legend(fontsize=7)
+    if axes:
+        axes[0].legend(fontsize=7)
     return _png(plt, fig)
-
-
-def legend_panels(series: Series) -> list[str]:
-    """The tasks whose panel gets a legend: the first, and each that draws a method no earlier
-    legend names (SMASH Fig. 2: MNLI's settings differ from SST-2's, and each panel has its own)."""
-    shown, out = set(), []
-    for task, lines in series.items():
-        drawn = {m for m, points in lines.items() if points}
-        if not out or drawn - shown:
-            out.append(task)
-            shown |= drawn
-    return out
 
 
 def test_bars_png(table: Table) -> bytes:
