@@ -127,6 +127,14 @@ def _unfilled(placeholder: str) -> str:
     return f"<{placeholder}>"
 
 
+def _check_filler(cfg: SweepConfig, trial: dict):
+    """`trial`'s placeholders as checks before the trials fill them: its own values ({task},
+    {axis}, ...) as the trial will, runs and students that do not exist yet by type only."""
+    def fill(placeholder: str) -> str:
+        return _unfilled(placeholder) if ":" in placeholder else _filler(cfg, trial)(placeholder)
+    return fill
+
+
 def _annotation(experiment: str, k: int, trial: dict, trial_id: str) -> dict:
     return {"experiment": experiment, "trial_id": trial_id, "k": k, **trial}
 
@@ -319,24 +327,22 @@ class GroupedASHA(FIFOScheduler):
 
 # --- before the trials ------------------------------------------------------------------------
 
-def check(cfg: SweepConfig) -> None:
+def check(cfg: SweepConfig) -> dict:
     """Every method x task x split x grid point builds its recipe config, every task is known,
     every split loads and every named model is one, before a single trial starts. Sets
     `cfg.pool_test_tasks` from the splits loaded: the tasks whose test sets are pool fallbacks;
-    draws the splits of a K axis the data root lacks and sets `cfg.made_splits` (`_split`)."""
+    draws the splits of a K axis the data root lacks and sets `cfg.made_splits` (`_split`).
+    Returns the `distilled:` configs, each keeping the steps the trials read (`distilled_steps`)."""
     from rayapp.data.demonstrations import check_sbert
     from rayapp.modeling.models import check_model
     from rayapp.recipes.finetune import FinetuneConfig, check_models
     from rayapp.tasks.registry import get_task
 
-    def fill(placeholder: str) -> str:  # best runs and students do not exist yet: checked by type only
-        return _unfilled(placeholder) if ":" in placeholder else _filler(cfg, trial)(placeholder)
-
     loaded, models, demo_models, prompts = {}, set(), set(), {}  # loaded: (data_dir, task, k, seed) -> (the sweep's task name, pool test?)
     drawn = {}  # a split the axis drew (TASK/K-SEED) -> the data root it stands in for
     while True:
         for trial in cfg.trials():
-            rcfg = cfg.recipe_config(trial, "check", fill)
+            rcfg = cfg.recipe_config(trial, "check", _check_filler(cfg, trial))
             task = rcfg.resolve_task() if hasattr(rcfg, "resolve_task") else get_task(trial["task"])
             data_dir = getattr(rcfg, "data_dir", None)
             if (data_dir, task.name, rcfg.k, trial["seed"]) not in loaded:
@@ -360,7 +366,7 @@ def check(cfg: SweepConfig) -> None:
         if pool == cfg.pool_test_tasks:
             break
         cfg.pool_test_tasks = pool  # a method's `seeds:` no longer narrows these: check their other splits too
-    cfg.distill_configs(distilled_steps(cfg))  # a step outside a distillation's steps fails here
+    distillations = cfg.distill_configs(distilled_steps(cfg))  # a step outside a distillation's steps fails here
     for ref in sorted(models):
         check_model(ref, mlm=False)
     for ref in sorted(demo_models):
@@ -370,6 +376,7 @@ def check(cfg: SweepConfig) -> None:
             check_models(rcfg, task)
         except (ConfigError, PromptError) as e:
             raise type(e)(f"method {trial['method']} on {trial['task']}: {e}") from None
+    return distillations
 
 
 def _split(cfg: SweepConfig, trial: dict, task, data_dir: str | None, drawn: dict):
@@ -417,10 +424,12 @@ def distilled_steps(cfg: SweepConfig) -> dict[str, set[int]]:
     """NAME -> the steps of `distilled.NAME` the trials start from (`{distilled:NAME@STEP}`)."""
     steps: dict[str, set[int]] = {}
     for trial in cfg.trials():
+        typed = _check_filler(cfg, trial)
+
         def fill(placeholder: str) -> str:
             if placeholder.startswith("distilled:") and "@" in placeholder:
                 steps.setdefault(placeholder[len("distilled:"):].partition("@")[0], set()).add(_step(placeholder))
-            return _unfilled(placeholder) if ":" in placeholder else _filler(cfg, trial)(placeholder)
+            return typed(placeholder)
         cfg.recipe_config(trial, "check", fill)
     return steps
 
@@ -432,15 +441,15 @@ def _distill(c) -> str:
     return run(c)["model"]
 
 
-def make_distilled(cfg: SweepConfig) -> None:
+def make_distilled(cfg: SweepConfig, distillations: dict) -> None:
     """Run the `distilled:` distillations before the trials, all at once: each is a Ray task
     that drives its run as `rayapp distill` would (its workers placed by the run's engine). A
     finished one is kept across resumes; an interrupted one continues from its checkpoint
-    (the run's name is its key). Every one runs to its end before a failure is raised."""
+    (the run's name is its key). Every one runs to its end before a failure is raised.
+    `distillations`: the configs `check` returned."""
     import ray
 
-    configs = {name: c for name, c in cfg.distill_configs(distilled_steps(cfg)).items()
-               if not storage.exists(record_uri(c.output_dir, name))}
+    configs = {name: c for name, c in distillations.items() if not storage.exists(record_uri(c.output_dir, name))}
     if not configs:
         return
     print(f"distilling {', '.join(f'{n} (keeping steps {c.keep_steps})' for n, c in configs.items())}")
@@ -626,7 +635,7 @@ def run(cfg: SweepConfig, resume: bool = False) -> dict:
     started = time.time()
     storage.require_writable(cfg.storage, "storage", (cfg.name,))  # the experiment folder, before any work
     stored = storage.join(cfg.experiment, sweep_spec.SPEC_FILE)
-    check(cfg)  # first: it fills `pool_test_tasks`, part of the config compared and saved
+    distillations = check(cfg)  # first: it fills `pool_test_tasks`, part of the config compared and saved
     if storage.exists(stored) and not resume:
         if json.loads(storage.read_text(stored)) != json.loads(json.dumps(to_dict(cfg))):
             raise ConfigError(f"sweep {cfg.experiment} exists with another config; continue it with "
@@ -638,7 +647,7 @@ def run(cfg: SweepConfig, resume: bool = False) -> dict:
     # dirs), so relative paths in the config mean what they mean on the command line
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     env.start_ray()
-    make_distilled(cfg)
+    make_distilled(cfg, distillations)
     pace = (f"up to {cfg.max_concurrent_trials}" if cfg.max_concurrent_trials else
             f"as many as the cluster holds ({cluster_fits(trial_resources(cfg))} now)")
     print(f"sweep {cfg.experiment}: {len(cfg.trials())} trials, {pace} at a time "
