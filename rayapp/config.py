@@ -18,6 +18,7 @@ here). URIs (`s3://`, `hf://`, ...) and values that start with a sweep placehold
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -120,9 +121,10 @@ def _locations(cls) -> dict:
     return table
 
 
-def _field_types(cls) -> dict[str, Any]:
+@functools.cache  # get_type_hints evaluates every annotation string: a sweep builds a config per trial
+def _field_types(cls) -> types.MappingProxyType:
     hints = typing.get_type_hints(cls, include_extras=True)  # extras: the Location/Overrides marks
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return types.MappingProxyType({f.name: hints[f.name] for f in dataclasses.fields(cls)})
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

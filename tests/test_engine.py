@@ -55,12 +55,13 @@ def test_checkpoint_weights_load_strictly(tiny_bert):
         load_hf_weights(model, weights)
 
 
-def _fit_on_workers(loop, config: dict, tmp_path, num_workers: int) -> None:
-    """Run `loop` on `num_workers` CPU Ray Train workers (gloo), through rayapp's launcher
-    (the loop's Engine asks its worker for its device and rank); raises if a worker failed."""
+def _fit_on_workers(loop, config: dict, tmp_path, num_workers: int, launcher: str = "train") -> None:
+    """Run `loop` on `num_workers` CPU Ray Train workers (gloo), or with `launcher="auto"` on
+    the launcher rayapp picks (one DDP worker: a Ray task), through rayapp's launcher (the
+    loop's Engine asks its worker for its device and rank); raises if a worker failed."""
     from rayapp.train.launch import launch
 
-    launch(loop, config, EngineConfig(num_workers=num_workers, cpus_per_worker=0.5, use_gpu=False, launcher="train"),
+    launch(loop, config, EngineConfig(num_workers=num_workers, cpus_per_worker=0.5, use_gpu=False, launcher=launcher),
            storage=str(tmp_path / "ray"), name="run")
 
 
@@ -212,8 +213,9 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused(ray_cluster, tiny_bert
             raise AssertionError("an optimizer.pt holding a pickled object was loaded")
 
     marker = tmp_path / "ran"
+    # one DDP worker: the local launcher, as a one-worker run takes (no Ray Train start-up)
     _fit_on_workers(_ddp_refuse_loop, {"model": tiny_bert, "dir": str(tmp_path / "ckpt"), "marker": str(marker)},
-                    tmp_path, 1)
+                    tmp_path, 1, launcher="auto")
     assert not marker.exists()
 
 

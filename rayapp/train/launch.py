@@ -112,6 +112,8 @@ def _local_run(loop: Callable[[dict], None], loop_cfg: dict, run_uri: str, keep:
     w = LocalWorker(run_uri, keep, use_gpu, on_report)
     with running_on(w):
         loop(loop_cfg)
+    if w.committed is None:  # a loop that reported no checkpoint: as `_train` returns it
+        return Outcome({}, None)
     return Outcome(w.committed["metrics"], st.join(run_uri, w.committed["checkpoint"]))
 
 
