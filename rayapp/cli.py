@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     from rayapp import env
 
     env.plain_output()
+    env.console_logging()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "demo":  # the demo parses its own options (argparse's REMAINDER drops leading ones)

@@ -15,6 +15,7 @@ Stdlib only, so `make` can read it before any virtualenv exists:
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -75,14 +76,46 @@ def plain_output() -> None:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
+class _Console(logging.StreamHandler):
+    """A handler writing to the current `sys.stdout` or `sys.stderr` (`name`), looked up per
+    record (a test's output capture replaces them between commands run in one process)."""
+
+    def __init__(self, name: str):
+        self.name_ = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self.name_)
+
+    @stream.setter
+    def stream(self, _):  # StreamHandler.__init__ sets it
+        pass
+
+
+def console_logging() -> None:
+    """rayapp's own log lines as plain lines: INFO (a stage's "N shards to compute, M already
+    written") on stdout beside the command's other output, warnings on stderr, so a user
+    error stays the one line there. Nothing else gives the `rayapp` logger a handler: its INFO
+    records were dropped (Python's last-resort handler prints WARNING and up only).
+    Idempotent; records still propagate (a test's caplog sees them)."""
+    logger = logging.getLogger("rayapp")
+    if not any(isinstance(h, _Console) for h in logger.handlers):
+        for name, keep in (("stdout", lambda r: r.levelno < logging.WARNING),
+                           ("stderr", lambda r: r.levelno >= logging.WARNING)):
+            handler = _Console(name)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler.addFilter(keep)
+            logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def quiet_console() -> None:
     """What a rayapp command prints: its own progress and errors. Ray Data's execution plans
     and INFO lines stay in Ray's session logs (`/tmp/ray/session_*/logs`: Ray Data's file
     handlers keep every level), HF loading messages are off. When stdout is not a terminal
     (a captured log: `> file`, `ray job submit`) also no live bars (tqdm's `\r` frames) and no
     colour codes around worker lines; in a terminal Ray Data keeps its live bars."""
-    import logging
-
     import ray.data
     import transformers
 

@@ -88,6 +88,9 @@ def test_a_captured_log_of_single_commands_is_plain_lines(tiny_bert, tmp_path):
         assert done.returncode == 0, log.read_text()
     text = log.read_text()
     assert "student written to" in text and "examples written to" in text and "teacher cache written to" in text
+    # rayapp's own INFO lines from the driver (they were dropped: no handler took them)
+    assert "pairs: sampling 30 pairs from" in text and re.search(r"^teacher cache \S+: \d+ shards to compute, 0 already "
+                                                                 r"written$", text, re.M), text
     for noise in ("\x1b[", "\r", "Token authentication", "Started a local Ray instance", "Execution plan",
                   "Running Dataset", "Progress will be logged"):
         assert noise not in text, (noise, text)
