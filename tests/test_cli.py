@@ -76,17 +76,21 @@ def test_a_captured_log_of_single_commands_is_plain_lines(tiny_bert, tmp_path):
     sentence = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": " ".join(sentence() for _ in range(6))}) + "\n" for _ in range(20)))
-    log = tmp_path / "log.txt"
+    log, student_log = tmp_path / "log.txt", tmp_path / "student-log.txt"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    for argv in (["init-student", "--teacher", tiny_bert, "--out", str(tmp_path / "student")],  # model loading bars
-                 ["intermediate", "pairs", "--corpus", str(corpus), "--out", str(tmp_path / "pairs"), "--num-examples", "30"],
+    command = lambda *argv: [sys.executable, "-m", "rayapp.cli", *argv]
+    with open(student_log, "w") as out:  # beside the other two: it reads nothing they write
+        student = subprocess.Popen(command("init-student", "--teacher", tiny_bert, "--out", str(tmp_path / "student")),
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)  # model loading bars
+    for argv in (["intermediate", "pairs", "--corpus", str(corpus), "--out", str(tmp_path / "pairs"), "--num-examples", "30"],
                  ["teacher-cache", "--examples", str(tmp_path / "pairs"), "--teacher", tiny_bert,
                   "--out", str(tmp_path / "cache"), "--top-k", "4"]):
         with open(log, "a") as out:
-            done = subprocess.run([sys.executable, "-m", "rayapp.cli", *argv], stdout=out, stderr=subprocess.STDOUT, env=env)
+            done = subprocess.run(command(*argv), stdout=out, stderr=subprocess.STDOUT, env=env)
         assert done.returncode == 0, log.read_text()
-    text = log.read_text()
+    assert student.wait(timeout=600) == 0, student_log.read_text()
+    text = student_log.read_text() + log.read_text()
     assert "student written to" in text and "examples written to" in text and "teacher cache written to" in text
     # rayapp's own INFO lines from the driver (they were dropped: no handler took them)
     assert "pairs: sampling 30 pairs from" in text and re.search(r"^teacher cache \S+: \d+ shards to compute, 0 already "

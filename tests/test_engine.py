@@ -65,33 +65,77 @@ def _fit_on_workers(loop, config: dict, tmp_path, num_workers: int, launcher: st
            storage=str(tmp_path / "ray"), name="run")
 
 
-def test_deepspeed_load_weights_updates_the_fp32_master(ray_cluster, tmp_path):
-    """`Engine.load_weights` also refreshes ZeRO's fp32 master partition, so the next
-    checkpoint's optimizer shard holds the loaded (e.g. best-on-dev) weights."""
+@pytest.fixture(scope="module")
+def one_worker_deepspeed(ray_cluster, tmp_path_factory) -> dict:
+    """The one-worker DeepSpeed checks of the two tests below, run in one Ray Train run (its
+    start-up is most of a check's time): check name -> None where it passed, else its error."""
 
-    def _deepspeed_load_weights_loop(config):  # defined here: workers cannot import test modules
+    def _checks_loop(config):  # defined here: workers cannot import test modules
+        import json
+        import traceback
+        from pathlib import Path
+
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         from rayapp.train.engine import Engine
         from rayapp.train.loop import snapshot
 
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-        engine = Engine(model, EngineConfig(engine="deepspeed", use_gpu=False, zero_stage=2), lr=0.1, weight_decay=0.0,
-                        warmup_steps=0, total_steps=10, micro_batch=4, grad_accum=1)
         batch = {"x": torch.randn(4, 4), "y": torch.tensor([0, 1, 0, 1])}
-        loss_fn = lambda m, b: (torch.nn.functional.cross_entropy(m(b["x"]), b["y"]), {})  # noqa: E731
-        engine.train_step([batch], loss_fn)
-        kept = snapshot(engine.module)
-        for _ in range(3):
-            engine.train_step([batch], loss_fn)
-        engine.load_weights(kept)
-        engine.model.save_checkpoint(config["dir"], tag="t")
-        master = get_fp32_state_dict_from_zero_checkpoint(config["dir"], tag="t")
-        diff = max(float((master[k] - v).abs().max()) for k, v in kept.items())
-        assert diff < 1e-6, f"fp32 master differs from the loaded weights by {diff}"
 
-    _fit_on_workers(_deepspeed_load_weights_loop, {"dir": str(tmp_path / "ds")}, tmp_path, 1)
+        def engine(zero_stage: int, precision: str = "fp32") -> Engine:
+            torch.manual_seed(0)
+            return Engine(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)),
+                          EngineConfig(engine="deepspeed", use_gpu=False, zero_stage=zero_stage, precision=precision),
+                          lr=0.1, weight_decay=0.0, warmup_steps=0, total_steps=10, micro_batch=4, grad_accum=1)
+
+        def load_weights_updates_the_fp32_master():
+            ds = engine(zero_stage=2)
+            loss_fn = lambda m, b: (torch.nn.functional.cross_entropy(m(b["x"]), b["y"]), {})  # noqa: E731
+            ds.train_step([batch], loss_fn)
+            kept = snapshot(ds.module)
+            for _ in range(3):
+                ds.train_step([batch], loss_fn)
+            ds.load_weights(kept)
+            ds.model.save_checkpoint(config["dir"], tag="t")
+            master = get_fp32_state_dict_from_zero_checkpoint(config["dir"], tag="t")
+            diff = max(float((master[k] - v).abs().max()) for k, v in kept.items())
+            assert diff < 1e-6, f"fp32 master differs from the loaded weights by {diff}"
+
+        def zero0_bf16_exports_its_fp32_copies():
+            ds = engine(zero_stage=0, precision="bf16")
+
+            def loss_fn(m, b):  # the module is bf16 under DeepSpeed
+                return torch.nn.functional.cross_entropy(m(b["x"].to(torch.bfloat16)).float(), b["y"]), {}
+
+            for _ in range(3):
+                ds.train_step([batch], loss_fn)
+            exported, module = ds.export_state(), ds.module.state_dict()
+            assert exported.keys() == module.keys()
+            for k, v in exported.items():
+                assert v.dtype == torch.float32 and torch.equal(v.to(torch.bfloat16), module[k]), k
+            assert any(not torch.equal(v, module[k].float()) for k, v in exported.items())
+
+        results = {}
+        for check in (load_weights_updates_the_fp32_master, zero0_bf16_exports_its_fp32_copies):
+            try:
+                check()
+                results[check.__name__] = None
+            except Exception:  # noqa: BLE001 - reported by the check's own test
+                results[check.__name__] = traceback.format_exc()
+        Path(config["results"]).write_text(json.dumps(results))
+
+    import json
+
+    out = tmp_path_factory.mktemp("deepspeed-one-worker")
+    _fit_on_workers(_checks_loop, {"dir": str(out / "ds"), "results": str(out / "results.json")}, out, 1)
+    return json.loads((out / "results.json").read_text())
+
+
+def test_deepspeed_load_weights_updates_the_fp32_master(one_worker_deepspeed):
+    """`Engine.load_weights` also refreshes ZeRO's fp32 master partition, so the next
+    checkpoint's optimizer shard holds the loaded (e.g. best-on-dev) weights."""
+    assert one_worker_deepspeed["load_weights_updates_the_fp32_master"] is None, \
+        one_worker_deepspeed["load_weights_updates_the_fp32_master"]
 
 
 def test_deepspeed_bf16_exports_the_fp32_master_weights(ray_cluster, tiny_bert, tmp_path):
@@ -154,30 +198,11 @@ def test_deepspeed_bf16_exports_the_fp32_master_weights(ray_cluster, tiny_bert, 
     assert max(float((exported[n] - bf16[n]).abs().max()) for n in names) > 1e-5
 
 
-def test_deepspeed_zero0_bf16_exports_its_fp32_copies(ray_cluster, tmp_path):
+def test_deepspeed_zero0_bf16_exports_its_fp32_copies(one_worker_deepspeed):
     """ZeRO 0 keeps whole fp32 copies beside the bf16 module (no ZeRO partitions): the export
     is those, so it rounds to the module's weights exactly and is not the module cast up."""
-
-    def _zero0_export_loop(config):
-        from rayapp.train.engine import Engine
-
-        torch.manual_seed(0)
-        engine = Engine(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)),
-                        EngineConfig(engine="deepspeed", zero_stage=0, precision="bf16", use_gpu=False),
-                        lr=1e-2, weight_decay=0.0, warmup_steps=0, total_steps=10, micro_batch=4, grad_accum=1)
-        batch = {"x": torch.randn(4, 4), "y": torch.tensor([0, 1, 0, 1])}
-        def loss_fn(m, b):  # the module is bf16 under DeepSpeed
-            return torch.nn.functional.cross_entropy(m(b["x"].to(torch.bfloat16)).float(), b["y"]), {}
-
-        for _ in range(3):
-            engine.train_step([batch], loss_fn)
-        exported, module = engine.export_state(), engine.module.state_dict()
-        assert exported.keys() == module.keys()
-        for k, v in exported.items():
-            assert v.dtype == torch.float32 and torch.equal(v.to(torch.bfloat16), module[k]), k
-        assert any(not torch.equal(v, module[k].float()) for k, v in exported.items())
-
-    _fit_on_workers(_zero0_export_loop, {}, tmp_path, 1)
+    assert one_worker_deepspeed["zero0_bf16_exports_its_fp32_copies"] is None, \
+        one_worker_deepspeed["zero0_bf16_exports_its_fp32_copies"]
 
 
 def test_a_checkpoint_holding_a_pickled_object_is_refused(ray_cluster, tiny_bert, tmp_path):

@@ -496,7 +496,8 @@ def test_a_killed_one_worker_trial_resumes_from_its_checkpoint(ray_cluster, tiny
     restarts the trial (`max_failures`) and the run continues from that checkpoint, not step 0."""
     from ray.util.state import list_actors
 
-    steps = 400
+    # killed at its first checkpoint (step 10): 110 more steps and 11 evaluations outlast the kill
+    steps = 120
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump({
         "name": "killed", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13], "grid": {},
