@@ -3,8 +3,9 @@
 same job on one 2-CPU node: what spreading over nodes costs (object storage for every
 input and output, models fetched once per node, cross-node gloo allreduce for DeepSpeed).
 
-The job is `cluster.local_cluster.pipeline_job`: pairs + sentiment sentences from an
-`hf://` corpus in an s3 asset mirror -> teacher top-k cache -> SMASH distillation with
+The job is `cluster.local_cluster.pipeline_job`: pairs from an `hf://` corpus in an s3
+asset mirror -> teacher top-k cache, with the corpus's sentiment sentences built beside
+them -> SMASH distillation with
 DeepSpeed ZeRO-2 on 2 CPU workers -> a 4-trial prompt-FT sweep of the distilled student on
 SST-2 -> report, all against a moto S3 server on 127.0.0.1. Teacher: the real local
 MiniLM-L6 (`minilm-l6-mlm-wiki`), student its 3-layer cut; `--tiny`: the tiny random

@@ -77,6 +77,9 @@ def cluster_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env.LOCAL, **os.environ, "RAY_AUTH_MODE": "token",
             # nothing to hand over when a test stops the head: the drain would wait out 30 s
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            # a node stopped by a test is dead to the GCS in about 3 s, not 15 s (Ray's 3 s x 5
+            # misses): until then Ray Train's restart waits on the dead node's bundles
+            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
             "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]), **(extra or {})}
 
 
@@ -365,8 +368,10 @@ def pipeline_job(out: str, corpus: str, teacher: str, student: str, data_dir: st
                  distill_steps: int = 40, checkpoint_every: int = 5, seeds: tuple[int, ...] = (13, 21),
                  lrs: tuple[float, ...] = (1e-4, 5e-4), ft_steps: int = 4, task: str = "SST-2") -> str:
     """The SMASH pipeline as the shell command of one `ray job submit`, every stage its own
-    `python -m jobs.X` and every input and output a URI (`s3://` on a cluster): pairs and
-    sentiment sentences from `corpus` -> the teacher's top-k cache of the pairs -> SMASH
+    `python -m jobs.X` and every input and output a URI (`s3://` on a cluster): pairs from
+    `corpus` -> the teacher's top-k cache of the pairs, with `corpus`'s sentiment sentences
+    built beside these two (neither reads the other's output; the job waits for both and fails
+    if either does) -> SMASH
     distillation of `student` with DeepSpeed ZeRO-2 on 2 one-CPU workers (gloo, no GPU) -> a Ray Tune sweep of
     prompt FT of the distilled student on `task` over `seeds` x `lrs` (splits under
     `data_dir`) -> the report. Outputs land under `out`: pairs/, sentiment/, cache/,
@@ -378,13 +383,17 @@ def pipeline_job(out: str, corpus: str, teacher: str, student: str, data_dir: st
                       "max_steps": ft_steps, "eval_every": max(1, ft_steps // 2), "max_length": 64,
                       "engine": {"engine": "ddp", "num_workers": 1}},
              "methods": {"smash-pt": {"method": "prompt", "label": "student + SMASH prompt FT"}}}
-    return " && ".join([
+    sentiment = (f"python -m jobs.intermediate sentiment --config jobs/configs/intermediate-sentiment_local.yaml "
+                 f"corpus='{corpus}' teacher={teacher} out={out}/sentiment threshold=0 num_examples={pairs} "
+                 "batch_size=16")
+    # sentiment in the background (stopped if the job ends before it is waited for), all in one
+    # { group; } so that `export X && <this>` still reads as one command
+    return f"{{ {sentiment} & sentiment=$!; trap 'kill $sentiment 2>/dev/null' EXIT; " + " && ".join([
         f"python -m jobs.intermediate pairs --config jobs/configs/intermediate-pairs_local.yaml corpus='{corpus}' "
         f"out={out}/pairs num_examples={pairs}",
-        f"python -m jobs.intermediate sentiment --config jobs/configs/intermediate-sentiment_local.yaml "
-        f"corpus='{corpus}' teacher={teacher} out={out}/sentiment threshold=0 num_examples={pairs} batch_size=16",
         f"python -m jobs.teacher_cache --config jobs/configs/teacher-cache-pairs_local.yaml examples={out}/pairs "
         f"teacher={teacher} out={out}/cache top_k=8 batch_size=16 num_actors=2 rows_per_shard={max(1, pairs // 2)}",
+        "wait $sentiment",
         f"python -m jobs.distill --config jobs/configs/distill-smash-pairs_local.yaml student={student} "
         f"teacher={teacher} data={out}/cache output_dir={out}/runs name=distill max_steps={distill_steps} "
         f"batch_size=4 checkpoint_every={checkpoint_every} log_every={checkpoint_every} engine.engine=deepspeed "
@@ -392,7 +401,7 @@ def pipeline_job(out: str, corpus: str, teacher: str, student: str, data_dir: st
         f"echo '{json.dumps(sweep)}' > pipeline-sweep.yaml",  # JSON is YAML; in the job's own working dir
         "python -m jobs.sweep --config pipeline-sweep.yaml",
         f"python -m jobs.report {out}/sweeps/pipeline --out report",
-    ])
+    ]) + "; }"
 
 
 def main(argv: list[str] | None = None) -> None:
