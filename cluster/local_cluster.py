@@ -27,6 +27,7 @@ Requires Linux with unprivileged user namespaces (or root): `unshare --user` mus
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -52,10 +53,19 @@ from rayapp import env  # noqa: E402  (stdlib-only module: no Ray import before 
 TOKEN = Path.home() / ".ray" / "auth_token"
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports. Every socket stays bound until all are chosen: asked one
+    at a time, the OS can hand out a port it just gave again (a head once got the same port for
+    its GCS and its runtime-env agent, and `ray start` refused it)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_until(predicate, timeout: float = 120.0, what: str = "condition"):
@@ -184,11 +194,11 @@ def start_head(num_cpus: int = 0, environ: dict[str, str] | None = None, timeout
     environ = environ or cluster_env()
     ensure_token(environ)
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: socket paths live below it
-    dashboard, gcs = free_port(), free_port()
-    ports = {"--port": gcs, "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
-             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    names = ["--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+             "--node-manager-port", "--object-manager-port"]
+    ports = dict(zip(names, free_ports(len(names))))
+    gcs, dashboard = ports["--port"], ports["--dashboard-port"]
     log = os.path.join(temp_dir, "ray-start.log")
     with open(log, "w") as out:
         proc = subprocess.Popen(

@@ -19,7 +19,7 @@ import boto3
 import pytest
 from conftest import wait_until
 
-from cluster.local_cluster import pipeline_job, stage_pipeline_inputs
+from cluster.local_cluster import free_ports, pipeline_job, stage_pipeline_inputs
 from rayapp import storage
 
 ROOT = Path(__file__).parent.parent
@@ -116,6 +116,12 @@ def test_the_pipeline_runs_across_nodes(multinode, bucket):
     # a snapshot of 2 CPUs at the sweep's start would have run 2 at a time
     assert _overlap(trials) >= 3
     assert "student + SMASH prompt FT" in logs
+
+
+def test_the_ports_a_head_is_given_are_distinct():
+    """`start_head` passes 9 ports to `ray start`, which refuses one given twice."""
+    ports = free_ports(200)
+    assert len(set(ports)) == 200 and all(p > 0 for p in ports)
 
 
 def test_the_pipeline_job_waits_for_its_background_stage_and_fails_with_it(tmp_path):
