@@ -26,6 +26,10 @@ CLUSTER: dict[str, str] = {
     # on the 2-core test machine for a one-file cache); rayapp reads whole folders, never needs
     # V2's ignore_missing_paths/skip_paths
     "RAY_DATA_USE_DATASOURCE_V2": "0",
+    # a job's log is no terminal: the hub's bars in its workers (transformers' weight loading,
+    # each checkpoint's shard writing) reached it as a line per frame; rayapp's own progress
+    # lines stay
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 LOCAL: dict[str, str] = {

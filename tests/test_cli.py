@@ -79,6 +79,7 @@ def test_a_captured_log_of_single_commands_is_plain_lines(tiny_bert, tmp_path):
     log, student_log = tmp_path / "log.txt", tmp_path / "student-log.txt"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)  # as a user's shell: the CLI turns the bars off itself
     command = lambda *argv: [sys.executable, "-m", "rayapp.cli", *argv]
     with open(student_log, "w") as out:  # beside the other two: it reads nothing they write
         student = subprocess.Popen(command("init-student", "--teacher", tiny_bert, "--out", str(tmp_path / "student")),

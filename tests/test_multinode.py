@@ -116,6 +116,8 @@ def test_the_pipeline_runs_across_nodes(multinode, bucket):
     # a snapshot of 2 CPUs at the sweep's start would have run 2 at a time
     assert _overlap(trials) >= 3
     assert "student + SMASH prompt FT" in logs
+    # the job's log is no terminal: no bar frames from the workers' weight loads and checkpoints
+    assert "Loading weights" not in logs and "Writing model shards" not in logs, logs[-3000:]
 
 
 def test_the_ports_a_head_is_given_are_distinct():
