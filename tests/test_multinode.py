@@ -127,31 +127,37 @@ def test_the_ports_a_head_is_given_are_distinct():
 
 
 def test_the_pipeline_job_waits_for_its_background_stage_and_fails_with_it(tmp_path):
-    """The sentiment stage runs beside pairs -> cache: the job still sees the caller's
-    `export X && <job>` in every stage, goes on to the distillation only once sentiment is
-    done, and fails with sentiment's exit code when sentiment fails (each `python` here is a
-    stand-in that logs its stage)."""
+    """The sentiment stage runs beside pairs -> cache (here it can only end after the cache
+    stage ran), the distillation starts only once it is done, every stage sees the caller's
+    `export X && <job>`, and the job fails with sentiment's exit code when sentiment fails
+    (each `python` here is a stand-in that logs its stage)."""
     log = tmp_path / "stages.log"
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir()
-    fake.write_text('#!/bin/sh\necho "$2 $3 FROM=$FROM" >> "$STAGES"\n'
-                    'case "$2 $3" in "jobs.intermediate sentiment") exit "$SENTIMENT_EXIT";; esac\n')
+    fake.write_text('#!/bin/sh\n'
+                    'line="$2 $3 FROM=$FROM"\n'
+                    'case "$2 $3" in\n'
+                    '  "jobs.intermediate sentiment")\n'
+                    '    while [ ! -e "$STAGES.cached" ]; do sleep 0.05; done\n'
+                    '    echo "$line" >> "$STAGES"; exit "$SENTIMENT_EXIT";;\n'
+                    '  "jobs.teacher_cache --config") echo "$line" >> "$STAGES"; touch "$STAGES.cached"; exit 0;;\n'
+                    'esac\n'
+                    'echo "$line" >> "$STAGES"\n')
     fake.chmod(0o755)
     entry = pipeline_job("s3://b/out", "hf://c", "s3://b/t", "s3://b/s", "s3://b/d")
+    stages = ["jobs.intermediate pairs", "jobs.teacher_cache --config", "jobs.intermediate sentiment",
+              "jobs.distill --config", "jobs.sweep --config", "jobs.report s3://b/out/sweeps/pipeline"]
     for code in (0, 5):
-        log.unlink(missing_ok=True)
+        for f in (log, tmp_path / "stages.log.cached"):
+            f.unlink(missing_ok=True)
         env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "STAGES": str(log), "SENTIMENT_EXIT": str(code)}
         done = subprocess.run(["bash", "-c", f"export FROM=caller && {entry}"], env=env, cwd=tmp_path,
-                              capture_output=True, text=True)
-        stages = log.read_text().splitlines()
-        assert all(line.endswith("FROM=caller") for line in stages), stages
-        ran = [" ".join(line.split()[:2]) for line in stages]
-        assert {"jobs.intermediate sentiment", "jobs.intermediate pairs", "jobs.teacher_cache --config"} <= set(ran)
-        if code:
-            assert done.returncode == code and not any(r.startswith("jobs.distill") for r in ran), (done, ran)
-        else:
-            assert done.returncode == 0, done.stderr
-            assert ran[-3:] == ["jobs.distill --config", "jobs.sweep --config", "jobs.report s3://b/out/sweeps/pipeline"]
+                              capture_output=True, text=True, timeout=60)
+        lines = log.read_text().splitlines()
+        assert all(line.endswith(" FROM=caller") for line in lines), lines
+        ran = [line.removesuffix(" FROM=caller") for line in lines]
+        assert done.returncode == code, (done, ran)
+        assert ran == (stages if code == 0 else stages[:3]), ran
 
 
 def _cli(multinode, *args: str) -> subprocess.CompletedProcess:
