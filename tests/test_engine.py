@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -80,16 +82,17 @@ def one_worker_deepspeed(ray_cluster, tmp_path_factory) -> dict:
         from rayapp.train.engine import Engine
         from rayapp.train.loop import snapshot
 
-        batch = {"x": torch.randn(4, 4), "y": torch.tensor([0, 1, 0, 1])}
-
-        def engine(zero_stage: int, precision: str = "fp32") -> Engine:
+        def engine(zero_stage: int, lr: float, precision: str = "fp32") -> tuple[Engine, dict]:
+            """A seeded two-layer model under DeepSpeed, and a batch drawn after it (as each
+            check drew its own when it ran alone)."""
             torch.manual_seed(0)
-            return Engine(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)),
-                          EngineConfig(engine="deepspeed", use_gpu=False, zero_stage=zero_stage, precision=precision),
-                          lr=0.1, weight_decay=0.0, warmup_steps=0, total_steps=10, micro_batch=4, grad_accum=1)
+            ds = Engine(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)),
+                        EngineConfig(engine="deepspeed", use_gpu=False, zero_stage=zero_stage, precision=precision),
+                        lr=lr, weight_decay=0.0, warmup_steps=0, total_steps=10, micro_batch=4, grad_accum=1)
+            return ds, {"x": torch.randn(4, 4), "y": torch.tensor([0, 1, 0, 1])}
 
         def load_weights_updates_the_fp32_master():
-            ds = engine(zero_stage=2)
+            ds, batch = engine(zero_stage=2, lr=0.1)
             loss_fn = lambda m, b: (torch.nn.functional.cross_entropy(m(b["x"]), b["y"]), {})  # noqa: E731
             ds.train_step([batch], loss_fn)
             kept = snapshot(ds.module)
@@ -102,7 +105,7 @@ def one_worker_deepspeed(ray_cluster, tmp_path_factory) -> dict:
             assert diff < 1e-6, f"fp32 master differs from the loaded weights by {diff}"
 
         def zero0_bf16_exports_its_fp32_copies():
-            ds = engine(zero_stage=0, precision="bf16")
+            ds, batch = engine(zero_stage=0, lr=1e-2, precision="bf16")
 
             def loss_fn(m, b):  # the module is bf16 under DeepSpeed
                 return torch.nn.functional.cross_entropy(m(b["x"].to(torch.bfloat16)).float(), b["y"]), {}
@@ -123,8 +126,6 @@ def one_worker_deepspeed(ray_cluster, tmp_path_factory) -> dict:
             except Exception:  # noqa: BLE001 - reported by the check's own test
                 results[check.__name__] = traceback.format_exc()
         Path(config["results"]).write_text(json.dumps(results))
-
-    import json
 
     out = tmp_path_factory.mktemp("deepspeed-one-worker")
     _fit_on_workers(_checks_loop, {"dir": str(out / "ds"), "results": str(out / "results.json")}, out, 1)
