@@ -84,13 +84,19 @@ def test_a_captured_log_of_single_commands_is_plain_lines(tiny_bert, tmp_path):
     with open(student_log, "w") as out:  # beside the other two: it reads nothing they write
         student = subprocess.Popen(command("init-student", "--teacher", tiny_bert, "--out", str(tmp_path / "student")),
                                    stdout=out, stderr=subprocess.STDOUT, env=env)  # model loading bars
-    for argv in (["intermediate", "pairs", "--corpus", str(corpus), "--out", str(tmp_path / "pairs"), "--num-examples", "30"],
-                 ["teacher-cache", "--examples", str(tmp_path / "pairs"), "--teacher", tiny_bert,
-                  "--out", str(tmp_path / "cache"), "--top-k", "4"]):
-        with open(log, "a") as out:
-            done = subprocess.run(command(*argv), stdout=out, stderr=subprocess.STDOUT, env=env)
-        assert done.returncode == 0, log.read_text()
-    assert student.wait(timeout=600) == 0, student_log.read_text()
+    try:
+        for argv in (["intermediate", "pairs", "--corpus", str(corpus), "--out", str(tmp_path / "pairs"),
+                      "--num-examples", "30"],
+                     ["teacher-cache", "--examples", str(tmp_path / "pairs"), "--teacher", tiny_bert,
+                      "--out", str(tmp_path / "cache"), "--top-k", "4"]):
+            with open(log, "a") as out:
+                done = subprocess.run(command(*argv), stdout=out, stderr=subprocess.STDOUT, env=env)
+            assert done.returncode == 0, log.read_text()
+        assert student.wait(timeout=600) == 0, student_log.read_text()
+    finally:  # not left running when the test fails first
+        if student.poll() is None:
+            student.kill()
+            student.wait()
     text = student_log.read_text() + log.read_text()
     assert "student written to" in text and "examples written to" in text and "teacher cache written to" in text
     # rayapp's own INFO lines from the driver (they were dropped: no handler took them)
