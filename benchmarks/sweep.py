@@ -88,7 +88,7 @@ def main() -> None:
             rows.append((trial_dir.name, last["time_total_s"], rec["seconds"], rec["loop_seconds"],
                          *(rec["timings"][k] for k in ("setup", "evaluate", "checkpoint", "finish"))))
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, transformers, rayapp.recipes.finetune"], check=True)
+    subprocess.run([sys.executable, "-c", "import rayapp.recipes.finetune, torch, transformers"], check=True)
     fresh = time.perf_counter() - started
 
     print(f"\n{len(sequential)} runs x {args.steps} steps (tiny BERT, {'/'.join(cfg.tasks)}, 1 worker each), "

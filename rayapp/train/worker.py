@@ -23,6 +23,7 @@ all resume the same way.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import tempfile
 from typing import Callable, Iterator
@@ -140,6 +141,7 @@ class LocalWorker:
 
 
 _current: TrainWorker | LocalWorker | None = None
+_runs = 0  # runs this process started: a Tune actor or a Ray task worker runs several
 
 
 def worker() -> TrainWorker | LocalWorker:
@@ -152,8 +154,19 @@ def worker() -> TrainWorker | LocalWorker:
 @contextlib.contextmanager
 def running_on(w: TrainWorker | LocalWorker) -> Iterator[None]:
     """Make `w` the current worker; a reused process (Tune actor, Ray task worker) starts
-    its next run with none."""
-    global _current
+    its next run with none, and with the last run's reference cycles freed first: full
+    collections are rare in a rayapp process (`rayapp/__init__.py`), and a cycle (a failed
+    run's traceback is one) would keep that run's model and optimizer, on a GPU their memory,
+    through the next run. The first run freezes what the process holds before it (mostly
+    the imports: about 480,000 objects that live as long as the process; a cycle among them
+    that dies later is never freed), so that collection walks only what later runs left:
+    0.3 ms instead of 0.25 s here."""
+    global _current, _runs
+    if _runs:
+        gc.collect()
+    else:
+        gc.freeze()
+    _runs += 1
     _current = w
     try:
         yield
