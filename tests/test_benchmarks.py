@@ -16,8 +16,8 @@ PRINTS = {
     "intermediate": "teacher cache vs bare PyTorch",
     "multinode": "0-CPU head + 2 one-CPU worker nodes:",
     "predict": "rayapp predict vs bare PyTorch",
-    "startup": "ratio rayapp / default (CPU-s):",
     "pretrain": "ratio rayapp / plain (tokens/s):",
+    "startup": "ratio rayapp / default (CPU-s):",
     "sweep": "Ray Tune, 2 trials at a time:",
     "train_overhead": "rayapp on Ray Train (1 worker)",
 }
