@@ -10,5 +10,14 @@ still gets a full collection every 7 million allocations, so reference cycles ar
 """
 import gc
 
-_young, _middle, _full = gc.get_threshold()
-gc.set_threshold(_young, _middle, max(_full, 1000))
+
+def fewer_full_collections() -> None:
+    """Raise the third threshold to at least 1000, keeping a user's higher setting. Also the
+    `worker_process_setup_hook` of every cluster rayapp starts or submits to
+    (`rayapp.env.SETUP_HOOK`): a Ray worker then has it before it imports Ray Train, Tune or
+    Data for the actor it becomes, not only from the point its task imports rayapp."""
+    young, middle, full = gc.get_threshold()
+    gc.set_threshold(young, middle, max(full, 1000))
+
+
+fewer_full_collections()

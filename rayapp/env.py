@@ -69,6 +69,14 @@ QUIET_WORKERS: dict[str, str] = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISA
                                  "PYTHONWARNINGS": "ignore"}
 
 
+# run by every Ray worker process as it starts, before it imports what its actor needs (Ray
+# Train, Tune, Data and torch): rayapp's garbage-collection thresholds (`rayapp/__init__.py`)
+# from the first import on. The tests' cluster, `start_ray`'s own clusters and
+# `cluster/runtime_env.yaml` (jobs) set it; a driver attached to another cluster keeps that
+# cluster's runtime env.
+SETUP_HOOK = "rayapp.fewer_full_collections"
+
+
 def plain_output() -> None:
     """When stdout is not a terminal (a captured log), no `\r` bars and no colour codes from
     the start: environment flags only (no import), so the CLI sets them before any command
@@ -143,8 +151,9 @@ def start_ray() -> None:
     if ray.is_initialized():
         return
     quiet_console()
-    own = {} if os.environ.get("RAY_ADDRESS") else {"dashboard_host": "127.0.0.1",
-                                                   "runtime_env": {"env_vars": QUIET_WORKERS}}
+    own = {} if os.environ.get("RAY_ADDRESS") else {
+        "dashboard_host": "127.0.0.1",
+        "runtime_env": {"env_vars": QUIET_WORKERS, "worker_process_setup_hook": SETUP_HOOK}}
     ray.init(logging_level="ERROR", **own)
 
 

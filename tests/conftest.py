@@ -24,7 +24,7 @@ def ray_cluster(s3_server):
 
     # the dashboard serves the state API that Ray Train's controller and the failure test use
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-             log_to_driver=False)
+             log_to_driver=False, runtime_env={"worker_process_setup_hook": env.SETUP_HOOK})
     yield ray
     ray.shutdown()
 

@@ -153,6 +153,7 @@ def test_every_node_keeps_the_auth_token_to_its_owner():
 def test_env_flags_are_defined_once_and_used_everywhere():
     runtime_env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
     assert runtime_env["env_vars"] == env.CLUSTER
+    assert runtime_env["worker_process_setup_hook"] == env.SETUP_HOOK
     assert env.LOCAL.items() >= env.CLUSTER.items()
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in env.CLUSTER  # local clusters only
     for key in env.LOCAL:  # the tests run with them (conftest applied env.LOCAL)

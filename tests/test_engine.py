@@ -279,6 +279,23 @@ def test_importing_rayapp_makes_full_collections_rare_and_keeps_a_rarer_setting(
     assert got == [["700", "10", "1000"], ["500", "20", "5000"]]
 
 
+def test_a_new_ray_worker_has_rayapps_thresholds_before_it_imports_anything(ray_cluster):
+    """A Train worker, Tune trial or Ray Data actor imports Ray Train, Tune or Data (and torch)
+    for its actor before anything of rayapp: the setup hook (`rayapp.env.SETUP_HOOK`) gives it
+    rayapp's thresholds first. A task in a new worker (its own runtime env) sees them with
+    torch not yet imported."""
+    import uuid
+
+    def thresholds():  # local: pickled by value, so the worker imports nothing of this module
+        import gc
+        import sys
+
+        return gc.get_threshold(), "torch" in sys.modules
+
+    fresh = {"env_vars": {"RAYAPP_TEST_FRESH_WORKER": uuid.uuid4().hex}}  # no warm worker matches it
+    assert ray_cluster.get(ray_cluster.remote(thresholds).options(runtime_env=fresh).remote()) == ((700, 10, 1000), False)
+
+
 def test_a_reused_process_frees_the_last_runs_cycles_before_the_next_run(tmp_path):
     """Full collections are rare in a rayapp process, so a run that ends with its model in a
     reference cycle (a failed run's traceback holds one) would keep it through the next run
