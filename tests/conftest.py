@@ -162,6 +162,13 @@ def marian(tmp_path_factory) -> dict:
             "backward": str(make_tiny_marian(root / "de-en", seed=1))}
 
 
+# A scoring stage's actor pool (`rayapp.modeling.scorer.pool_args`) grows by an actor as soon as
+# one holds two shards. With a test's few tiny shards, the second actor's start (torch,
+# transformers, the model: about 5 CPU-s on 2 cores) costs more than the shards it takes, so
+# stage tests run a pool of one actor, as the `_local` job configs do; the growing default
+# pool runs in test_cli's captured log and the unit test of `pool_args`.
+ONE_ACTOR = {"num_actors": 1}
+
 BT_SETTINGS = dict(tasks=["SST-2", "RTE"], seeds=[13], factor=3, max_length=12, num_actors=1)  # SST-2: one sentence, RTE: two
 
 

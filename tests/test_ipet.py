@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from conftest import ONE_ACTOR
 from rayapp import storage
 from rayapp.data import ipet, shards
 from rayapp.data.fewshot import Example
@@ -97,7 +98,7 @@ def test_ipet_sweep_two_generations_and_two_final_classifiers(ray_cluster, tiny_
                  "g2": {"method": "prompt", "grid": {"pattern": [0, 1]}, "extra_train": "{ipet:g1}"},
                  "ipet": {"method": "classifier", "soft_labels": "{soft:g2}"},
                  "ipet-pt": {"method": "prompt", "soft_labels": "{soft:g2}"}},
-        ipet=ipet.IPetConfig(scale_factor=2.0, logits_percentage=1.0, unlabelled_per_label=20))
+        ipet=ipet.IPetConfig(scale_factor=2.0, logits_percentage=1.0, unlabelled_per_label=20, **ONE_ACTOR))
     assert cfg.phases == [["g1"], ["g2"], ["ipet", "ipet-pt"]]
     done = sweep.run(cfg)
     assert done["done"] == 6 and done["failed"] == 0

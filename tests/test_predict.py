@@ -66,7 +66,7 @@ def test_every_format_in_one_folder_gets_classify_s_labels_and_probabilities(exp
 
     out = tmp_path / "out"
     code, stdout, err = _cli("predict", exported[method], "--input", str(root), "--out", str(out),
-                             "rows_per_shard=7", "tokens_per_batch=200")
+                             "rows_per_shard=7", "tokens_per_batch=200", "num_actors=1")
     assert code == 0, err
     stats = json.loads(stdout[:stdout.rindex("}") + 1])
     assert stats["rows"] == stats["computed"] == 40 and stats["shards_written"] == 8  # 2 shards per file
@@ -99,7 +99,7 @@ def test_a_headerless_csv_by_position_an_id_column_and_a_resumed_shard(exported,
     mr = os.path.join(fewshot_dir("k-shot"), "mr", "16-13", "test.csv")
     out = tmp_path / "mr"
     code, stdout, err = _cli("predict", exported["prompt"], "--input", mr, "--out", str(out), "--text-column", "1",
-                             "header=false", "rows_per_shard=500")
+                             "header=false", "rows_per_shard=500", "num_actors=1")
     assert code == 0, err
     with open(mr, newline="") as f:
         rows = [r for r in csv.reader(f) if r]
@@ -115,7 +115,7 @@ def test_a_headerless_csv_by_position_an_id_column_and_a_resumed_shard(exported,
     monkeypatch.setenv("RAYAPP_ASSETS", f"s3://{bucket}/mirror")
     out = f"s3://{bucket}/out"
     args = ("predict", exported["prompt"], "--input", "hf://user/reviews?split=train", "--out", out,
-            "--text-column", "sentence", "--id-column", "uid", "rows_per_shard=8")
+            "--text-column", "sentence", "--id-column", "uid", "rows_per_shard=8", "num_actors=1")
     code, _, err = _cli(*args)
     assert code == 0, err
     first = _read(out)
@@ -171,7 +171,7 @@ def test_a_two_sentence_regression_task_writes_scores(tiny_bert, ray_cluster, tm
     table = os.path.join(fewshot_dir("k-shot"), "STS-B", "16-13", "test.tsv")
     out = tmp_path / "out"
     code, _, err = _cli("predict", model, "--input", table, "--out", str(out), "--text-column", "sentence1",
-                        "--text-b-column", "sentence2", "--id-column", "index", "rows_per_shard=400")
+                        "--text-b-column", "sentence2", "--id-column", "index", "rows_per_shard=400", "num_actors=1")
     assert code == 0, err
     got = _read(str(out))
     assert got.column_names == ["id", "score"]

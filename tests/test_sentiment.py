@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import ONE_ACTOR
 from rayapp.cli import _stage_config, build_parser
 from rayapp.data.sentiment import TASK, SentimentConfig, build_sentiment, label_confident, sentence_key
 from rayapp.errors import ConfigError, DataError
@@ -91,7 +92,7 @@ def test_config_from_flags_and_overrides():
 def keep_all(ray_cluster, tiny_bert, corpus, tmp_path_factory):
     """9 sentences in one block: table shards of 4, 4 and 1 sentences."""
     out = tmp_path_factory.mktemp("sentiment") / "all"
-    return build_sentiment(corpus, tiny_bert, str(out), threshold=0.0, rows_per_shard=4), out
+    return build_sentiment(corpus, tiny_bert, str(out), threshold=0.0, rows_per_shard=4, **ONE_ACTOR), out
 
 
 def test_threshold_zero_keeps_every_sentence_with_teacher_labels(keep_all, tiny_bert):
@@ -127,7 +128,7 @@ def test_resume_skips_finished_shards(keep_all, tiny_bert, corpus, tmp_path):
     os.remove(out / "_meta.json")  # killed before the end
     mtimes = {n: os.stat(out / n).st_mtime_ns for n in ("part-00000.parquet", "part-00002.parquet")}
 
-    again = build_sentiment(corpus, tiny_bert, str(out), threshold=0.0, rows_per_shard=4)
+    again = build_sentiment(corpus, tiny_bert, str(out), threshold=0.0, rows_per_shard=4, **ONE_ACTOR)
     assert (again["shards_written"], again["shards_skipped"], again["scored_this_run"]) == (1, 2, 4)
     assert {n: os.stat(out / n).st_mtime_ns for n in mtimes} == mtimes
     after = pq.read_table(out / "part-00001.parquet")
@@ -141,24 +142,24 @@ def test_resume_skips_finished_shards(keep_all, tiny_bert, corpus, tmp_path):
 def test_cap_takes_the_seeded_smallest_keys(keep_all, tiny_bert, corpus, tmp_path):
     everything = read_output(keep_all[1]).to_pylist()
     stats = build_sentiment(corpus, tiny_bert, str(tmp_path / "cap"), threshold=0.0, num_examples=4, seed=3,
-                            rows_per_shard=4)
+                            rows_per_shard=4, **ONE_ACTOR)
     chosen = read_output(tmp_path / "cap").to_pylist()
     expected = sorted(everything, key=lambda r: sentence_key(3, r["doc_id"], r["sent"]))[:4]
     assert sorted((r["doc_id"], r["sent"]) for r in chosen) == sorted((r["doc_id"], r["sent"]) for r in expected)
     assert (stats["examples"], stats["kept"], stats["num_examples"]) == (4, 9, 4)
     again = build_sentiment(corpus, tiny_bert, str(tmp_path / "cap"), threshold=0.0, num_examples=4, seed=3,
-                            rows_per_shard=4)  # the cap is idempotent, and kept counts survive it
+                            rows_per_shard=4, **ONE_ACTOR)  # the cap is idempotent, and kept counts survive it
     assert (again["examples"], again["kept"], again["shards_written"]) == (4, 9, 0)
 
 
 def test_threshold_one_keeps_nothing_and_says_so(ray_cluster, tiny_bert, corpus, tmp_path):
     with pytest.raises(DataError, match=r"none of the 9 sentences of .* reached threshold=1.0 .*lower the threshold"):
-        build_sentiment(corpus, tiny_bert, str(tmp_path / "none"), threshold=1.0, rows_per_shard=4)
+        build_sentiment(corpus, tiny_bert, str(tmp_path / "none"), threshold=1.0, rows_per_shard=4, **ONE_ACTOR)
     assert not (tmp_path / "none" / "_meta.json").exists()
     assert not list((tmp_path / "none").glob("part-*"))
     # the same folder takes the lower threshold, and reuses the sentence table
     table = sorted((tmp_path / "none" / "_sentences").iterdir())
-    stats = build_sentiment(corpus, tiny_bert, str(tmp_path / "none"), threshold=0.0, rows_per_shard=4)
+    stats = build_sentiment(corpus, tiny_bert, str(tmp_path / "none"), threshold=0.0, rows_per_shard=4, **ONE_ACTOR)
     assert stats["examples"] == 9 and sorted((tmp_path / "none" / "_sentences").iterdir()) == table
 
 

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import ONE_ACTOR
 from rayapp.cli import _stage_config, build_parser
 from rayapp.data import shards
 from rayapp.data.teacher_cache import CacheConfig, build_cache, cache_meta, plan_shards, read_cache, read_range
@@ -201,7 +202,7 @@ def built(ray_cluster, tiny_bert, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("built")
     rows = pair_rows(11)
     examples = write_examples(tmp / "examples", rows)
-    stats = build_cache(examples, tiny_bert, str(tmp / "cache"), top_k=16, rows_per_shard=4, batch_size=4)
+    stats = build_cache(examples, tiny_bert, str(tmp / "cache"), top_k=16, rows_per_shard=4, batch_size=4, **ONE_ACTOR)
     return rows, examples, tmp / "cache", stats
 
 
@@ -242,7 +243,7 @@ def test_rerun_recomputes_only_missing_shards(built, tiny_bert, tmp_path, caplog
     _, examples, cache_dir, _ = built
     out = tmp_path / "cache"
     shutil.copytree(cache_dir, out)
-    args = dict(top_k=16, rows_per_shard=4, batch_size=4)
+    args = dict(top_k=16, rows_per_shard=4, batch_size=4, **ONE_ACTOR)
     names = sorted(p.name for p in out.glob("part-*.parquet"))
     before = pq.read_table(out / names[1])
     os.remove(out / names[1])
@@ -290,7 +291,7 @@ def test_cache_from_and_to_s3(ray_cluster, tiny_bert, s3_server, tmp_path):
     for name in ("part-00000.parquet", "_meta.json"):
         s3.upload_file(f"{local}/{name}", "kd-cache", f"examples/{name}")
 
-    stats = build_cache("s3://kd-cache/examples", tiny_bert, "s3://kd-cache/cache", top_k=8, rows_per_shard=3)
+    stats = build_cache("s3://kd-cache/examples", tiny_bert, "s3://kd-cache/cache", top_k=8, rows_per_shard=3, **ONE_ACTOR)
     assert (stats["examples"], stats["shards_written"]) == (5, 2)
     # "cache/" itself may be a directory marker: pyarrow leaves one where the write check's probe was deleted
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="kd-cache", Prefix="cache/")["Contents"]
@@ -299,7 +300,7 @@ def test_cache_from_and_to_s3(ray_cluster, tiny_bert, s3_server, tmp_path):
                     "cache/part-00000-00001.parquet"]
     assert json.loads(s3.get_object(Bucket="kd-cache", Key="cache/_meta.json")["Body"].read())["examples"] == 5
     assert read_cache("s3://kd-cache/cache").count() == 5
-    again = build_cache("s3://kd-cache/examples", tiny_bert, "s3://kd-cache/cache", top_k=8, rows_per_shard=3)
+    again = build_cache("s3://kd-cache/examples", tiny_bert, "s3://kd-cache/cache", top_k=8, rows_per_shard=3, **ONE_ACTOR)
     assert (again["shards_skipped"], again["computed"]) == (2, 0)
 
 
