@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray cluster per session, tiny models, a moto S3 server.
+"""Shared fixtures: one local Ray cluster per session (per pytest-xdist worker), tiny models, a
+moto S3 server.
 
 The tests run Ray with the same flags as `make` and `rayapp demo` (`rayapp.env.LOCAL`:
 loopback only, no hub), set before anything imports ray.
@@ -6,6 +7,8 @@ loopback only, no hub), set before anything imports ray.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from rayapp import env
 
@@ -15,6 +18,24 @@ import pytest
 
 from cluster.local_cluster import free_port, wait_until  # noqa: F401  (tests import wait_until from here)
 from tiny import make_tiny_random_model, make_tiny_tokenizer
+
+
+# --- two pytest-xdist workers (`make test`: -n 2 --dist loadfile) -------------------------------
+# The suite is CPU-bound on process start-ups, yet one process kept both cores busy only 75-78%
+# of the time (tests waiting on one process's imports, on a node's death, on an S3 timeout): a
+# second worker fills the gaps. A module runs on one worker (its module fixtures once); each
+# worker has its own session cluster. (Not `--dist loadgroup`: pytest-xdist 3.8 marks a group
+# in `item._nodeid`, which pytest 9.2 no longer reads, so the groups are ignored.)
+
+
+def pytest_configure(config):
+    """Before the workers start Ray: Ray 2.60 writes a new ~/.ray/auth_token with a machine's
+    first local cluster, so two workers starting theirs at once on a new machine would each
+    write one, and one cluster's clients would read the other's token. The controller makes it
+    first, with Ray's own command (a no-op where a token exists)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+                       capture_output=True, check=True)
 
 
 @pytest.fixture(scope="session")
