@@ -185,9 +185,10 @@ def marian(tmp_path_factory) -> dict:
 
 # A scoring stage's actor pool (`rayapp.modeling.scorer.pool_args`) grows by an actor as soon as
 # one holds two shards. With a test's few tiny shards, the second actor's start (torch,
-# transformers, the model: about 5 CPU-s on 2 cores) costs more than the shards it takes, so
-# stage tests run a pool of one actor, as the `_local` job configs do; the growing default
-# pool runs in test_cli's captured log and the unit test of `pool_args`.
+# transformers, the model) costs more than the shards it takes (the predict, sentiment and
+# teacher-cache modules: 178 -> 161 CPU-s without 11 such starts), so stage tests run a pool of
+# one actor, as the `_local` job configs do. The default pool, which grows, runs in
+# test_sentiment's `keep_all`.
 ONE_ACTOR = {"num_actors": 1}
 
 BT_SETTINGS = dict(tasks=["SST-2", "RTE"], seeds=[13], factor=3, max_length=12, num_actors=1)  # SST-2: one sentence, RTE: two

@@ -90,9 +90,10 @@ def test_config_from_flags_and_overrides():
 
 @pytest.fixture(scope="module")
 def keep_all(ray_cluster, tiny_bert, corpus, tmp_path_factory):
-    """9 sentences in one block: table shards of 4, 4 and 1 sentences."""
+    """9 sentences in one block: table shards of 4, 4 and 1 sentences, scored by the default
+    pool (it grows to a second actor: the other stage tests run one, `ONE_ACTOR`)."""
     out = tmp_path_factory.mktemp("sentiment") / "all"
-    return build_sentiment(corpus, tiny_bert, str(out), threshold=0.0, rows_per_shard=4, **ONE_ACTOR), out
+    return build_sentiment(corpus, tiny_bert, str(out), threshold=0.0, rows_per_shard=4), out
 
 
 def test_threshold_zero_keeps_every_sentence_with_teacher_labels(keep_all, tiny_bert):
