@@ -69,10 +69,10 @@ QUIET_WORKERS: dict[str, str] = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISA
                                  "PYTHONWARNINGS": "ignore"}
 
 
-# run by every Ray worker process as it starts, before it imports what its actor needs (Ray
-# Train, Tune, Data and torch): rayapp's garbage-collection thresholds (`rayapp/__init__.py`)
-# from the first import on. The tests' cluster, `start_ray`'s own clusters and
-# `cluster/runtime_env.yaml` (jobs) set it; a driver attached to another cluster keeps that
+# run by every Ray worker process as it starts (after Ray's own import), before it imports what
+# its actor needs (Ray Train, Tune, Data, torch): rayapp's garbage-collection thresholds
+# (`rayapp/__init__.py`) for those imports too. The tests' cluster, `start_ray`'s own clusters
+# and `cluster/runtime_env.yaml` (jobs) set it; a driver attached to another cluster keeps that
 # cluster's runtime env.
 SETUP_HOOK = "rayapp.fewer_full_collections"
 
