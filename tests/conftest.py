@@ -191,7 +191,7 @@ def marian(tmp_path_factory) -> dict:
 # test_sentiment's `keep_all`.
 ONE_ACTOR = {"num_actors": 1}
 
-BT_SETTINGS = dict(tasks=["SST-2", "RTE"], seeds=[13], factor=3, max_length=12, num_actors=1)  # SST-2: one sentence, RTE: two
+BT_SETTINGS = dict(tasks=["SST-2", "RTE"], seeds=[13], factor=3, max_length=12, **ONE_ACTOR)  # SST-2: one sentence, RTE: two
 
 
 @pytest.fixture(scope="session")

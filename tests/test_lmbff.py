@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ONE_ACTOR
 from rayapp.assets import asset
 from rayapp.data.demonstrations import Demonstrations, top_similar
 from rayapp.data.fewshot import Example, load_lmbff
@@ -275,7 +276,7 @@ def test_search_writes_reusable_tasks_files_and_resumes(ray_cluster, tiny_bert, 
     from rayapp.tasks.search import SearchConfig, run
 
     cfg = SearchConfig(out=str(tmp_path / "search"), tasks=["RTE"], seeds=[13], model=tiny_bert, t5=span_t5,
-                       k_likely=4, n_pairs=3, beam=32, decode_length=6, max_length=128, num_actors=1)
+                       k_likely=4, n_pairs=3, beam=32, decode_length=6, max_length=128, **ONE_ACTOR)
     stats = run(cfg)
     assert (stats["searched"], stats["skipped"]) == (1, 0)
     templates = load_tasks(tmp_path / "search" / "auto-template" / "16-13.yaml")
