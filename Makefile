@@ -32,9 +32,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # two workers (pytest-xdist), each with its own Ray cluster: one process left a core idle a
-# quarter of the time (tests/conftest.py); the benchmarks below run alone, as they time things
+# quarter of the time; modules are dealt out longest first, in conftest's order (hence
+# --no-loadscope-reorder); the benchmarks below run alone, as they time things
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --ignore=tests/test_benchmarks.py
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --ignore=tests/test_benchmarks.py
 
 # every benchmark's --smoke run (tests/test_benchmarks.py): CI runs it after `make test`
 bench-smoke: $(STAMP)

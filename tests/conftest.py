@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 
 from rayapp import env
 
@@ -26,6 +27,22 @@ from tiny import make_tiny_random_model, make_tiny_tokenizer
 # second worker fills the gaps. A module runs on one worker (its module fixtures once); each
 # worker has its own session cluster. (Not `--dist loadgroup`: pytest-xdist 3.8 marks a group
 # in `item._nodeid`, which pytest 9.2 no longer reads, so the groups are ignored.)
+
+
+def pytest_collection_modifyitems(items):
+    """Longest modules first, so that no worker starts a long one while the other is nearly
+    done (`make test` passes --no-loadscope-reorder, so xdist deals modules out in this order;
+    its own order, most tests first, dealt the multi-node module out last: one worker ran 70 s
+    alone). A module's length is read from its fixtures: its own clusters (a pipeline job
+    each, minutes), then its tests on the session cluster. A stable sort: a module's tests
+    keep their order."""
+    own, on_session = set(), Counter()
+    for item in items:
+        uses = set(item.fixturenames)
+        if uses & {"multinode", "ray_head"}:
+            own.add(item.path)
+        on_session[item.path] += "ray_cluster" in uses
+    items.sort(key=lambda item: (item.path not in own, -on_session[item.path]))
 
 
 def pytest_configure(config):
