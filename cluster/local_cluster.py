@@ -329,7 +329,10 @@ class LocalCluster:
                       and n.get("state") == "ALIVE"]
             return listed[0] if listed else None
 
-        node.node_id = wait_until(alive, timeout=timeout, what=f"{name} to join the cluster")["node_id"]
+        try:
+            node.node_id = wait_until(alive, timeout=timeout, what=f"{name} to join the cluster")["node_id"]
+        except TimeoutError as exc:  # the node's own log says why; it is gone once the cluster stops
+            raise TimeoutError(f"{exc}; its log:\n{Path(log).read_text()[-3000:]}") from None
         return node
 
     def _list_nodes(self) -> list[dict]:
