@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import ONE_ACTOR
+from conftest import ONE_ACTOR, ONE_TRIAL
 from rayapp import storage
 from rayapp.data import ipet, shards
 from rayapp.data.fewshot import Example
@@ -91,7 +91,7 @@ def test_ipet_sweep_two_generations_and_two_final_classifiers(ray_cluster, tiny_
     from rayapp.train.records import read_records
 
     cfg = SweepConfig(
-        name="ipet", storage=str(tmp_path / "sweeps"), tasks=["SST-2"], seeds=[13], grid={},
+        name="ipet", storage=str(tmp_path / "sweeps"), tasks=["SST-2"], seeds=[13], grid={}, **ONE_TRIAL,
         base={"model": tiny_bert, "max_steps": 2, "eval_every": 2, "batch_size": 8, "lr": 1e-3, "max_length": 48,
               "engine": {"num_workers": 1}},
         methods={"g1": {"method": "prompt", "grid": {"pattern": [0, 1]}},

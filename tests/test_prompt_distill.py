@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from conftest import ONE_TRIAL
 from rayapp.data.fewshot import load_lmbff
 from rayapp.data.unlabelled import default_pool, draw_unlabelled, pseudo_label_agreement
 from rayapp.errors import ConfigError, DataError
@@ -264,7 +265,7 @@ def test_sweep_with_pd_prompt_kd_and_an_ablation(ray_cluster, tiny_bert, tiny_ro
 
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump({
-        "name": "pd", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13], "grid": {},
+        "name": "pd", **ONE_TRIAL, "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13], "grid": {},
         "base": {"model": tiny_roberta, "teacher": tiny_bert, "tuned_teacher": tiny_bert, "max_steps": 2,
                  "eval_every": 2, "n": 1, "probe_steps": 5, "eval_batch_size": 128},
         "methods": {"pd": {"recipe": "prompt-distill", "label": "Prompt-Distiller"},
@@ -295,7 +296,7 @@ def test_a_sweep_trial_tunes_its_own_teacher_in_its_process(ray_cluster, tiny_be
 
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump({
-        "name": "pd-own-t", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13, 21], "grid": {},
+        "name": "pd-own-t", **ONE_TRIAL, "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13, 21], "grid": {},
         "base": {"model": tiny_bert, "teacher": tiny_bert, "max_steps": 2, "eval_every": 2, "n": 1, "probe_steps": 5,
                  "eval_batch_size": 128, "teacher_config": {"max_steps": 2, "eval_every": 2}},
         "methods": {"pd": {"recipe": "prompt-distill"}}}))

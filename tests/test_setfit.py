@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import ONE_TRIAL
 from rayapp.errors import ConfigError
 
 pytest.importorskip("setfit")
@@ -25,7 +26,7 @@ def test_setfit_and_its_distillation_through_a_sweep(ray_cluster, tiny_bert, tmp
 
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump({
-        "name": "setfit", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13],
+        "name": "setfit", **ONE_TRIAL, "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13],
         "grid": {"lr": [2e-5, 1e-3]},
         "students": {"small": {"teacher": tiny_bert, "layers": [0]}},
         "base": {"model": tiny_bert, "num_iterations": 2, "max_length": 32},

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ONE_TRIAL
 from rayapp import storage
 from rayapp.cli import main
 from rayapp.modeling.models import SOFT_PROMPT_FILE
@@ -20,7 +21,7 @@ def test_ppt_bt10_and_t5_rows_run_as_trials_of_one_sweep(ppt_run, bt_built, tiny
     bt_root, _ = bt_built
     t5 = str(make_tiny_t5(tmp_path / "t5"))
     config = {
-        "name": "rows", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13], "grid": {},
+        "name": "rows", **ONE_TRIAL, "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13], "grid": {},
         "base": {"model": tiny_bert, "max_steps": 2, "eval_every": 2, "log_every": 1, "batch_size": 8, "lr": 1e-3,
                  "max_length": 48, "engine": {"num_workers": 1}},
         "methods": {"ppt": {"method": "prompt-tuning", "model": tiny_roberta, "init": ppt_run["model"], "lr": 0.05,
@@ -54,7 +55,7 @@ def _fig2_config(tmp_path, tiny_roberta, pairs) -> dict:
     distill = {"student": tiny_roberta, "data": pairs, "max_steps": 2, "batch_size": 8, "log_every": 1,
                "engine": {"num_workers": 1}}
     return {
-        "name": "fig2", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2", "RTE"], "seeds": [13], "grid": {},
+        "name": "fig2", **ONE_TRIAL, "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2", "RTE"], "seeds": [13], "grid": {},
         "base": {"max_steps": 2, "eval_every": 2, "batch_size": 8, "lr": 1e-3, "max_length": 48,
                  "engine": {"num_workers": 1}},
         "distilled": {"s2": {**distill, "setting": 2, "teacher": tiny_roberta, "teacher_mode": "online"},

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
-from conftest import wait_until
+from conftest import ONE_TRIAL, wait_until
 
 from rayapp import storage
 from rayapp.assets import asset
@@ -470,7 +470,7 @@ def test_a_reused_trial_actor_carries_nothing_into_the_next_trial(ray_cluster, t
 
     from rayapp.recipes.finetune import run
 
-    cfg = _sweep(tmp_path, tasks=["SST-2", "MR"], seeds=[13], grid={}, max_concurrent_trials=1,
+    cfg = _sweep(tmp_path, tasks=["SST-2", "MR"], seeds=[13], grid={}, **ONE_TRIAL,
                  base={"model": tiny_bert, "max_steps": 4, "eval_every": 2, "batch_size": 4, "eval_batch_size": 128},
                  methods={"prompt": {"method": "prompt"}, "classifier": {"method": "classifier"}})
     def train_workers() -> int:  # every Ray Train worker this cluster ever had, dead ones included
@@ -562,7 +562,8 @@ def test_a_k_axis_sweep_runs_and_reports_a_table_per_k_and_the_figure(ray_cluste
     cfg = _sweep(tmp_path, grid={}, base={"model": tiny_bert, "data_dir": str(data), "eval_every": 1,
                                          "batch_size": 4, "eval_batch_size": 64},
                  methods={"prompt": {"method": "prompt", "label": "prompt FT"}},
-                 axis={"key": "k", "title": "K", "values": [16, 32], "overrides": [{"max_steps": 2}, {"max_steps": 3}]})
+                 axis={"key": "k", "title": "K", "values": [16, 32], "overrides": [{"max_steps": 2}, {"max_steps": 3}]},
+                 **ONE_TRIAL)
     assert sweep.run(cfg)["done"] == 4
     exp = Path(cfg.experiment)
     assert sorted(spec.load(str(exp)).made_splits) == ["SST-2/32-13", "SST-2/32-21"]
@@ -600,7 +601,7 @@ def test_a_template_axis_runs_each_template(ray_cluster, tiny_bert, tmp_path):
     templates = ["{x0} It was {mask}.", "{x0} A {mask} one."]
     cfg = _sweep(tmp_path, seeds=[13], grid={}, methods={"zero-shot": {"method": "zero-shot"}},
                  base={"model": tiny_bert, "data_dir": str(_small_root(tmp_path)), "eval_batch_size": 64},
-                 axis={"key": "template", "values": templates})
+                 axis={"key": "template", "values": templates}, **ONE_TRIAL)
     assert sweep.run(cfg)["done"] == 2
     records = read_records(cfg.experiment).values()
     assert {(r["sweep"]["axis"], r["config"]["template"]) for r in records} == \

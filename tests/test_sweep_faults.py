@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import wait_until
+from conftest import ONE_TRIAL, wait_until
 from test_driver_checks import RUNNER
 
 from rayapp.cli import SWEEP_EXAMPLE, build_parser, main
@@ -149,7 +149,7 @@ def test_report_marks_cells_on_pool_test_sets(tmp_path):
 def _tiny(tmp_path, tiny_bert, name, steps, methods) -> Path:
     cfg_file = tmp_path / f"{name}.yaml"
     cfg_file.write_text(yaml.safe_dump({
-        "name": name, "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13], "grid": {},
+        "name": name, **ONE_TRIAL, "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13], "grid": {},
         "base": {"model": tiny_bert, "max_steps": steps, "eval_every": 1, "batch_size": 4, "eval_batch_size": 128},
         "methods": methods}))
     return cfg_file
