@@ -296,7 +296,8 @@ def test_a_sweep_trial_tunes_its_own_teacher_in_its_process(ray_cluster, tiny_be
 
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump({
-        "name": "pd-own-t", **ONE_TRIAL, "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13, 21], "grid": {},
+        "name": "pd-own-t", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2"], "seeds": [13, 21], "grid": {},
+        **ONE_TRIAL,
         "base": {"model": tiny_bert, "teacher": tiny_bert, "max_steps": 2, "eval_every": 2, "n": 1, "probe_steps": 5,
                  "eval_batch_size": 128, "teacher_config": {"max_steps": 2, "eval_every": 2}},
         "methods": {"pd": {"recipe": "prompt-distill"}}}))

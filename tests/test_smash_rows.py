@@ -55,7 +55,8 @@ def _fig2_config(tmp_path, tiny_roberta, pairs) -> dict:
     distill = {"student": tiny_roberta, "data": pairs, "max_steps": 2, "batch_size": 8, "log_every": 1,
                "engine": {"num_workers": 1}}
     return {
-        "name": "fig2", **ONE_TRIAL, "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2", "RTE"], "seeds": [13], "grid": {},
+        "name": "fig2", "storage": str(tmp_path / "sweeps"), "tasks": ["SST-2", "RTE"], "seeds": [13], "grid": {},
+        **ONE_TRIAL,
         "base": {"max_steps": 2, "eval_every": 2, "batch_size": 8, "lr": 1e-3, "max_length": 48,
                  "engine": {"num_workers": 1}},
         "distilled": {"s2": {**distill, "setting": 2, "teacher": tiny_roberta, "teacher_mode": "online"},
