@@ -7,8 +7,6 @@ loopback only, no hub), set before anything imports ray.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections import Counter
 
 from rayapp import env
@@ -17,7 +15,7 @@ env.apply(env.LOCAL)
 
 import pytest
 
-from cluster.local_cluster import free_port, wait_until  # noqa: F401  (tests import wait_until from here)
+from cluster.local_cluster import ensure_token, free_port, wait_until  # noqa: F401  (tests import wait_until from here)
 from tiny import make_tiny_random_model, make_tiny_tokenizer
 
 
@@ -49,10 +47,9 @@ def pytest_configure(config):
     """Before the workers start Ray: Ray 2.60 writes a new ~/.ray/auth_token with a machine's
     first local cluster, so two workers starting theirs at once on a new machine would each
     write one, and one cluster's clients would read the other's token. The controller makes it
-    first, with Ray's own command (a no-op where a token exists)."""
+    first, as the local cluster helpers do before a head starts (`ensure_token`)."""
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
-                       capture_output=True, check=True)
+        ensure_token(dict(os.environ))
 
 
 @pytest.fixture(scope="session")
