@@ -19,7 +19,7 @@ from cluster.local_cluster import ensure_token, free_port, wait_until  # noqa: F
 from tiny import make_tiny_random_model, make_tiny_tokenizer
 
 
-# --- two pytest-xdist workers (`make test`: -n 2 --dist loadfile) -------------------------------
+# --- two pytest-xdist workers (`make test`: -n 2 --dist loadfile --no-loadscope-reorder) --------
 # The suite is CPU-bound on process start-ups, yet one process kept both cores busy only 75-78%
 # of the time (tests waiting on one process's imports, on a node's death, on an S3 timeout): a
 # second worker fills the gaps. A module runs on one worker (its module fixtures once); each
